@@ -1,0 +1,169 @@
+//! The `burrow-agent` command line: flags, loading, logging, signals.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::sources::{self, File};
+use crate::{Agent, tls};
+
+/// burrow-agent: keeps this devbox's ports reachable through a burrow edge.
+///
+/// Every option can also be set in the TOML file (`--config`) or in a `BURROW_*` environment
+/// variable; flags win over the environment, which wins over the file. The agent token is read
+/// from `token_file` or from BURROW_AGENT_TOKEN. Exit codes: 0 clean stop, 2 bad usage or
+/// config, 1 runtime failure.
+#[derive(Debug, Parser)]
+#[command(name = "burrow-agent", version)]
+pub struct Cli {
+    /// TOML config file [env: BURROW_CONFIG]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The edge's QUIC listener, host:port (key `edge`) [env: BURROW_EDGE]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub edge: Option<String>,
+    /// TLS name the edge's certificate must carry; default: the host of `edge` (key
+    /// `server_name`) [env: BURROW_SERVER_NAME]
+    #[arg(long, value_name = "NAME")]
+    pub server_name: Option<String>,
+    /// PEM file of roots to trust instead of the system's (key `ca`) [env: BURROW_CA]
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<String>,
+    /// File holding the agent token (key `token_file`) [env: BURROW_TOKEN_FILE]; or put the
+    /// token itself in BURROW_AGENT_TOKEN
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<String>,
+    /// Only these ports are forwarded, comma-separated; empty: all (key
+    /// `forward.allow_ports`) [env: BURROW_FORWARD_ALLOW_PORTS]
+    #[arg(long, value_name = "PORTS")]
+    pub allow_ports: Option<String>,
+    /// These ports are never forwarded, comma-separated (key `forward.deny_ports`) [env:
+    /// BURROW_FORWARD_DENY_PORTS]
+    #[arg(long, value_name = "PORTS")]
+    pub deny_ports: Option<String>,
+    /// Address for the agent's metrics listener; its port is never forwarded (key
+    /// `metrics.listen`) [env: BURROW_METRICS_LISTEN]
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<String>,
+}
+
+impl Cli {
+    /// The flags that were given, as `(key, value)` pairs.
+    pub fn flags(&self) -> Vec<(&'static str, String)> {
+        [
+            ("edge", &self.edge),
+            ("server_name", &self.server_name),
+            ("ca", &self.ca),
+            ("token_file", &self.token_file),
+            ("forward.allow_ports", &self.allow_ports),
+            ("forward.deny_ports", &self.deny_ports),
+            ("metrics.listen", &self.metrics_listen),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.clone().map(|v| (k, v)))
+        .collect()
+    }
+
+    /// Loads the configuration this command line names.
+    pub fn load(&self, env: &HashMap<String, String>) -> Result<Config, sources::ConfigError> {
+        let path = self
+            .config
+            .clone()
+            .or_else(|| env.get("BURROW_CONFIG").map(PathBuf::from));
+        let text = path.as_deref().map(sources::read_file).transpose()?;
+        let file = path
+            .as_deref()
+            .zip(text.as_deref())
+            .map(|(path, text)| File { path, text });
+        Config::load(file, env, &self.flags())
+    }
+}
+
+/// Installs the log subscriber: `RUST_LOG` or info.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The binary's main.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let config = match cli.load(&env) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("burrow-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("burrow-agent: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let agent = Agent::spawn(config, shutdown.clone());
+        let mut task = agent.task;
+        let ended = tokio::select! {
+            () = shutdown_signal() => {
+                tracing::info!("shutting down");
+                shutdown.cancel();
+                task.await
+            }
+            ended = &mut task => ended,
+        };
+        match ended {
+            Ok(Ok(())) => ExitCode::SUCCESS,
+            Ok(Err(e @ tls::TlsError::Ca { .. })) | Ok(Err(e @ tls::TlsError::NoSystemRoots)) => {
+                eprintln!("burrow-agent: {e}");
+                ExitCode::from(2)
+            }
+            Ok(Err(e)) => {
+                eprintln!("burrow-agent: {e}");
+                ExitCode::from(1)
+            }
+            Err(e) => {
+                eprintln!("burrow-agent: {e}");
+                ExitCode::from(1)
+            }
+        }
+    })
+}

@@ -1,0 +1,277 @@
+//! The agent's configuration: parsed once from its sources into a [`Config`] with no optional
+//! values left to check later.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use burrow_protocol::{AgentToken, Port};
+use serde::Deserialize;
+
+use crate::policy::PortPolicy;
+use crate::sources::{self, ConfigError, File, Kind, Setting};
+
+/// Every key the agent reads, with its environment variable.
+pub const SETTINGS: &[Setting] = &[
+    Setting {
+        key: "edge",
+        env: "BURROW_EDGE",
+        kind: Kind::Str,
+    },
+    Setting {
+        key: "server_name",
+        env: "BURROW_SERVER_NAME",
+        kind: Kind::Str,
+    },
+    Setting {
+        key: "ca",
+        env: "BURROW_CA",
+        kind: Kind::Str,
+    },
+    Setting {
+        key: "token_file",
+        env: "BURROW_TOKEN_FILE",
+        kind: Kind::Str,
+    },
+    Setting {
+        key: "forward.allow_ports",
+        env: "BURROW_FORWARD_ALLOW_PORTS",
+        kind: Kind::Ports,
+    },
+    Setting {
+        key: "forward.deny_ports",
+        env: "BURROW_FORWARD_DENY_PORTS",
+        kind: Kind::Ports,
+    },
+    Setting {
+        key: "metrics.listen",
+        env: "BURROW_METRICS_LISTEN",
+        kind: Kind::Str,
+    },
+];
+
+/// The environment variable that may hold the agent token itself.
+pub const TOKEN_ENV: &str = "BURROW_AGENT_TOKEN";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    edge: Option<String>,
+    server_name: Option<String>,
+    ca: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+    #[serde(default)]
+    forward: RawForward,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForward {
+    #[serde(default)]
+    allow_ports: Vec<u16>,
+    #[serde(default)]
+    deny_ports: Vec<u16>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
+}
+
+/// The agent's checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The edge's QUIC listener, `host:port`; resolved again on every dial.
+    pub edge: String,
+    /// The TLS name the edge's certificate must carry.
+    pub server_name: String,
+    /// Roots to trust instead of the system's.
+    pub ca: Option<PathBuf>,
+    /// The agent token.
+    pub token: AgentToken,
+    /// Which ports may be forwarded.
+    pub policy: PortPolicy,
+    /// Where `/metrics` is served, if anywhere; its port is never forwarded.
+    pub metrics_listen: Option<SocketAddr>,
+    /// How long to wait before dialing again after a connection ends.
+    pub reconnect_delay: Duration,
+    /// How long a local service may take to accept a connection.
+    pub connect_timeout: Duration,
+    /// How many data streams may be open at once.
+    pub max_streams: usize,
+}
+
+impl Config {
+    /// Loads the configuration from a file (optional), the environment and flags.
+    pub fn load(
+        file: Option<File<'_>>,
+        env: &HashMap<String, String>,
+        flags: &[(&'static str, String)],
+    ) -> Result<Config, ConfigError> {
+        let table = sources::layer(SETTINGS, file, env, flags)?;
+        let raw: RawConfig = sources::deserialize(table, file)?;
+        let base = file.and_then(|f| f.path.parent()).map(PathBuf::from);
+        let relative = |p: PathBuf| match &base {
+            Some(base) if p.is_relative() => base.join(p),
+            _ => p,
+        };
+
+        let edge = raw.edge.ok_or_else(|| ConfigError::Missing {
+            key: "edge",
+            hint: "set `edge = \"host:port\"` in the file, BURROW_EDGE, or --edge".into(),
+        })?;
+        let host = edge_host(&edge).ok_or_else(|| ConfigError::Invalid {
+            key: "edge",
+            message: format!("`{edge}` is not host:port (e.g. edge.example.com:443)"),
+        })?;
+        let server_name = raw.server_name.unwrap_or_else(|| host.to_owned());
+
+        let token = match (env.get(TOKEN_ENV), raw.token_file) {
+            (Some(token), _) => token.trim().to_owned(),
+            (None, Some(path)) => {
+                let path = relative(path);
+                std::fs::read_to_string(&path)
+                    .map_err(|e| ConfigError::Invalid {
+                        key: "token_file",
+                        message: format!("cannot read {}: {e}", path.display()),
+                    })?
+                    .trim()
+                    .to_owned()
+            }
+            (None, None) => {
+                return Err(ConfigError::Missing {
+                    key: "token_file",
+                    hint: format!(
+                        "set `token_file`, BURROW_TOKEN_FILE, --token-file, or {TOKEN_ENV}"
+                    ),
+                });
+            }
+        };
+        if token.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "token_file",
+                message: "the agent token is empty".into(),
+            });
+        }
+
+        let metrics_listen = match raw.metrics.listen {
+            None => None,
+            Some(s) => Some(s.parse().map_err(|_| ConfigError::Invalid {
+                key: "metrics.listen",
+                message: format!("`{s}` is not an address:port"),
+            })?),
+        };
+        let ports = |key: &'static str, list: Vec<u16>| -> Result<Vec<Port>, ConfigError> {
+            list.into_iter()
+                .map(|p| {
+                    Port::new(p).ok_or_else(|| ConfigError::Invalid {
+                        key,
+                        message: "0 is not a port (1-65535)".into(),
+                    })
+                })
+                .collect()
+        };
+        let mut deny = ports("forward.deny_ports", raw.forward.deny_ports)?;
+        if let Some(port) = metrics_listen.and_then(|a: SocketAddr| Port::new(a.port())) {
+            deny.push(port);
+        }
+        let policy = PortPolicy::new(ports("forward.allow_ports", raw.forward.allow_ports)?, deny);
+
+        Ok(Config {
+            edge,
+            server_name,
+            ca: raw.ca.map(relative),
+            token: AgentToken::new(token),
+            policy,
+            metrics_listen,
+            reconnect_delay: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(5),
+            max_streams: 1024,
+        })
+    }
+}
+
+/// The host part of `host:port` (brackets removed for IPv6), if the port is valid.
+fn edge_host(edge: &str) -> Option<&str> {
+    let (host, port) = edge.rsplit_once(':')?;
+    port.parse::<u16>().ok().filter(|p| *p != 0)?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    (!host.is_empty()).then_some(host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn load(text: &str, e: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let file = File {
+            path: Path::new("/etc/burrow/agent.toml"),
+            text,
+        };
+        Config::load(Some(file), &env(e), &[])
+    }
+
+    #[test]
+    fn full_config_with_token_from_environment() {
+        let cfg = load(
+            r#"
+            edge = "edge.example.com:443"
+            [forward]
+            allow_ports = [3000, 8080]
+            [metrics]
+            listen = "0.0.0.0:9464"
+            "#,
+            &[(TOKEN_ENV, "secret\n")],
+        )
+        .unwrap();
+        assert_eq!(cfg.server_name, "edge.example.com");
+        assert_eq!(cfg.token.expose(), "secret");
+        assert!(cfg.policy.allows(Port::new(3000).unwrap()));
+        assert!(!cfg.policy.allows(Port::new(3001).unwrap()));
+        assert!(!format!("{cfg:?}").contains("secret"));
+    }
+
+    #[test]
+    fn metrics_port_is_always_denied() {
+        let cfg = load(
+            "edge = \"[::1]:4433\"\n[metrics]\nlisten = \"127.0.0.1:9464\"",
+            &[(TOKEN_ENV, "t")],
+        )
+        .unwrap();
+        assert_eq!(cfg.server_name, "::1");
+        assert!(!cfg.policy.allows(Port::new(9464).unwrap()));
+        assert!(cfg.policy.allows(Port::new(9465).unwrap()));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = load("", &[(TOKEN_ENV, "t")]).unwrap_err();
+        assert!(err.to_string().contains("`edge`"), "{err}");
+        let err = load("edge = \"nohost\"", &[(TOKEN_ENV, "t")]).unwrap_err();
+        assert!(err.to_string().contains("`edge`"), "{err}");
+        let err = load("edge = \"e:1\"", &[]).unwrap_err();
+        assert!(err.to_string().contains("token_file"), "{err}");
+        let err = load("edge = \"e:1\"\nedgee = 1", &[(TOKEN_ENV, "t")]).unwrap_err();
+        assert!(err.to_string().contains("edgee"), "{err}");
+        let err = load("edge = \"e:1\"\ntoken_file = \"missing.token\"", &[]).unwrap_err();
+        assert!(
+            err.to_string().contains("/etc/burrow/missing.token"),
+            "{err}"
+        );
+    }
+}

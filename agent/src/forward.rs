@@ -1,0 +1,123 @@
+//! One data stream: read the edge's stream header, check the port policy, dial the local service
+//! on loopback, answer accept or refuse, then copy bytes both ways until both directions end.
+//!
+//! Only loopback is ever dialed, whatever the header says: `127.0.0.1` first, then `::1`, so
+//! services bound to `0.0.0.0`, `127.0.0.1` or `::1` are all reached.
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use burrow_protocol::{Port, RefuseReason, StreamAnswer, StreamHeader, VERSION};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use crate::policy::PortPolicy;
+use crate::wire::{self, WireError};
+
+/// Size of each copy buffer, per direction: the bound on what a stream holds in memory.
+const COPY_BUF: usize = 64 * 1024;
+/// How long the edge may take to send the stream header.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Application error code for a stream reset by the agent.
+const RESET_CODE: u32 = 1;
+
+/// What this stream needs from the agent.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// The port policy.
+    pub policy: PortPolicy,
+    /// How long the local service may take to accept.
+    pub connect_timeout: Duration,
+}
+
+/// Why a stream ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// The stream header did not arrive in time.
+    #[error("no stream header within {0:?}")]
+    HeaderTimeout(Duration),
+    /// The stream ended before its header.
+    #[error("stream ended before its header")]
+    NoHeader,
+    /// The header could not be read.
+    #[error("stream header: {0}")]
+    Wire(#[from] WireError),
+    /// Copying failed (a peer reset its side).
+    #[error("copy: {0}")]
+    Copy(io::Error),
+}
+
+/// Serves one stream from the edge. `refuse` short-circuits with a reason (stream cap reached).
+pub async fn serve(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    limits: &Limits,
+    refuse: Option<RefuseReason>,
+) -> Result<(), ForwardError> {
+    let header = tokio::time::timeout(
+        HEADER_TIMEOUT,
+        wire::read_msg(&mut recv, StreamHeader::decode),
+    )
+    .await
+    .map_err(|_| ForwardError::HeaderTimeout(HEADER_TIMEOUT))??
+    .ok_or(ForwardError::NoHeader)?;
+    let port = header.port;
+    let reason = if let Some(reason) = refuse {
+        Err(reason)
+    } else if header.version != VERSION {
+        Err(RefuseReason::UnsupportedVersion)
+    } else if !limits.policy.allows(port) {
+        Err(RefuseReason::PortNotAllowed)
+    } else {
+        dial(port, limits.connect_timeout).await
+    };
+    let mut tcp = match reason {
+        Ok(tcp) => tcp,
+        Err(reason) => {
+            debug!(%port, reason = reason.as_str(), "refused stream");
+            wire::write_frame(&mut send, StreamAnswer::Refuse(reason).encoded()).await?;
+            let _ = send.finish();
+            return Ok(());
+        }
+    };
+    wire::write_frame(&mut send, StreamAnswer::Accept.encoded()).await?;
+    debug!(%port, client = ?header.client, "stream accepted");
+
+    let mut quic = tokio::io::join(recv, send);
+    let copied =
+        tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut quic, COPY_BUF, COPY_BUF).await;
+    match copied {
+        Ok((up, down)) => {
+            debug!(%port, up, down, "stream done");
+            Ok(())
+        }
+        Err(e) => {
+            let (mut recv, mut send) = quic.into_inner();
+            let _ = send.reset(RESET_CODE.into());
+            let _ = recv.stop(RESET_CODE.into());
+            Err(ForwardError::Copy(e))
+        }
+    }
+}
+
+/// Dials the port on IPv4 loopback, then IPv6 loopback.
+async fn dial(port: Port, timeout: Duration) -> Result<TcpStream, RefuseReason> {
+    let targets = [
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port.get())),
+        SocketAddr::from((Ipv6Addr::LOCALHOST, port.get())),
+    ];
+    let mut reason = RefuseReason::NotListening;
+    for addr in targets {
+        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => {
+                let _ = tcp.set_nodelay(true);
+                return Ok(tcp);
+            }
+            Ok(Err(e)) => debug!(%addr, error = %e, "local dial failed"),
+            Err(_) => reason = RefuseReason::ConnectTimeout,
+        }
+    }
+    Err(reason)
+}

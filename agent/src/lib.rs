@@ -1,0 +1,54 @@
+//! burrow-agent: the daemon inside a devbox. It keeps one QUIC connection open to the edge and
+//! connects each data stream the edge opens to a local service on loopback.
+//!
+//! # Layout
+//!
+//! In data-flow order:
+//! - [`sources`]: layering of config file, `BURROW_*` environment and flags (the edge uses it too).
+//! - [`config`]: the agent's checked [`Config`].
+//! - [`tls`]: TLS 1.3 client settings, the edge's certificate verified, ALPN `burrow/1`.
+//! - [`reconnect`]: the loop that dials, serves, and dials again.
+//! - [`session`]: one connection: hello, welcome, control stream, accepting data streams.
+//! - [`forward`]: one data stream: port policy, loopback dial, accept/refuse, byte copy.
+//! - [`policy`]: the allow/deny port lists.
+//! - [`wire`]: reading and writing protocol frames on QUIC streams (the edge uses it too).
+//! - [`status`]: what the agent reports about itself.
+//! - [`cli`]: the `burrow-agent` command line.
+
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod forward;
+pub mod policy;
+pub mod reconnect;
+pub mod session;
+pub mod sources;
+pub mod status;
+pub mod tls;
+pub mod wire;
+
+pub use config::Config;
+pub use status::Status;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A running agent: its status and its task.
+#[derive(Debug)]
+pub struct Agent {
+    /// The agent's status, updated as sessions come and go.
+    pub status: watch::Receiver<Status>,
+    /// The agent's task; ends after `shutdown` fires.
+    pub task: JoinHandle<Result<(), tls::TlsError>>,
+}
+
+impl Agent {
+    /// Starts an agent on the current tokio runtime.
+    pub fn spawn(config: Config, shutdown: CancellationToken) -> Agent {
+        let (tx, status) = watch::channel(Status::default());
+        let task = tokio::spawn(reconnect::run(config, tx, shutdown));
+        Agent { status, task }
+    }
+}

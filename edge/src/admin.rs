@@ -1,0 +1,291 @@
+//! The admin API (the platform's API): JSON over HTTP/1.1 on its own listener, every call
+//! behind `Authorization: Bearer <admin token>`.
+//!
+//! | call | answer |
+//! | --- | --- |
+//! | `POST /v1/devboxes` `{"id"?, "tunnel"?: {"auth_mode"}}` | 201 `{"id", "agent_token", "tunnel"?}` |
+//! | `GET /v1/devboxes` | 200 `[{...}]` |
+//! | `GET /v1/devboxes/{id}` | 200 `{"id", "agent": {...}, "tunnel": {...} or null}` |
+//! | `POST /v1/devboxes/{id}/tunnel` `{"auth_mode"}` | 200 `{"tunnel_key", "auth_mode", "auth_token"?, "url_template"}` |
+//! | `DELETE /v1/devboxes/{id}/tunnel` | 204 |
+//! | `DELETE /v1/devboxes/{id}` | 204 |
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use burrow_protocol::{AuthMode, ControlMsg, GoAway, GoAwayReason};
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+use crate::agents::close;
+use crate::pages;
+use crate::proxy::Body;
+use crate::registry::{DevboxView, IssuedTunnel, Registry, RegistryError};
+use crate::secret::TokenHash;
+
+/// Largest request body the admin API reads.
+const MAX_BODY: usize = 64 * 1024;
+
+/// Serves the admin API.
+#[derive(Debug)]
+pub struct Admin {
+    registry: Arc<Registry>,
+    token: TokenHash,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateDevbox {
+    id: Option<String>,
+    tunnel: Option<EnableTunnel>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnableTunnel {
+    auth_mode: String,
+}
+
+/// An API error: status and message.
+struct ApiError(StatusCode, String);
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::NotFound(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
+            RegistryError::Store(crate::store::StoreError::Exists(_)) => {
+                ApiError(StatusCode::CONFLICT, e.to_string())
+            }
+            other => {
+                warn!(error = %other, "admin call failed");
+                ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error; see the edge's log".into(),
+                )
+            }
+        }
+    }
+}
+
+impl Admin {
+    /// An admin API guarded by the token with this hash.
+    pub fn new(registry: Arc<Registry>, token: TokenHash) -> Admin {
+        Admin { registry, token }
+    }
+
+    /// Answers one admin request.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        match self.route(req).await {
+            Ok((status, body)) => json_response(status, body),
+            Err(ApiError(status, message)) => {
+                let mut r = json_response(status, Some(json!({ "error": message })));
+                if status == StatusCode::UNAUTHORIZED {
+                    r.headers_mut().insert(
+                        header::WWW_AUTHENTICATE,
+                        HeaderValue::from_static("Bearer realm=\"burrow-admin\""),
+                    );
+                }
+                r
+            }
+        }
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Result<(StatusCode, Option<Value>), ApiError> {
+        let authorized = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| self.token.matches(t.trim()));
+        if !authorized {
+            return Err(ApiError(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong admin token: send `Authorization: Bearer <admin token>`".into(),
+            ));
+        }
+        let path = req.uri().path().to_owned();
+        let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+        let method = req.method().clone();
+        match (method, segments.as_slice()) {
+            (Method::POST, ["v1", "devboxes"]) => {
+                let body: CreateDevbox = read_json(req).await?;
+                if let Some(id) = &body.id {
+                    check_id(id)?;
+                }
+                let mode = body.tunnel.map(|t| auth_mode(&t.auth_mode)).transpose()?;
+                let (record, token, issued) = self.registry.create(body.id, mode)?;
+                info!(devbox = %record.id, "devbox registered");
+                let mut out = json!({ "id": record.id, "agent_token": token.expose() });
+                if let Some(issued) = issued {
+                    out["tunnel"] = self.issued_json(&issued);
+                }
+                Ok((StatusCode::CREATED, Some(out)))
+            }
+            (Method::GET, ["v1", "devboxes"]) => {
+                let list: Vec<Value> = self
+                    .registry
+                    .list()
+                    .iter()
+                    .map(|d| self.devbox_json(d))
+                    .collect();
+                Ok((StatusCode::OK, Some(Value::Array(list))))
+            }
+            (Method::GET, ["v1", "devboxes", id]) => {
+                let view = self.registry.get(id).ok_or_else(|| not_found(id))?;
+                Ok((StatusCode::OK, Some(self.devbox_json(&view))))
+            }
+            (Method::DELETE, ["v1", "devboxes", id]) => {
+                let id = (*id).to_owned();
+                if let Some(session) = self.registry.delete(&id)? {
+                    let _ = session.control.try_send(ControlMsg::GoAway(GoAway {
+                        reason: GoAwayReason::Revoked,
+                        message: "the devbox was deleted".into(),
+                    }));
+                    session.conn.close(close::REVOKED.into(), b"devbox deleted");
+                }
+                info!(devbox = %id, "devbox deleted");
+                Ok((StatusCode::NO_CONTENT, None))
+            }
+            (Method::POST, ["v1", "devboxes", id, "tunnel"]) => {
+                let id = (*id).to_owned();
+                let body: EnableTunnel = read_json(req).await?;
+                let issued = self
+                    .registry
+                    .enable_tunnel(&id, auth_mode(&body.auth_mode)?)?;
+                info!(devbox = %id, mode = issued.record.auth_mode.as_str(), "tunnel enabled");
+                Ok((StatusCode::OK, Some(self.issued_json(&issued))))
+            }
+            (Method::DELETE, ["v1", "devboxes", id, "tunnel"]) => {
+                self.registry.disable_tunnel(id)?;
+                info!(devbox = %id, "tunnel disabled");
+                Ok((StatusCode::NO_CONTENT, None))
+            }
+            (_, ["v1", "devboxes"] | ["v1", "devboxes", _] | ["v1", "devboxes", _, "tunnel"]) => {
+                Err(ApiError(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    format!("{} is not supported on {path}", req_method_name(&path)),
+                ))
+            }
+            _ => Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no such API path: {path}"),
+            )),
+        }
+    }
+
+    fn issued_json(&self, issued: &IssuedTunnel) -> Value {
+        let mut out = json!({
+            "tunnel_key": issued.record.key,
+            "auth_mode": issued.record.auth_mode.as_str(),
+            "url_template": self.registry.urls().template(&issued.record.key),
+        });
+        if let Some(token) = &issued.auth_token {
+            out["auth_token"] = Value::String(token.expose().to_owned());
+        }
+        out
+    }
+
+    fn devbox_json(&self, view: &DevboxView) -> Value {
+        let tunnel = view.record.tunnel.as_ref().map(|t| {
+            json!({
+                "tunnel_key": t.key,
+                "auth_mode": t.auth_mode.as_str(),
+                "url_template": self.registry.urls().template(&t.key),
+            })
+        });
+        json!({
+            "id": view.record.id,
+            "created_at": view.record.created_at,
+            "agent": {
+                "connected": view.connected_since.is_some(),
+                "since": view.connected_since.map(unix),
+                "rtt_ms": view.rtt.map(|r| r.as_secs_f64() * 1000.0),
+            },
+            "tunnel": tunnel,
+        })
+    }
+}
+
+fn req_method_name(_: &str) -> &'static str {
+    "this method"
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, format!("no devbox `{id}`"))
+}
+
+fn auth_mode(s: &str) -> Result<AuthMode, ApiError> {
+    s.parse().map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("`auth_mode` must be \"open\" or \"authenticated\", not {s:?}"),
+        )
+    })
+}
+
+/// Devbox ids: 1-64 characters of letters, digits, `-`, `_` and `.`.
+fn check_id(id: &str) -> Result<(), ApiError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("`id` {id:?} must be 1-64 letters, digits, '-', '_' or '.'"),
+        ))
+    }
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the body: {e}"),
+            )
+        })?
+        .to_bytes();
+    let body = if body.iter().all(u8::is_ascii_whitespace) {
+        Bytes::from_static(b"{}")
+    } else {
+        body
+    };
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("bad JSON body: {e}")))
+}
+
+fn json_response(status: StatusCode, body: Option<Value>) -> Response<Body> {
+    let mut r = match body {
+        Some(v) => {
+            let mut text = v.to_string();
+            text.push('\n');
+            let mut r = Response::new(pages::full(text));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        None => Response::new(pages::full(Bytes::new())),
+    };
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}

@@ -1,0 +1,203 @@
+//! The QUIC listener for agents: handshake, hello, token check, welcome, then the control
+//! stream for as long as the connection lives. One live session per devbox: a newer connection
+//! replaces an older one.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use burrow_agent::wire::{self, WireError};
+use burrow_protocol::{ControlMsg, GoAway, GoAwayReason, Reject, RejectReason, VERSION, Welcome};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::registry::{AgentSession, Registry};
+
+/// How long an agent has to complete the handshake and send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// QUIC application close codes the edge uses.
+pub mod close {
+    /// The edge is shutting down.
+    pub const SHUTDOWN: u32 = 0;
+    /// The agent was refused (bad token, version).
+    pub const REJECTED: u32 = 1;
+    /// The agent broke the protocol.
+    pub const PROTOCOL: u32 = 2;
+    /// A newer connection of the same devbox took over.
+    pub const REPLACED: u32 = 3;
+    /// The devbox was deleted.
+    pub const REVOKED: u32 = 4;
+}
+
+/// Accepts agent connections until `shutdown` fires, then tells every agent to go away.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) {
+    let tasks = TaskTracker::new();
+    loop {
+        let incoming = tokio::select! {
+            () = shutdown.cancelled() => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+        };
+        let registry = registry.clone();
+        let remote = incoming.remote_address();
+        let shutdown = shutdown.clone();
+        tasks.spawn(
+            async move {
+                if let Err(e) = session(incoming, registry, shutdown).await {
+                    debug!(error = %e, "agent session ended");
+                }
+            }
+            .instrument(info_span!("agent", %remote)),
+        );
+    }
+    for session in registry.sessions() {
+        let _ = session.control.try_send(ControlMsg::GoAway(GoAway {
+            reason: GoAwayReason::Shutdown,
+            message: "the edge is shutting down".into(),
+        }));
+    }
+    tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
+    endpoint.close(close::SHUTDOWN.into(), b"edge shutting down");
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("handshake: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("control stream: {0}")]
+    Wire(#[from] WireError),
+    #[error("no hello within {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Protocol(String),
+    #[error("refused: {0}")]
+    Refused(&'static str),
+}
+
+async fn session(
+    incoming: quinn::Incoming,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) -> Result<(), SessionError> {
+    let setup = async {
+        let conn = incoming.await?;
+        let (send, mut recv) = conn.accept_bi().await?;
+        let hello = wire::read_msg(&mut recv, ControlMsg::decode).await?;
+        Ok::<_, SessionError>((conn, send, recv, hello))
+    };
+    let (conn, mut send, mut recv, hello) = tokio::time::timeout(HELLO_TIMEOUT, setup)
+        .await
+        .map_err(|_| SessionError::Timeout(HELLO_TIMEOUT))??;
+    let hello = match hello {
+        Some(ControlMsg::Hello(hello)) => hello,
+        other => {
+            let what = format!(
+                "expected hello, got {}",
+                other.as_ref().map_or("end of stream", ControlMsg::name)
+            );
+            conn.close(close::PROTOCOL.into(), what.as_bytes());
+            return Err(SessionError::Protocol(what));
+        }
+    };
+    let reject = |reason, message: &str| {
+        let msg = ControlMsg::Reject(Reject {
+            reason,
+            message: message.to_owned(),
+        });
+        (msg.encoded(), message.to_owned())
+    };
+    if !(hello.min_version..=hello.max_version).contains(&VERSION) {
+        let (frame, message) = reject(
+            RejectReason::UnsupportedVersion,
+            &format!("this edge speaks protocol version {VERSION}"),
+        );
+        let _ = wire::write_frame(&mut send, frame).await;
+        let _ = send.finish();
+        conn.close(close::REJECTED.into(), message.as_bytes());
+        return Err(SessionError::Refused("unsupported version"));
+    }
+    let Some((devbox_id, tunnel)) = registry.authenticate(hello.token.expose()) else {
+        warn!(agent = %hello.agent, "agent presented an unknown token");
+        let (frame, message) = reject(RejectReason::BadToken, "unknown or revoked agent token");
+        let _ = wire::write_frame(&mut send, frame).await;
+        let _ = send.finish();
+        // Give the reject a moment to arrive before the close overtakes it.
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+        conn.close(close::REJECTED.into(), message.as_bytes());
+        return Err(SessionError::Refused("bad token"));
+    };
+
+    let span = info_span!("session", devbox = %devbox_id);
+    let (control_tx, mut control_rx) = mpsc::channel(16);
+    // Attach before the welcome: once the agent hears it, requests must find this session.
+    let Some((generation, replaced)) = registry.attach(&devbox_id, |generation| AgentSession {
+        conn: conn.clone(),
+        since: SystemTime::now(),
+        generation,
+        control: control_tx,
+    }) else {
+        return Err(SessionError::Refused("devbox deleted"));
+    };
+    if let Some(old) = replaced {
+        span.in_scope(|| info!("a new connection replaces the previous one"));
+        old.conn
+            .close(close::REPLACED.into(), b"replaced by a newer connection");
+    }
+    let welcome = ControlMsg::Welcome(Welcome {
+        version: VERSION,
+        devbox_id: devbox_id.clone(),
+        tunnel: tunnel.as_ref().map(|t| registry.tunnel_state(t)),
+    });
+    let result = async {
+        wire::write_frame(&mut send, welcome.encoded()).await?;
+        info!(agent = %hello.agent, remote = %conn.remote_address(), "agent connected");
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => {
+                    // The listener sends the go-away; keep serving the control stream.
+                    if let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(1), control_rx.recv()).await {
+                        let _ = wire::write_frame(&mut send, msg.encoded()).await;
+                    }
+                    return Ok(());
+                }
+                msg = control_rx.recv() => {
+                    let Some(msg) = msg else { return Ok(()) };
+                    wire::write_frame(&mut send, msg.encoded()).await?;
+                }
+                msg = wire::read_msg(&mut recv, ControlMsg::decode) => match msg? {
+                    Some(ControlMsg::Ping { seq }) => {
+                        wire::write_frame(&mut send, ControlMsg::Pong { seq }.encoded()).await?;
+                    }
+                    Some(ControlMsg::Pong { .. }) => {}
+                    Some(other) => {
+                        let what = format!("unexpected {} on the control stream", other.name());
+                        conn.close(close::PROTOCOL.into(), what.as_bytes());
+                        return Err(SessionError::Protocol(what));
+                    }
+                    None => return Ok(()),
+                },
+                reason = conn.closed() => {
+                    debug!(%reason, "connection closed");
+                    return Ok(());
+                }
+            }
+        }
+    }
+    .instrument(span.clone())
+    .await;
+    registry.detach(&devbox_id, generation);
+    span.in_scope(|| match &result {
+        Ok(()) => info!("agent disconnected"),
+        Err(e) => info!(error = %e, "agent disconnected"),
+    });
+    result
+}

@@ -1,0 +1,203 @@
+//! The `burrow-edge` command line: `serve` and `dev`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use burrow_agent::cli::{init_logging, shutdown_signal};
+use burrow_agent::sources::{self, File};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::dev::{self, DevOptions};
+use crate::server::{Edge, StartError};
+
+/// burrow-edge: the public side of burrow tunnels. Serves `{port}-{key}.{domain}` over HTTP(S),
+/// routes each request to the devbox's agent over QUIC, and serves the admin API.
+#[derive(Debug, Parser)]
+#[command(name = "burrow-edge", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run an edge from a config file, environment and flags.
+    ///
+    /// Every option can be set in the TOML file, in a `BURROW_*` environment variable, or as a
+    /// flag; flags win over the environment, which wins over the file. Exit codes: 0 clean stop,
+    /// 2 bad usage or config, 1 runtime failure.
+    Serve(Box<ServeArgs>),
+    /// Try burrow on this machine: an edge on loopback, a devbox with an open tunnel, its agent,
+    /// and a demo service; prints a URL template and a curl line that works as printed.
+    Dev(DevArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// TOML config file [env: BURROW_CONFIG]
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Public URLs are {port}-{key}.{domain} (key `domain`) [env: BURROW_DOMAIN]
+    #[arg(long)]
+    domain: Option<String>,
+    /// Store, generated certificates and tokens (key `state_dir`) [env: BURROW_STATE_DIR]
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<String>,
+    /// Plain HTTP listener (key `public.http`) [env: BURROW_PUBLIC_HTTP]
+    #[arg(long, value_name = "ADDR:PORT")]
+    public_http: Option<String>,
+    /// HTTPS listener (key `public.https`) [env: BURROW_PUBLIC_HTTPS]
+    #[arg(long, value_name = "ADDR:PORT")]
+    public_https: Option<String>,
+    /// Certificate chain for *.{domain} (key `public.cert`) [env: BURROW_PUBLIC_CERT]
+    #[arg(long, value_name = "FILE")]
+    public_cert: Option<String>,
+    /// Its private key (key `public.key`) [env: BURROW_PUBLIC_KEY]
+    #[arg(long, value_name = "FILE")]
+    public_key: Option<String>,
+    /// QUIC (UDP) listener for agents (key `agents.listen`, default 0.0.0.0:443) [env:
+    /// BURROW_AGENTS_LISTEN]
+    #[arg(long, value_name = "ADDR:PORT")]
+    agents_listen: Option<String>,
+    /// The name agents verify (key `agents.server_name`, default: the domain) [env:
+    /// BURROW_AGENTS_SERVER_NAME]
+    #[arg(long, value_name = "NAME")]
+    agents_server_name: Option<String>,
+    /// Certificate for agents; omitted: a CA is generated in state_dir (key `agents.cert`)
+    /// [env: BURROW_AGENTS_CERT]
+    #[arg(long, value_name = "FILE")]
+    agents_cert: Option<String>,
+    /// Its private key (key `agents.key`) [env: BURROW_AGENTS_KEY]
+    #[arg(long, value_name = "FILE")]
+    agents_key: Option<String>,
+    /// Admin API listener (key `admin.listen`, default 127.0.0.1:7081) [env:
+    /// BURROW_ADMIN_LISTEN]
+    #[arg(long, value_name = "ADDR:PORT")]
+    admin_listen: Option<String>,
+    /// Admin token file; omitted: generated in state_dir/admin.token (key `admin.token_file`)
+    /// [env: BURROW_ADMIN_TOKEN_FILE]
+    #[arg(long, value_name = "FILE")]
+    admin_token_file: Option<String>,
+    /// Metrics listener (key `metrics.listen`) [env: BURROW_METRICS_LISTEN]
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_listen: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct DevArgs {
+    /// Public HTTP listener on loopback.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// Keep state here instead of in a temporary directory.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    fn flags(&self) -> Vec<(&'static str, String)> {
+        [
+            ("domain", &self.domain),
+            ("state_dir", &self.state_dir),
+            ("public.http", &self.public_http),
+            ("public.https", &self.public_https),
+            ("public.cert", &self.public_cert),
+            ("public.key", &self.public_key),
+            ("agents.listen", &self.agents_listen),
+            ("agents.server_name", &self.agents_server_name),
+            ("agents.cert", &self.agents_cert),
+            ("agents.key", &self.agents_key),
+            ("admin.listen", &self.admin_listen),
+            ("admin.token_file", &self.admin_token_file),
+            ("metrics.listen", &self.metrics_listen),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.clone().map(|v| (k, v)))
+        .collect()
+    }
+
+    fn load(&self, env: &HashMap<String, String>) -> Result<Config, sources::ConfigError> {
+        let path = self
+            .config
+            .clone()
+            .or_else(|| env.get("BURROW_CONFIG").map(PathBuf::from));
+        let text = path.as_deref().map(sources::read_file).transpose()?;
+        let file = path
+            .as_deref()
+            .zip(text.as_deref())
+            .map(|(path, text)| File { path, text });
+        Config::load(file, env, &self.flags())
+    }
+}
+
+/// The binary's main.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("burrow-edge: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match cli.command {
+        Command::Serve(args) => {
+            let env: HashMap<String, String> = std::env::vars().collect();
+            let config = match args.load(&env) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("burrow-edge: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            runtime.block_on(serve(config))
+        }
+        Command::Dev(args) => runtime.block_on(async {
+            let shutdown = CancellationToken::new();
+            let signal = shutdown.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                signal.cancel();
+            });
+            let options = DevOptions {
+                http: args.http,
+                state_dir: args.state_dir,
+            };
+            match dev::run(options, shutdown).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("burrow-edge dev: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }),
+    }
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let edge = match Edge::start(config).await {
+        Ok(edge) => edge,
+        Err(e) => {
+            eprintln!("burrow-edge: {e}");
+            let code = match e {
+                StartError::Bind { .. } | StartError::Cert(_) | StartError::File { .. } => 2,
+                _ => 1,
+            };
+            return ExitCode::from(code);
+        }
+    };
+    if let Some(ca) = &edge.agent_ca {
+        tracing::info!(ca = %ca.display(), "agents trust the generated CA in this file");
+    }
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    edge.stop().await;
+    ExitCode::SUCCESS
+}

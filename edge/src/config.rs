@@ -1,0 +1,338 @@
+//! The edge's configuration (`burrow-edge serve --config edge.toml`): parsed once from the file,
+//! `BURROW_*` environment variables and flags into a [`Config`] that needs no further checks.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use burrow_agent::sources::{self, ConfigError, File, Kind, Setting};
+use serde::Deserialize;
+
+macro_rules! settings {
+    ($($key:literal => $env:literal),* $(,)?) => {
+        &[$(Setting { key: $key, env: $env, kind: Kind::Str }),*]
+    };
+}
+
+/// Every key the edge reads, with its environment variable.
+pub const SETTINGS: &[Setting] = settings! {
+    "domain" => "BURROW_DOMAIN",
+    "state_dir" => "BURROW_STATE_DIR",
+    "public.http" => "BURROW_PUBLIC_HTTP",
+    "public.https" => "BURROW_PUBLIC_HTTPS",
+    "public.cert" => "BURROW_PUBLIC_CERT",
+    "public.key" => "BURROW_PUBLIC_KEY",
+    "agents.listen" => "BURROW_AGENTS_LISTEN",
+    "agents.server_name" => "BURROW_AGENTS_SERVER_NAME",
+    "agents.cert" => "BURROW_AGENTS_CERT",
+    "agents.key" => "BURROW_AGENTS_KEY",
+    "admin.listen" => "BURROW_ADMIN_LISTEN",
+    "admin.token_file" => "BURROW_ADMIN_TOKEN_FILE",
+    "metrics.listen" => "BURROW_METRICS_LISTEN",
+};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    domain: Option<String>,
+    state_dir: Option<PathBuf>,
+    #[serde(default)]
+    public: RawPublic,
+    #[serde(default)]
+    agents: RawAgents,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPublic {
+    http: Option<String>,
+    https: Option<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgents {
+    listen: Option<String>,
+    server_name: Option<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
+}
+
+/// A certificate chain and its key, as PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    /// The chain.
+    pub cert: PathBuf,
+    /// The private key.
+    pub key: PathBuf,
+}
+
+/// The public HTTPS listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Https {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Certificate for `*.{domain}`.
+    pub tls: CertFiles,
+}
+
+/// The edge's checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Public URLs are `{port}-{key}.{domain}`; lowercase, no trailing dot.
+    pub domain: String,
+    /// Store, generated certificates and tokens.
+    pub state_dir: PathBuf,
+    /// Plain HTTP listener.
+    pub http: Option<SocketAddr>,
+    /// HTTPS listener.
+    pub https: Option<Https>,
+    /// QUIC listener for agents.
+    pub agents_listen: SocketAddr,
+    /// The TLS name agents verify.
+    pub agents_server_name: String,
+    /// The agents' certificate; `None`: a CA and certificate are generated in `state_dir`.
+    pub agents_tls: Option<CertFiles>,
+    /// Admin API listener.
+    pub admin_listen: SocketAddr,
+    /// Admin token file; `None`: generated in `state_dir/admin.token`.
+    pub admin_token_file: Option<PathBuf>,
+    /// Metrics listener.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Time a client has to send a request head.
+    pub header_timeout: Duration,
+    /// Grace period for running requests at shutdown.
+    pub drain_grace: Duration,
+}
+
+impl Config {
+    /// Loads the configuration from a file (optional), the environment and flags.
+    pub fn load(
+        file: Option<File<'_>>,
+        env: &HashMap<String, String>,
+        flags: &[(&'static str, String)],
+    ) -> Result<Config, ConfigError> {
+        let table = sources::layer(SETTINGS, file, env, flags)?;
+        let raw: RawConfig = sources::deserialize(table, file)?;
+        let base = file.and_then(|f| f.path.parent()).map(Path::to_path_buf);
+        let path = |p: PathBuf| match &base {
+            Some(base) if p.is_relative() => base.join(p),
+            _ => p,
+        };
+
+        let domain = raw.domain.ok_or_else(|| ConfigError::Missing {
+            key: "domain",
+            hint: "set `domain = \"tunnel.example.com\"` (public URLs are {port}-{key}.{domain})"
+                .into(),
+        })?;
+        let domain = check_domain(&domain)?;
+        let state_dir = path(raw.state_dir.ok_or_else(|| ConfigError::Missing {
+            key: "state_dir",
+            hint: "set `state_dir = \"/var/lib/burrow-edge\"` (the store lives there)".into(),
+        })?);
+
+        let http = raw
+            .public
+            .http
+            .map(|s| addr("public.http", &s))
+            .transpose()?;
+        let https = match (raw.public.https, raw.public.cert, raw.public.key) {
+            (None, _, _) => None,
+            (Some(listen), Some(cert), Some(key)) => Some(Https {
+                listen: addr("public.https", &listen)?,
+                tls: CertFiles {
+                    cert: path(cert),
+                    key: path(key),
+                },
+            }),
+            (Some(_), None, _) => {
+                return Err(ConfigError::Missing {
+                    key: "public.cert",
+                    hint: "`public.https` needs a certificate chain for *.{domain}".into(),
+                });
+            }
+            (Some(_), _, None) => {
+                return Err(ConfigError::Missing {
+                    key: "public.key",
+                    hint: "`public.https` needs the certificate's private key".into(),
+                });
+            }
+        };
+        if http.is_none() && https.is_none() {
+            return Err(ConfigError::Missing {
+                key: "public.http",
+                hint: "set `public.http` or `public.https` (or both): the public listeners".into(),
+            });
+        }
+
+        let agents_listen = addr(
+            "agents.listen",
+            raw.agents.listen.as_deref().unwrap_or("0.0.0.0:443"),
+        )?;
+        let agents_tls = match (raw.agents.cert, raw.agents.key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(CertFiles {
+                cert: path(cert),
+                key: path(key),
+            }),
+            (Some(_), None) => {
+                return Err(ConfigError::Missing {
+                    key: "agents.key",
+                    hint: "`agents.cert` needs its private key".into(),
+                });
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Missing {
+                    key: "agents.cert",
+                    hint: "`agents.key` needs its certificate chain".into(),
+                });
+            }
+        };
+        let agents_server_name = raw.agents.server_name.unwrap_or_else(|| domain.clone());
+        let admin_listen = addr(
+            "admin.listen",
+            raw.admin.listen.as_deref().unwrap_or("127.0.0.1:7081"),
+        )?;
+        let metrics_listen = raw
+            .metrics
+            .listen
+            .map(|s| addr("metrics.listen", &s))
+            .transpose()?;
+
+        Ok(Config {
+            domain,
+            state_dir,
+            http,
+            https,
+            agents_listen,
+            agents_server_name,
+            agents_tls,
+            admin_listen,
+            admin_token_file: raw.admin.token_file.map(path),
+            metrics_listen,
+            header_timeout: Duration::from_secs(20),
+            drain_grace: Duration::from_secs(10),
+        })
+    }
+}
+
+fn addr(key: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse().map_err(|_| ConfigError::Invalid {
+        key,
+        message: format!("`{s}` is not an IP address and port, e.g. 0.0.0.0:443 or [::]:443"),
+    })
+}
+
+/// Lowercases and checks a domain: DNS labels of letters, digits and hyphens.
+fn check_domain(domain: &str) -> Result<String, ConfigError> {
+    let d = domain.trim_end_matches('.').to_ascii_lowercase();
+    let ok = !d.is_empty()
+        && d.len() <= 253
+        && d.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if ok {
+        Ok(d)
+    } else {
+        Err(ConfigError::Invalid {
+            key: "domain",
+            message: format!("`{domain}` is not a DNS name like tunnel.example.com"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let file = File {
+            path: Path::new("/etc/burrow/edge.toml"),
+            text,
+        };
+        Config::load(Some(file), &HashMap::new(), &[])
+    }
+
+    #[test]
+    fn design_example_loads() {
+        let cfg = load(
+            r#"
+            domain = "Tunnel.Example.com."
+            state_dir = "/var/lib/burrow-edge"
+            [public]
+            http = "0.0.0.0:80"
+            https = "0.0.0.0:443"
+            cert = "/etc/burrow/public.pem"
+            key = "public.key"
+            [agents]
+            listen = "0.0.0.0:443"
+            server_name = "edge.example.com"
+            [admin]
+            listen = "127.0.0.1:7081"
+            [metrics]
+            listen = "127.0.0.1:9465"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.domain, "tunnel.example.com");
+        assert_eq!(
+            cfg.https.unwrap().tls.key,
+            PathBuf::from("/etc/burrow/public.key")
+        );
+        assert_eq!(cfg.agents_server_name, "edge.example.com");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            (
+                "state_dir = \"/x\"\n[public]\nhttp = \"0.0.0.0:80\"",
+                "`domain`",
+            ),
+            ("domain = \"a_b\"\nstate_dir = \"/x\"", "`domain`"),
+            ("domain = \"a.b\"\nstate_dir = \"/x\"", "public.http"),
+            (
+                "domain = \"a.b\"\nstate_dir = \"/x\"\n[public]\nhttp = \"80\"",
+                "public.http",
+            ),
+            (
+                "domain = \"a.b\"\nstate_dir = \"/x\"\n[public]\nhttps = \"0.0.0.0:443\"",
+                "public.cert",
+            ),
+            (
+                "domain = \"a.b\"\nstate_dir = \"/x\"\n[public]\nhttpx = \"0.0.0.0:80\"",
+                "httpx",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = load(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?}: {err}");
+        }
+    }
+}

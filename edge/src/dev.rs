@@ -1,0 +1,173 @@
+//! `burrow-edge dev`: the newcomer's first command. An edge on loopback with generated
+//! credentials, a devbox with an open tunnel, an agent for it, and a small demo service, so the
+//! printed `curl` line works as printed.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use burrow_agent::Agent;
+use burrow_protocol::AuthMode;
+use http::{Response, header};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::server::Edge;
+
+/// The tunnel domain `dev` uses: `*.localhost` resolves to loopback in curl and browsers.
+pub const DEV_DOMAIN: &str = "tunnel.localhost";
+
+/// Options of `burrow-edge dev`.
+#[derive(Debug, Clone)]
+pub struct DevOptions {
+    /// Public HTTP listener.
+    pub http: SocketAddr,
+    /// State directory; `None`: a temporary one, removed at exit.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// Runs the dev setup until `shutdown` fires.
+pub async fn run(options: DevOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let temp = match options.state_dir {
+        Some(_) => None,
+        None => Some(tempfile::Builder::new().prefix("burrow-dev-").tempdir()?),
+    };
+    let state_dir = options
+        .state_dir
+        .clone()
+        .or_else(|| temp.as_ref().map(|t| t.path().to_owned()))
+        .context("no state directory")?;
+
+    let text = format!(
+        "domain = \"{DEV_DOMAIN}\"\n\
+         [public]\nhttp = \"{http}\"\n\
+         [agents]\nlisten = \"127.0.0.1:0\"\nserver_name = \"localhost\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n",
+        http = options.http,
+    );
+    let mut flags = vec![("state_dir", state_dir.display().to_string())];
+    flags.retain(|(_, v)| !v.is_empty());
+    let config = Config::load(
+        Some(burrow_agent::sources::File {
+            path: std::path::Path::new("<dev>"),
+            text: &text,
+        }),
+        &HashMap::new(),
+        &flags,
+    )?;
+    let edge = Edge::start(config).await.context("starting the edge")?;
+
+    let devbox = "dev";
+    let (_, agent_token, issued) = match edge.registry.get(devbox) {
+        // A kept state directory: start over with a fresh token for the same devbox.
+        Some(_) => {
+            edge.registry.delete(devbox)?;
+            edge.registry
+                .create(Some(devbox.into()), Some(AuthMode::Open))?
+        }
+        None => edge
+            .registry
+            .create(Some(devbox.into()), Some(AuthMode::Open))?,
+    };
+    let issued = issued.context("tunnel not issued")?;
+    let key = issued.record.key;
+
+    let demo = TcpListener::bind("127.0.0.1:0").await?;
+    let demo_port = demo.local_addr()?.port();
+    tokio::spawn(demo_service(demo, shutdown.clone()));
+
+    let agent_config = burrow_agent::Config::load(
+        None,
+        &HashMap::from([(
+            burrow_agent::config::TOKEN_ENV.to_owned(),
+            agent_token.expose().to_owned(),
+        )]),
+        &[
+            ("edge", edge.agents_addr.to_string()),
+            ("server_name", edge.server_name.clone()),
+            (
+                "ca",
+                edge.agent_ca
+                    .as_ref()
+                    .context("no generated CA")?
+                    .display()
+                    .to_string(),
+            ),
+        ],
+    )?;
+    let agent = Agent::spawn(agent_config, shutdown.clone());
+    let mut status = agent.status.clone();
+    tokio::time::timeout(Duration::from_secs(15), status.wait_for(|s| s.connected))
+        .await
+        .context("the agent did not connect within 15 s")??;
+
+    let http = edge.http_addr.context("no HTTP listener")?;
+    let base = |port: &str| format!("http://{port}-{key}.{DEV_DOMAIN}:{}", http.port());
+    println!("burrow dev is running: an edge on loopback and an agent for the devbox `{devbox}`.");
+    println!();
+    println!("  URL template:  {}/", base("{port}"));
+    println!("  Try it (a demo service on port {demo_port}):");
+    println!("    curl {}/", base(&demo_port.to_string()));
+    println!("  Any local port works, e.g.:");
+    println!("    python3 -m http.server 8000 --bind 127.0.0.1 &");
+    println!("    curl {}/", base("8000"));
+    println!();
+    println!(
+        "  Admin API:     http://{}  (token in {})",
+        edge.admin_addr,
+        state_dir.join("admin.token").display()
+    );
+    println!("Press Ctrl-C to stop.");
+
+    shutdown.cancelled().await;
+    let _ = agent.task.await;
+    edge.stop().await;
+    if agent.status.borrow().connected {
+        bail!("the agent did not stop");
+    }
+    Ok(())
+}
+
+/// A tiny service so the first curl line answers without the user starting anything.
+async fn demo_service(listener: TcpListener, shutdown: CancellationToken) {
+    loop {
+        let tcp = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(_) => continue,
+            },
+        };
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+        tokio::spawn(async move {
+            let service = service_fn(
+                move |req: http::Request<hyper::body::Incoming>| async move {
+                    let host = req
+                        .headers()
+                        .get(header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .unwrap_or("?")
+                        .to_owned();
+                    let body = format!(
+                        "Hello from burrow! This is a service on port {port} inside the devbox, reached as {host}.\n"
+                    );
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+                            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                            .unwrap_or_default(),
+                    )
+                },
+            );
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,357 @@
+//! A public request: route the host to a tunnel, enforce its access mode, open a data stream to
+//! the agent, and carry the request as HTTP/1.1 on it. Response bodies stream as they come;
+//! upgrades (WebSocket) continue as raw bytes both ways.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use burrow_agent::wire;
+use burrow_protocol::{AuthMode, RefuseReason, StreamAnswer, StreamHeader, StreamKind};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tracing::{debug, warn};
+
+use crate::pages;
+use crate::registry::Registry;
+use crate::route;
+
+/// The body type of every response the edge sends.
+pub type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+
+/// Headers that apply to one connection only and are never forwarded (RFC 9110, 7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Serves public requests.
+#[derive(Debug)]
+pub struct Proxy {
+    registry: Arc<Registry>,
+    domain: String,
+}
+
+/// How the client reached the edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// Plain HTTP.
+    Http,
+    /// HTTPS.
+    Https,
+}
+
+impl Scheme {
+    fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
+impl Proxy {
+    /// A proxy for tunnels under `domain`.
+    pub fn new(registry: Arc<Registry>, domain: String) -> Proxy {
+        Proxy { registry, domain }
+    }
+
+    /// Answers one public request.
+    pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+        scheme: Scheme,
+    ) -> Response<Body> {
+        let html = pages::wants_html(req.headers());
+        let host = match request_host(&req) {
+            Some(host) => host,
+            None => {
+                return pages::error(StatusCode::BAD_REQUEST, "the request names no host", html);
+            }
+        };
+        let target = match route::parse(&host, &self.domain) {
+            Ok(target) => target,
+            Err(e) => return pages::error(StatusCode::BAD_REQUEST, &e.to_string(), html),
+        };
+        let Some(route) = self.registry.route(&target.key) else {
+            return pages::error(
+                StatusCode::NOT_FOUND,
+                &format!("no tunnel is enabled at {host}; check the URL"),
+                html,
+            );
+        };
+        if route.auth_mode == AuthMode::Authenticated {
+            let presented = bearer(req.headers());
+            let ok = match (presented, route.auth_token) {
+                (Some(token), Some(hash)) => hash.matches(token),
+                _ => false,
+            };
+            if !ok {
+                let detail = if presented.is_some() {
+                    "the bearer token is not this tunnel's token"
+                } else {
+                    "this tunnel needs `Authorization: Bearer <token>`"
+                };
+                return pages::error(StatusCode::UNAUTHORIZED, detail, html);
+            }
+            // The tunnel's own token never reaches the service.
+            req.headers_mut().remove(header::AUTHORIZATION);
+        }
+        let Some(conn) = route.conn else {
+            return pages::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the devbox's agent is not connected; try again in a few seconds",
+                html,
+            );
+        };
+
+        let port = target.port;
+        let stream = open_stream(
+            &conn,
+            StreamHeader::new(port, StreamKind::Http, Some(client)),
+        )
+        .await;
+        let (send, recv) = match stream {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(reason)) => {
+                let (status, detail) = match reason {
+                    RefuseReason::NotListening => (
+                        StatusCode::BAD_GATEWAY,
+                        format!("nothing is listening on port {port} in this devbox"),
+                    ),
+                    RefuseReason::PortNotAllowed => (
+                        StatusCode::FORBIDDEN,
+                        format!("port {port} is not allowed by this devbox's agent"),
+                    ),
+                    RefuseReason::ConnectTimeout => (
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!("the service on port {port} did not accept the connection in time"),
+                    ),
+                    RefuseReason::TooManyStreams => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the devbox's agent is at its stream limit; try again shortly".to_owned(),
+                    ),
+                    _ => (
+                        StatusCode::BAD_GATEWAY,
+                        format!("the devbox's agent refused the stream ({reason})"),
+                    ),
+                };
+                return pages::error(status, &detail, html);
+            }
+            Err(e) => {
+                debug!(error = %e, "data stream failed");
+                return pages::error(
+                    StatusCode::BAD_GATEWAY,
+                    "the connection to the devbox's agent failed; try again",
+                    html,
+                );
+            }
+        };
+
+        let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+        let outbound = outbound_request(req, &host, client, scheme, upgrade.is_some());
+        let io = TokioIo::new(tokio::io::join(recv, send));
+        let (mut sender, connection) = match hyper::client::conn::http1::Builder::new()
+            .handshake::<_, Incoming>(io)
+            .await
+        {
+            Ok(pair) => pair,
+            Err(e) => {
+                debug!(error = %e, "handshake on data stream failed");
+                return pages::error(StatusCode::BAD_GATEWAY, "the tunnel stream failed", html);
+            }
+        };
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                debug!(error = %e, "service connection ended with an error");
+            }
+        });
+        let mut response = match sender.send_request(outbound).await {
+            Ok(response) => response,
+            Err(e) => {
+                debug!(error = %e, %port, "service did not answer");
+                return pages::error(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("the service on port {port} closed the connection without answering"),
+                    html,
+                );
+            }
+        };
+
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(client_side) = upgrade else {
+                warn!(%port, "service switched protocols without being asked");
+                return pages::error(
+                    StatusCode::BAD_GATEWAY,
+                    "the service sent an unexpected 101",
+                    html,
+                );
+            };
+            let service_side = hyper::upgrade::on(&mut response);
+            tokio::spawn(async move {
+                match tokio::try_join!(client_side, service_side) {
+                    Ok((client_io, service_io)) => {
+                        let mut client_io = TokioIo::new(client_io);
+                        let mut service_io = TokioIo::new(service_io);
+                        let _ =
+                            tokio::io::copy_bidirectional(&mut client_io, &mut service_io).await;
+                    }
+                    Err(e) => debug!(error = %e, "upgrade failed"),
+                }
+            });
+            let (parts, _) = response.into_parts();
+            return Response::from_parts(parts, pages::full(Bytes::new()));
+        }
+
+        strip_hop_by_hop(response.headers_mut());
+        response.map(|body| body.boxed())
+    }
+}
+
+/// Opens a data stream and waits for the agent's answer.
+async fn open_stream(
+    conn: &quinn::Connection,
+    header: StreamHeader,
+) -> Result<Result<(quinn::SendStream, quinn::RecvStream), RefuseReason>, wire::WireError> {
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| wire::WireError::Read(quinn::ReadError::ConnectionLost(e)))?;
+    wire::write_frame(&mut send, header.encoded()).await?;
+    match wire::read_msg(&mut recv, StreamAnswer::decode).await? {
+        Some(StreamAnswer::Accept) => Ok(Ok((send, recv))),
+        Some(StreamAnswer::Refuse(reason)) => Ok(Err(reason)),
+        None => Err(wire::WireError::Truncated),
+    }
+}
+
+/// The public host: the Host header, or the authority of an HTTP/2 request.
+fn request_host<B>(req: &Request<B>) -> Option<String> {
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()))
+}
+
+/// The token of an `Authorization: Bearer` header.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Whether a request asks to switch protocols (HTTP/1.1 `Connection: upgrade`).
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes hop-by-hop headers and any header the Connection header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// The request as the service sees it: HTTP/1.1, origin-form, no hop-by-hop headers, the public
+/// Host kept, and `X-Forwarded-*` set by the edge (client-sent values are replaced).
+fn outbound_request(
+    req: Request<Incoming>,
+    host: &str,
+    client: SocketAddr,
+    scheme: Scheme,
+    upgrade: bool,
+) -> Request<Incoming> {
+    let (mut parts, body) = req.into_parts();
+    let upgrade_to = parts.headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(&mut parts.headers);
+    let headers = &mut parts.headers;
+    if let Ok(host) = HeaderValue::from_str(host) {
+        headers.insert(header::HOST, host.clone());
+        headers.insert(HeaderName::from_static("x-forwarded-host"), host);
+    }
+    if let Ok(ip) = HeaderValue::from_str(&client.ip().to_string()) {
+        headers.insert(HeaderName::from_static("x-forwarded-for"), ip);
+    }
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(scheme.as_str()),
+    );
+    if upgrade {
+        if let Some(protocol) = upgrade_to {
+            headers.insert(header::UPGRADE, protocol);
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+    }
+    parts.version = Version::HTTP_11;
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    parts.uri = path.parse().unwrap_or_default();
+    Request::from_parts(parts, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_and_upgrade_detection() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer  abc "),
+        );
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&h), None);
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        assert!(is_upgrade(&h));
+        strip_hop_by_hop(&mut h);
+        assert!(!h.contains_key(header::UPGRADE) && !h.contains_key(header::CONNECTION));
+    }
+
+    #[test]
+    fn connection_named_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("x-secret, close"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(!h.contains_key("x-secret"));
+        assert!(h.contains_key("x-kept"));
+    }
+}

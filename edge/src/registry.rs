@@ -1,0 +1,382 @@
+//! The edge's view of every devbox: what the store holds (ids, token hashes, tunnels), indexed
+//! in memory for the hot paths (tunnel key -> devbox, agent token -> devbox), and the live
+//! agent session of each devbox.
+//!
+//! Every change goes to the [`Store`] first and to memory second, so an answer the admin API
+//! gives is already durable.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::SystemTime;
+
+use burrow_protocol::{AuthMode, ControlMsg, TunnelState};
+use tokio::sync::mpsc;
+
+use crate::secret::{self, Secret, TokenHash};
+use crate::store::{DevboxRecord, Store, StoreError, TunnelRecord, now_unix};
+
+/// How public URLs are written: `{scheme}://{port}-{key}.{domain}{suffix}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UrlBase {
+    /// `http` or `https`.
+    pub scheme: &'static str,
+    /// The tunnel domain.
+    pub domain: String,
+    /// `:8080`, or empty for the scheme's default port.
+    pub port_suffix: String,
+}
+
+impl UrlBase {
+    /// The URL template of a tunnel, with a literal `{port}`.
+    pub fn template(&self, key: &str) -> String {
+        format!(
+            "{}://{{port}}-{key}.{}{}",
+            self.scheme, self.domain, self.port_suffix
+        )
+    }
+}
+
+/// A live agent connection.
+#[derive(Debug, Clone)]
+pub struct AgentSession {
+    /// The QUIC connection.
+    pub conn: quinn::Connection,
+    /// When it was established.
+    pub since: SystemTime,
+    /// Distinguishes this session from earlier ones of the same devbox.
+    pub generation: u64,
+    /// Messages for the agent's control stream.
+    pub control: mpsc::Sender<ControlMsg>,
+}
+
+/// What the proxy needs to serve a tunnel key.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The devbox.
+    pub devbox_id: String,
+    /// Access mode.
+    pub auth_mode: AuthMode,
+    /// The bearer token's hash, for authenticated tunnels.
+    pub auth_token: Option<TokenHash>,
+    /// The agent's connection, if it is connected.
+    pub conn: Option<quinn::Connection>,
+}
+
+/// A devbox as the admin API shows it.
+#[derive(Debug, Clone)]
+pub struct DevboxView {
+    /// The stored record.
+    pub record: DevboxRecord,
+    /// When the current agent session started, if connected.
+    pub connected_since: Option<SystemTime>,
+    /// The current session's RTT.
+    pub rtt: Option<std::time::Duration>,
+}
+
+/// A tunnel as handed out by an enable call: the token appears here once.
+#[derive(Debug, Clone)]
+pub struct IssuedTunnel {
+    /// The stored tunnel.
+    pub record: TunnelRecord,
+    /// The bearer token, for authenticated tunnels.
+    pub auth_token: Option<Secret>,
+}
+
+/// An admin operation's failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No devbox has this id.
+    #[error("no devbox `{0}`")]
+    NotFound(String),
+    /// The OS RNG failed.
+    #[error("cannot generate a secret: {0}")]
+    Random(#[from] getrandom::Error),
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    devboxes: HashMap<String, Entry>,
+    by_key: HashMap<String, String>,
+    by_token: HashMap<String, String>,
+    next_generation: u64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    record: DevboxRecord,
+    session: Option<AgentSession>,
+}
+
+/// All devboxes, their tunnels and their live sessions.
+#[derive(Debug)]
+pub struct Registry {
+    store: Store,
+    urls: UrlBase,
+    inner: RwLock<Inner>,
+}
+
+impl Registry {
+    /// Loads every devbox from the store.
+    pub fn load(store: Store, urls: UrlBase) -> Result<Arc<Registry>, StoreError> {
+        let mut inner = Inner::default();
+        for record in store.all()? {
+            inner.index(&record);
+            inner.devboxes.insert(
+                record.id.clone(),
+                Entry {
+                    record,
+                    session: None,
+                },
+            );
+        }
+        Ok(Arc::new(Registry {
+            store,
+            urls,
+            inner: RwLock::new(inner),
+        }))
+    }
+
+    // A poisoned lock means a panic elsewhere while holding it; the maps themselves are
+    // updated in single statements, so they are still consistent.
+    fn read(&self) -> RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How URLs are written.
+    pub fn urls(&self) -> &UrlBase {
+        &self.urls
+    }
+
+    /// The tunnel state an agent is told about.
+    pub fn tunnel_state(&self, tunnel: &TunnelRecord) -> TunnelState {
+        TunnelState {
+            key: tunnel.key.clone(),
+            auth_mode: tunnel.auth_mode,
+            url_template: self.urls.template(&tunnel.key),
+        }
+    }
+
+    /// Looks up a tunnel key for the proxy.
+    pub fn route(&self, key: &str) -> Option<Route> {
+        let inner = self.read();
+        let entry = inner.devboxes.get(inner.by_key.get(key)?)?;
+        let tunnel = entry.record.tunnel.as_ref()?;
+        Some(Route {
+            devbox_id: entry.record.id.clone(),
+            auth_mode: tunnel.auth_mode,
+            auth_token: tunnel.auth_token,
+            conn: entry.session.as_ref().map(|s| s.conn.clone()),
+        })
+    }
+
+    /// The devbox an agent token belongs to, and its tunnel.
+    pub fn authenticate(&self, token: &str) -> Option<(String, Option<TunnelRecord>)> {
+        let hash = Secret::new(token).hash();
+        let inner = self.read();
+        let entry = inner.devboxes.get(inner.by_token.get(&hash.to_hex())?)?;
+        // The map lookup found the row by hash; compare once more in constant time.
+        (entry.record.agent_token == hash)
+            .then(|| (entry.record.id.clone(), entry.record.tunnel.clone()))
+    }
+
+    /// Makes `session` the devbox's live session and returns the one it replaces. `None` in
+    /// the result's first place: the devbox was deleted meanwhile.
+    pub fn attach(
+        &self,
+        devbox_id: &str,
+        make: impl FnOnce(u64) -> AgentSession,
+    ) -> Option<(u64, Option<AgentSession>)> {
+        let mut inner = self.write();
+        inner.next_generation += 1;
+        let generation = inner.next_generation;
+        let entry = inner.devboxes.get_mut(devbox_id)?;
+        let old = entry.session.replace(make(generation));
+        Some((generation, old))
+    }
+
+    /// Forgets a session if it is still the devbox's current one.
+    pub fn detach(&self, devbox_id: &str, generation: u64) {
+        let mut inner = self.write();
+        if let Some(entry) = inner.devboxes.get_mut(devbox_id) {
+            if entry
+                .session
+                .as_ref()
+                .is_some_and(|s| s.generation == generation)
+            {
+                entry.session = None;
+            }
+        }
+    }
+
+    /// Every devbox, oldest first.
+    pub fn list(&self) -> Vec<DevboxView> {
+        let inner = self.read();
+        let mut out: Vec<DevboxView> = inner.devboxes.values().map(Entry::view).collect();
+        out.sort_by(|a, b| {
+            (a.record.created_at, &a.record.id).cmp(&(b.record.created_at, &b.record.id))
+        });
+        out
+    }
+
+    /// One devbox.
+    pub fn get(&self, id: &str) -> Option<DevboxView> {
+        self.read().devboxes.get(id).map(Entry::view)
+    }
+
+    /// Registers a devbox, optionally with a tunnel. Returns its agent token (once).
+    pub fn create(
+        &self,
+        id: Option<String>,
+        tunnel: Option<AuthMode>,
+    ) -> Result<(DevboxRecord, Secret, Option<IssuedTunnel>), RegistryError> {
+        let id = match id {
+            Some(id) => id,
+            None => format!("dbx-{}", &secret::tunnel_key()?[..16]),
+        };
+        let token = Secret::generate()?;
+        let issued = tunnel.map(issue_tunnel).transpose()?;
+        let record = DevboxRecord {
+            id: id.clone(),
+            agent_token: token.hash(),
+            created_at: now_unix(),
+            tunnel: issued.as_ref().map(|t| t.record.clone()),
+        };
+        // Hold the write lock across the store write so memory and disk agree on order.
+        let mut inner = self.write();
+        self.store.insert(&record)?;
+        inner.index(&record);
+        inner.devboxes.insert(
+            id,
+            Entry {
+                record: record.clone(),
+                session: None,
+            },
+        );
+        Ok((record, token, issued))
+    }
+
+    /// Enables a devbox's tunnel or changes its mode. The key stays the same for the life of
+    /// the tunnel; an authenticated tunnel gets a fresh token, returned here once.
+    pub fn enable_tunnel(&self, id: &str, mode: AuthMode) -> Result<IssuedTunnel, RegistryError> {
+        let mut inner = self.write();
+        let entry = inner
+            .devboxes
+            .get(id)
+            .ok_or_else(|| RegistryError::NotFound(id.to_owned()))?;
+        let mut issued = issue_tunnel(mode)?;
+        if let Some(existing) = &entry.record.tunnel {
+            issued.record.key = existing.key.clone();
+        }
+        self.store.set_tunnel(id, Some(&issued.record))?;
+        let state = self.tunnel_state(&issued.record);
+        let entry = inner.set_tunnel(id, Some(issued.record.clone()));
+        notify(entry, ControlMsg::TunnelUpdate(Some(state)));
+        Ok(issued)
+    }
+
+    /// Disables a devbox's tunnel: its URLs answer 404 from now on.
+    pub fn disable_tunnel(&self, id: &str) -> Result<(), RegistryError> {
+        let mut inner = self.write();
+        if !inner.devboxes.contains_key(id) {
+            return Err(RegistryError::NotFound(id.to_owned()));
+        }
+        self.store.set_tunnel(id, None)?;
+        let entry = inner.set_tunnel(id, None);
+        notify(entry, ControlMsg::TunnelUpdate(None));
+        Ok(())
+    }
+
+    /// Deletes a devbox: its token is revoked and its agent's session returned for closing.
+    pub fn delete(&self, id: &str) -> Result<Option<AgentSession>, RegistryError> {
+        let mut inner = self.write();
+        if !inner.devboxes.contains_key(id) {
+            return Err(RegistryError::NotFound(id.to_owned()));
+        }
+        self.store.delete(id)?;
+        let Some(entry) = inner.devboxes.remove(id) else {
+            return Ok(None);
+        };
+        inner.unindex(&entry.record);
+        Ok(entry.session)
+    }
+
+    /// Every live session, for a go-away at shutdown.
+    pub fn sessions(&self) -> Vec<AgentSession> {
+        self.read()
+            .devboxes
+            .values()
+            .filter_map(|e| e.session.clone())
+            .collect()
+    }
+}
+
+fn issue_tunnel(mode: AuthMode) -> Result<IssuedTunnel, getrandom::Error> {
+    let auth_token = match mode {
+        AuthMode::Open => None,
+        AuthMode::Authenticated => Some(Secret::generate()?),
+    };
+    Ok(IssuedTunnel {
+        record: TunnelRecord {
+            key: secret::tunnel_key()?,
+            auth_mode: mode,
+            auth_token: auth_token.as_ref().map(Secret::hash),
+        },
+        auth_token,
+    })
+}
+
+fn notify(entry: Option<&Entry>, msg: ControlMsg) {
+    if let Some(session) = entry.and_then(|e| e.session.as_ref()) {
+        // A full queue means the agent is not reading its control stream; it gets the state
+        // again in the welcome of its next session.
+        let _ = session.control.try_send(msg);
+    }
+}
+
+impl Inner {
+    fn index(&mut self, record: &DevboxRecord) {
+        self.by_token
+            .insert(record.agent_token.to_hex(), record.id.clone());
+        if let Some(t) = &record.tunnel {
+            self.by_key.insert(t.key.clone(), record.id.clone());
+        }
+    }
+
+    fn unindex(&mut self, record: &DevboxRecord) {
+        self.by_token.remove(&record.agent_token.to_hex());
+        if let Some(t) = &record.tunnel {
+            self.by_key.remove(&t.key);
+        }
+    }
+
+    fn set_tunnel(&mut self, id: &str, tunnel: Option<TunnelRecord>) -> Option<&Entry> {
+        let old = self.devboxes.get(id)?.record.tunnel.clone();
+        if let Some(old) = old {
+            self.by_key.remove(&old.key);
+        }
+        if let Some(t) = &tunnel {
+            self.by_key.insert(t.key.clone(), id.to_owned());
+        }
+        let entry = self.devboxes.get_mut(id)?;
+        entry.record.tunnel = tunnel;
+        Some(entry)
+    }
+}
+
+impl Entry {
+    fn view(&self) -> DevboxView {
+        DevboxView {
+            record: self.record.clone(),
+            connected_since: self.session.as_ref().map(|s| s.since),
+            rtt: self.session.as_ref().map(|s| s.conn.rtt()),
+        }
+    }
+}

@@ -1,0 +1,360 @@
+//! Wiring: state directory, admin token, store, certificates, the four listeners (public HTTP,
+//! public HTTPS, agents over QUIC, admin), and orderly shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::admin::Admin;
+use crate::agents;
+use crate::certs::{self, CertError, Identity};
+use crate::config::Config;
+use crate::proxy::{Body, Proxy, Scheme};
+use crate::registry::{Registry, UrlBase};
+use crate::secret::Secret;
+use crate::store::{Store, StoreError};
+
+/// File names in `state_dir`.
+const STORE_FILE: &str = "burrow.db";
+const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// How long a client has to finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the edge could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// A file or directory problem.
+    #[error("{path}: {message}")]
+    File {
+        /// The path.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} (`{key}`): {source}")]
+    Bind {
+        /// The config key.
+        key: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Certificates.
+    #[error(transparent)]
+    Cert(#[from] CertError),
+    /// The store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The OS RNG failed.
+    #[error("cannot generate the admin token: {0}")]
+    Random(#[from] getrandom::Error),
+}
+
+/// A running edge.
+#[derive(Debug)]
+pub struct Edge {
+    /// The public HTTP listener's address.
+    pub http_addr: Option<SocketAddr>,
+    /// The public HTTPS listener's address.
+    pub https_addr: Option<SocketAddr>,
+    /// The QUIC listener's address.
+    pub agents_addr: SocketAddr,
+    /// The admin API's address.
+    pub admin_addr: SocketAddr,
+    /// The admin token.
+    pub admin_token: Secret,
+    /// The generated CA agents should trust, when no agents certificate is configured.
+    pub agent_ca: Option<PathBuf>,
+    /// The TLS name agents verify.
+    pub server_name: String,
+    /// Devboxes, tunnels and sessions.
+    pub registry: Arc<Registry>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+type Handler = Arc<
+    dyn Fn(Request<Incoming>, SocketAddr) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>>
+        + Send
+        + Sync,
+>;
+
+impl Edge {
+    /// Starts every listener. Returns once all are bound and serving.
+    pub async fn start(config: Config) -> Result<Edge, StartError> {
+        create_state_dir(&config.state_dir)?;
+        let admin_token = admin_token(&config)?;
+        let store = Store::open(&config.state_dir.join(STORE_FILE))?;
+
+        let http = match config.http {
+            Some(addr) => Some(bind("public.http", addr).await?),
+            None => None,
+        };
+        let https = match &config.https {
+            Some(h) => {
+                let tls = certs::public_tls_config(Identity::load(&h.tls)?)?;
+                Some((
+                    bind("public.https", h.listen).await?,
+                    TlsAcceptor::from(Arc::new(tls)),
+                ))
+            }
+            None => None,
+        };
+        let admin = bind("admin.listen", config.admin_listen).await?;
+        let local = |l: &TcpListener| l.local_addr().ok();
+        let http_addr = http.as_ref().and_then(local);
+        let https_addr = https.as_ref().and_then(|(l, _)| local(l));
+        let urls = match (https_addr, http_addr) {
+            (Some(addr), _) => url_base("https", &config.domain, addr.port(), 443),
+            (None, Some(addr)) => url_base("http", &config.domain, addr.port(), 80),
+            (None, None) => url_base("http", &config.domain, 80, 80),
+        };
+        let registry = Registry::load(store, urls)?;
+
+        let (identity, agent_ca) = match &config.agents_tls {
+            Some(files) => (Identity::load(files)?, None),
+            None => {
+                let (identity, ca) =
+                    certs::generated_agent_identity(&config.state_dir, &config.agents_server_name)?;
+                (identity, Some(ca))
+            }
+        };
+        let endpoint =
+            quinn::Endpoint::server(certs::agents_server_config(identity)?, config.agents_listen)
+                .map_err(|source| StartError::Bind {
+                key: "agents.listen",
+                addr: config.agents_listen,
+                source,
+            })?;
+        let agents_addr = endpoint.local_addr().unwrap_or(config.agents_listen);
+        let admin_addr = local(&admin).unwrap_or(config.admin_listen);
+
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tasks.spawn(agents::serve(endpoint, registry.clone(), shutdown.clone()));
+
+        let proxy = Arc::new(Proxy::new(registry.clone(), config.domain.clone()));
+        let public = |scheme: Scheme| -> Handler {
+            let proxy = proxy.clone();
+            Arc::new(move |req, peer| {
+                let proxy = proxy.clone();
+                Box::pin(async move { proxy.handle(req, peer, scheme).await })
+            })
+        };
+        if let Some(listener) = http {
+            tasks.spawn(serve(
+                listener,
+                None,
+                public(Scheme::Http),
+                config.clone(),
+                shutdown.clone(),
+            ));
+        }
+        if let Some((listener, tls)) = https {
+            tasks.spawn(serve(
+                listener,
+                Some(tls),
+                public(Scheme::Https),
+                config.clone(),
+                shutdown.clone(),
+            ));
+        }
+        let admin_api = Arc::new(Admin::new(registry.clone(), admin_token.hash()));
+        let admin_handler: Handler = Arc::new(move |req, _peer| {
+            let admin_api = admin_api.clone();
+            Box::pin(async move { admin_api.handle(req).await })
+        });
+        tasks.spawn(serve(
+            admin,
+            None,
+            admin_handler,
+            config.clone(),
+            shutdown.clone(),
+        ));
+        tasks.close();
+
+        info!(
+            http = ?http_addr, https = ?https_addr, agents = %agents_addr, admin = %admin_addr,
+            domain = %config.domain, "edge listening"
+        );
+        Ok(Edge {
+            http_addr,
+            https_addr,
+            agents_addr,
+            admin_addr,
+            admin_token,
+            agent_ca,
+            server_name: config.agents_server_name.clone(),
+            registry,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// A token that stops the edge when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops accepting, tells agents to go away, drains running requests, and returns.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.tasks.wait().await;
+    }
+
+    /// Waits until the edge has stopped (after its shutdown token fired).
+    pub async fn wait(&self) {
+        self.tasks.wait().await;
+    }
+}
+
+fn url_base(scheme: &'static str, domain: &str, port: u16, default: u16) -> UrlBase {
+    UrlBase {
+        scheme,
+        domain: domain.to_owned(),
+        port_suffix: if port == default {
+            String::new()
+        } else {
+            format!(":{port}")
+        },
+    }
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { key, addr, source })
+}
+
+fn create_state_dir(dir: &Path) -> Result<(), StartError> {
+    let err = |e: std::io::Error| StartError::File {
+        path: dir.to_owned(),
+        message: format!("cannot create the state directory (`state_dir`): {e}"),
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// The admin token: from `admin.token_file`, or generated once in `state_dir`.
+fn admin_token(config: &Config) -> Result<Secret, StartError> {
+    let generated = config.state_dir.join(ADMIN_TOKEN_FILE);
+    let path = config.admin_token_file.clone().unwrap_or(generated);
+    if config.admin_token_file.is_none() && !path.exists() {
+        let token = Secret::generate()?;
+        certs::write_private(&path, format!("{}\n", token.expose()).as_bytes())?;
+        return Ok(token);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| StartError::File {
+        path: path.clone(),
+        message: format!("cannot read the admin token (`admin.token_file`): {e}"),
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(StartError::File {
+            path,
+            message: "the admin token file is empty".into(),
+        });
+    }
+    Ok(Secret::new(token))
+}
+
+/// Serves HTTP (1.1 and 2) on a listener until shutdown, then drains for `drain_grace`.
+async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    handler: Handler,
+    config: Config,
+    shutdown: CancellationToken,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let handler = handler.clone();
+        let builder = builder.clone();
+        let tls = tls.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let handler = handler.clone();
+                async move { Ok::<_, Infallible>(handler(req, peer).await) }
+            });
+            let result = match tls {
+                None => {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(acceptor) => {
+                    let stream =
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                            .await
+                        {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => {
+                                debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                debug!(%peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+            };
+            if let Err(e) = result {
+                debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(config.drain_grace) => {
+            debug!("drain grace over; dropping remaining connections");
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! The durable store: devboxes, their agent token hashes and their tunnels, in SQLite inside
+//! `state_dir`. Every write is committed (synchronous=FULL) before the API call that made it
+//! answers, so an edge restart loses nothing. Secrets are stored only as hashes.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use burrow_protocol::AuthMode;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::secret::TokenHash;
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A row holds something this edge cannot read (edited by hand or corrupted).
+    #[error("store: corrupt row for devbox `{0}`")]
+    Corrupt(String),
+    /// A devbox with this id exists already.
+    #[error("devbox `{0}` exists already")]
+    Exists(String),
+}
+
+/// A devbox as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DevboxRecord {
+    /// Its id.
+    pub id: String,
+    /// Hash of its agent token.
+    pub agent_token: TokenHash,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Its tunnel, if enabled.
+    pub tunnel: Option<TunnelRecord>,
+}
+
+/// A tunnel as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelRecord {
+    /// The key in its URLs.
+    pub key: String,
+    /// Who may use it.
+    pub auth_mode: AuthMode,
+    /// Hash of its bearer token (authenticated tunnels only).
+    pub auth_token: Option<TokenHash>,
+}
+
+/// The SQLite store.
+#[derive(Debug)]
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS devboxes (
+    id TEXT PRIMARY KEY,
+    agent_token_hash TEXT NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    tunnel_key TEXT UNIQUE,
+    auth_mode TEXT,
+    auth_token_hash TEXT
+);
+";
+
+impl Store {
+    /// Opens (creating if needed) the store at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        // A poisoned lock only means another thread panicked mid-call; SQLite's own
+        // transaction state is intact, so carry on.
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn)
+    }
+
+    /// Every devbox.
+    pub fn all(&self) -> Result<Vec<DevboxRecord>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT id, agent_token_hash, created_at, tunnel_key, auth_mode, auth_token_hash
+                 FROM devboxes ORDER BY created_at, id",
+            )?;
+            let rows = stmt.query_map([], row)?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push(r??);
+            }
+            Ok(out)
+        })
+    }
+
+    /// Adds a devbox.
+    pub fn insert(&self, devbox: &DevboxRecord) -> Result<(), StoreError> {
+        self.with(|c| {
+            let (key, mode, token) = tunnel_columns(devbox.tunnel.as_ref());
+            let done = c.execute(
+                "INSERT OR IGNORE INTO devboxes
+                 (id, agent_token_hash, created_at, tunnel_key, auth_mode, auth_token_hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    devbox.id,
+                    devbox.agent_token.to_hex(),
+                    devbox.created_at,
+                    key,
+                    mode,
+                    token
+                ],
+            )?;
+            if done == 0 {
+                return Err(StoreError::Exists(devbox.id.clone()));
+            }
+            Ok(())
+        })
+    }
+
+    /// Sets or clears a devbox's tunnel. `false`: no such devbox.
+    pub fn set_tunnel(&self, id: &str, tunnel: Option<&TunnelRecord>) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let (key, mode, token) = tunnel_columns(tunnel);
+            let n = c.execute(
+                "UPDATE devboxes SET tunnel_key = ?2, auth_mode = ?3, auth_token_hash = ?4
+                 WHERE id = ?1",
+                params![id, key, mode, token],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
+    /// Removes a devbox. `false`: no such devbox.
+    pub fn delete(&self, id: &str) -> Result<bool, StoreError> {
+        self.with(|c| Ok(c.execute("DELETE FROM devboxes WHERE id = ?1", params![id])? > 0))
+    }
+
+    /// One devbox.
+    pub fn get(&self, id: &str) -> Result<Option<DevboxRecord>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT id, agent_token_hash, created_at, tunnel_key, auth_mode, auth_token_hash
+                 FROM devboxes WHERE id = ?1",
+                params![id],
+                row,
+            )
+            .optional()?
+            .transpose()
+        })
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+type Columns = (Option<String>, Option<&'static str>, Option<String>);
+
+fn tunnel_columns(tunnel: Option<&TunnelRecord>) -> Columns {
+    match tunnel {
+        None => (None, None, None),
+        Some(t) => (
+            Some(t.key.clone()),
+            Some(t.auth_mode.as_str()),
+            t.auth_token.map(|h| h.to_hex()),
+        ),
+    }
+}
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<DevboxRecord, StoreError>> {
+    let id: String = r.get(0)?;
+    let token: String = r.get(1)?;
+    let created_at: i64 = r.get(2)?;
+    let key: Option<String> = r.get(3)?;
+    let mode: Option<String> = r.get(4)?;
+    let auth: Option<String> = r.get(5)?;
+    let corrupt = || StoreError::Corrupt(id.clone());
+    let parse = || -> Result<DevboxRecord, StoreError> {
+        let agent_token = TokenHash::from_hex(&token).ok_or_else(corrupt)?;
+        let tunnel = match (key, mode) {
+            (Some(key), Some(mode)) => {
+                let auth_mode: AuthMode = mode.parse().map_err(|_| corrupt())?;
+                let auth_token = match auth {
+                    Some(h) => Some(TokenHash::from_hex(&h).ok_or_else(corrupt)?),
+                    None => None,
+                };
+                if (auth_mode == AuthMode::Authenticated) != auth_token.is_some() {
+                    return Err(corrupt());
+                }
+                Some(TunnelRecord {
+                    key,
+                    auth_mode,
+                    auth_token,
+                })
+            }
+            (None, None) => None,
+            _ => return Err(corrupt()),
+        };
+        Ok(DevboxRecord {
+            id: id.clone(),
+            agent_token,
+            created_at,
+            tunnel,
+        })
+    };
+    Ok(parse())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+
+    #[test]
+    fn survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("burrow.db");
+        let token = Secret::new("agent-token");
+        let auth = Secret::new("auth-token");
+        let record = DevboxRecord {
+            id: "box1".into(),
+            agent_token: token.hash(),
+            created_at: 1,
+            tunnel: None,
+        };
+        {
+            let store = Store::open(&path).unwrap();
+            store.insert(&record).unwrap();
+            assert!(matches!(store.insert(&record), Err(StoreError::Exists(_))));
+            let tunnel = TunnelRecord {
+                key: "k".repeat(26),
+                auth_mode: AuthMode::Authenticated,
+                auth_token: Some(auth.hash()),
+            };
+            assert!(store.set_tunnel("box1", Some(&tunnel)).unwrap());
+            assert!(!store.set_tunnel("nope", Some(&tunnel)).unwrap());
+        }
+        let store = Store::open(&path).unwrap();
+        let all = store.all().unwrap();
+        assert_eq!(all.len(), 1);
+        let t = all[0].tunnel.as_ref().unwrap();
+        assert!(t.auth_token.unwrap().matches("auth-token"));
+        assert!(all[0].agent_token.matches("agent-token"));
+        assert!(store.delete("box1").unwrap());
+        assert!(store.get("box1").unwrap().is_none());
+    }
+}
