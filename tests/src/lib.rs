@@ -1,1 +1,333 @@
+//! The end-to-end harness: a real edge and a real agent (the libraries, in process) over
+//! loopback, real local services, and helpers to speak to them like users do.
+//!
+//! - [`TestEdge::start`] / [`TestEdge::builder`]: an edge on `127.0.0.1:0` with a temporary state
+//!   directory, plain HTTP always and HTTPS on request, domain `tunnel.localhost` (so curl
+//!   resolves every tunnel host to loopback by itself).
+//! - [`TestEdge::admin`]: the admin API with the admin token.
+//! - [`TestEdge::devbox`]: registers a devbox, optionally with a tunnel.
+//! - [`TestAgent::start`]: an agent for a devbox, returned once it is connected.
+//! - [`services`]: local services (HTTP echo, bulk bytes, SSE, WebSocket echo).
 
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod services;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use burrow_agent::Agent;
+use burrow_edge::{Config, Edge};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+pub use client::{Curl, Reply, curl, request};
+
+/// The tunnel domain of test edges.
+pub const DOMAIN: &str = "tunnel.localhost";
+
+/// How long tests wait for an event before failing: generous for a loaded 2-core machine.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Sends test logs to the test's captured output; `RUST_LOG` selects.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+/// Options for a test edge.
+#[derive(Debug, Default)]
+pub struct EdgeBuilder {
+    https: bool,
+    state_dir: Option<PathBuf>,
+}
+
+impl EdgeBuilder {
+    /// Adds an HTTPS listener with a certificate for `*.tunnel.localhost` from a test CA.
+    pub fn https(mut self) -> Self {
+        self.https = true;
+        self
+    }
+
+    /// Uses an existing state directory (a restart).
+    pub fn state_dir(mut self, dir: &Path) -> Self {
+        self.state_dir = Some(dir.to_owned());
+        self
+    }
+
+    /// Starts the edge.
+    pub async fn start(self) -> TestEdge {
+        init_tracing();
+        let temp = tempfile::tempdir().expect("tempdir");
+        let state_dir = self.state_dir.unwrap_or_else(|| temp.path().join("state"));
+        let mut text = format!(
+            "domain = \"{DOMAIN}\"\nstate_dir = \"{}\"\n[public]\nhttp = \"127.0.0.1:0\"\n",
+            state_dir.display()
+        );
+        let mut public_ca = None;
+        if self.https {
+            let (ca, cert, key) = public_cert(temp.path());
+            text.push_str(&format!(
+                "https = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                cert.display(),
+                key.display()
+            ));
+            public_ca = Some(ca);
+        }
+        text.push_str(
+            "[agents]\nlisten = \"127.0.0.1:0\"\nserver_name = \"localhost\"\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n",
+        );
+        let file = burrow_agent::sources::File {
+            path: Path::new("test-edge.toml"),
+            text: &text,
+        };
+        let config = Config::load(Some(file), &HashMap::new(), &[]).expect("edge config");
+        let edge = Edge::start(config).await.expect("edge starts");
+        TestEdge {
+            edge: Some(edge),
+            state_dir,
+            public_ca,
+            _temp: temp,
+        }
+    }
+}
+
+/// A running edge and its temporary files.
+#[derive(Debug)]
+pub struct TestEdge {
+    edge: Option<Edge>,
+    /// The edge's state directory.
+    pub state_dir: PathBuf,
+    /// The CA that signed the HTTPS certificate, if HTTPS is on.
+    pub public_ca: Option<PathBuf>,
+    _temp: tempfile::TempDir,
+}
+
+/// A registered devbox.
+#[derive(Debug, Clone)]
+pub struct Devbox {
+    /// Its id.
+    pub id: String,
+    /// Its agent token.
+    pub agent_token: String,
+    /// Its tunnel key, if a tunnel was enabled.
+    pub key: Option<String>,
+    /// Its tunnel's bearer token, for authenticated tunnels.
+    pub auth_token: Option<String>,
+}
+
+impl TestEdge {
+    /// An edge with plain HTTP only.
+    pub async fn start() -> TestEdge {
+        EdgeBuilder::default().start().await
+    }
+
+    /// Options.
+    pub fn builder() -> EdgeBuilder {
+        EdgeBuilder::default()
+    }
+
+    /// The running edge.
+    pub fn edge(&self) -> &Edge {
+        self.edge.as_ref().expect("edge running")
+    }
+
+    /// The public HTTP address.
+    pub fn http(&self) -> SocketAddr {
+        self.edge().http_addr.expect("http listener")
+    }
+
+    /// `http://{port}-{key}.tunnel.localhost:{edge port}{path}`.
+    pub fn url(&self, port: u16, key: &str, path: &str) -> String {
+        format!("http://{port}-{key}.{DOMAIN}:{}{path}", self.http().port())
+    }
+
+    /// `https://...` on the HTTPS listener.
+    pub fn https_url(&self, port: u16, key: &str, path: &str) -> String {
+        let addr = self.edge().https_addr.expect("https listener");
+        format!("https://{port}-{key}.{DOMAIN}:{}{path}", addr.port())
+    }
+
+    /// Calls the admin API with the admin token.
+    pub async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let token = self.edge().admin_token.expose().to_owned();
+        self.admin_with(method, path, body, Some(&token)).await
+    }
+
+    /// Calls the admin API with any token (or none).
+    pub async fn admin_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        token: Option<&str>,
+    ) -> (u16, Value) {
+        let mut headers = vec![("content-type".to_owned(), "application/json".to_owned())];
+        if let Some(token) = token {
+            headers.push(("authorization".to_owned(), format!("Bearer {token}")));
+        }
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let reply = request(
+            self.edge().admin_addr,
+            method,
+            "localhost",
+            path,
+            &headers,
+            body.into_bytes(),
+        )
+        .await
+        .expect("admin API answers");
+        let json = if reply.body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&reply.body).expect("admin API answers JSON")
+        };
+        (reply.status, json)
+    }
+
+    /// Registers a devbox; with `mode`, enables its tunnel at creation.
+    pub async fn devbox(&self, mode: Option<&str>) -> Devbox {
+        let body = mode.map(|m| serde_json::json!({ "tunnel": { "auth_mode": m } }));
+        let (status, json) = self
+            .admin("POST", "/v1/devboxes", body.or(Some(serde_json::json!({}))))
+            .await;
+        assert_eq!(status, 201, "{json}");
+        Devbox {
+            id: json["id"].as_str().expect("id").to_owned(),
+            agent_token: json["agent_token"]
+                .as_str()
+                .expect("agent_token")
+                .to_owned(),
+            key: json["tunnel"]["tunnel_key"].as_str().map(str::to_owned),
+            auth_token: json["tunnel"]["auth_token"].as_str().map(str::to_owned),
+        }
+    }
+
+    /// Stops the edge, keeping its state directory for a restart.
+    pub async fn stop(&mut self) {
+        if let Some(edge) = self.edge.take() {
+            edge.stop().await;
+        }
+    }
+
+    /// Stops and starts the edge again on the same state directory (new ports).
+    pub async fn restart(mut self) -> TestEdge {
+        self.stop().await;
+        let mut next = EdgeBuilder::default()
+            .state_dir(&self.state_dir)
+            .start()
+            .await;
+        // Keep the old temporary directory alive: it holds the state.
+        std::mem::swap(&mut next._temp, &mut self._temp);
+        next
+    }
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct TestAgent {
+    /// The agent.
+    pub agent: Agent,
+    shutdown: CancellationToken,
+}
+
+impl TestAgent {
+    /// Starts an agent for `devbox` and waits until it is connected.
+    pub async fn start(edge: &TestEdge, devbox: &Devbox) -> TestAgent {
+        Self::start_with(edge, devbox, &[]).await
+    }
+
+    /// Starts an agent with extra flags (`("forward.deny_ports", "22")`, ...).
+    pub async fn start_with(
+        edge: &TestEdge,
+        devbox: &Devbox,
+        flags: &[(&'static str, &str)],
+    ) -> TestAgent {
+        let agent = Self::spawn(edge, devbox, flags);
+        let mut status = agent.agent.status.clone();
+        tokio::time::timeout(WAIT, status.wait_for(|s| s.connected))
+            .await
+            .expect("agent connects in time")
+            .expect("agent running");
+        agent
+    }
+
+    /// Starts an agent without waiting for it to connect.
+    pub fn spawn(edge: &TestEdge, devbox: &Devbox, flags: &[(&'static str, &str)]) -> TestAgent {
+        let e = edge.edge();
+        let mut all: Vec<(&'static str, String)> = vec![
+            ("edge", e.agents_addr.to_string()),
+            ("server_name", e.server_name.clone()),
+            (
+                "ca",
+                e.agent_ca
+                    .as_ref()
+                    .expect("generated CA")
+                    .display()
+                    .to_string(),
+            ),
+        ];
+        all.extend(flags.iter().map(|(k, v)| (*k, (*v).to_owned())));
+        let env = HashMap::from([(
+            burrow_agent::config::TOKEN_ENV.to_owned(),
+            devbox.agent_token.clone(),
+        )]);
+        let config = burrow_agent::Config::load(None, &env, &all).expect("agent config");
+        let shutdown = CancellationToken::new();
+        let agent = Agent::spawn(config, shutdown.clone());
+        TestAgent { agent, shutdown }
+    }
+
+    /// Stops the agent and waits for it.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        let _ = (&mut self.agent.task).await;
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A CA and a certificate for `*.tunnel.localhost` signed by it, as PEM files.
+fn public_cert(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    };
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca_params = CertificateParams::default();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Distinct names: a leaf whose issuer equals its subject looks self-signed to clients.
+    ca_params.distinguished_name = DistinguishedName::new();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "burrow test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().expect("key");
+    let mut params = CertificateParams::new(vec![format!("*.{DOMAIN}")]).expect("params");
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("*.{DOMAIN}"));
+    let cert = params.signed_by(&key, &issuer).expect("cert");
+    let paths = (
+        dir.join("public-ca.pem"),
+        dir.join("public.pem"),
+        dir.join("public.key"),
+    );
+    std::fs::write(&paths.0, ca_cert.pem()).expect("write");
+    std::fs::write(&paths.1, cert.pem()).expect("write");
+    std::fs::write(&paths.2, key.serialize_pem()).expect("write");
+    paths
+}

@@ -1,0 +1,130 @@
+//! Plain HTTP through the tunnel: methods, bodies, bind addresses, bulk transfers, headers.
+
+use burrow_tests::services::{self, http_service, pattern, sha256_hex};
+use burrow_tests::{DOMAIN, TestAgent, TestEdge, curl, request};
+use serde_json::Value;
+
+async fn open_tunnel() -> (TestEdge, String, TestAgent) {
+    let edge = TestEdge::start().await;
+    let devbox = edge.devbox(Some("open")).await;
+    let agent = TestAgent::start(&edge, &devbox).await;
+    let key = devbox.key.clone().expect("tunnel key");
+    (edge, key, agent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_and_post_reach_services_on_any_loopback_bind() {
+    let (edge, key, _agent) = open_tunnel().await;
+    for bind in ["0.0.0.0:0", "127.0.0.1:0", "[::1]:0"] {
+        let service = http_service(bind).await;
+        let port = service.addr.port();
+        let got = curl(&[&edge.url(port, &key, "/hello?x=1")]).await;
+        assert_eq!(got.code, 200, "GET to a service on {bind}: {got:?}");
+        let json: Value = serde_json::from_str(&got.body).expect("json");
+        assert_eq!(json["method"], "GET");
+        assert_eq!(json["path"], "/hello");
+        assert_eq!(json["query"], "x=1");
+
+        let posted = curl(&[
+            "--data-binary",
+            "some form data",
+            &edge.url(port, &key, "/submit"),
+        ])
+        .await;
+        assert_eq!(posted.code, 200, "POST to a service on {bind}: {posted:?}");
+        let json: Value = serde_json::from_str(&posted.body).expect("json");
+        assert_eq!(json["method"], "POST");
+        assert_eq!(json["len"], 14);
+        assert_eq!(json["sha256"], sha256_hex(b"some form data"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_64_mib_download_and_upload_keep_their_checksums() {
+    const SIZE: u64 = 64 << 20;
+    let (edge, key, _agent) = open_tunnel().await;
+    let service = http_service("127.0.0.1:0").await;
+    let port = service.addr.port();
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    let download = dir.path().join("download");
+    let got = curl(&[
+        "-o",
+        download.to_str().expect("path"),
+        &edge.url(port, &key, &format!("/bytes/{SIZE}")),
+    ])
+    .await;
+    assert_eq!(got.code, 200, "{got:?}");
+    let data = std::fs::read(&download).expect("downloaded file");
+    assert_eq!(data.len() as u64, SIZE);
+    let expected: Vec<u8> = (0..SIZE).map(pattern).collect();
+    assert!(
+        data == expected,
+        "downloaded bytes differ from what the service sent"
+    );
+
+    let upload = dir.path().join("upload");
+    std::fs::write(&upload, &expected).expect("write upload");
+    let sent = curl(&[
+        "--data-binary",
+        &format!("@{}", upload.display()),
+        "-H",
+        "content-type: application/octet-stream",
+        &edge.url(port, &key, "/upload"),
+    ])
+    .await;
+    assert_eq!(sent.code, 200, "{}", sent.stderr);
+    let json: Value = serde_json::from_str(&sent.body).expect("json");
+    assert_eq!(json["len"], SIZE);
+    assert_eq!(json["sha256"], sha256_hex(&expected));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_are_set_and_hop_by_hop_removed() {
+    let (edge, key, _agent) = open_tunnel().await;
+    let service = http_service("127.0.0.1:0").await;
+    let port = service.addr.port();
+    let host = format!("{port}-{key}.{DOMAIN}:{}", edge.http().port());
+    let headers = [
+        ("connection".to_owned(), "x-private, keep-alive".to_owned()),
+        ("x-private".to_owned(), "hop".to_owned()),
+        ("x-forwarded-for".to_owned(), "6.6.6.6".to_owned()),
+        ("x-app".to_owned(), "kept".to_owned()),
+    ];
+    let reply = request(edge.http(), "GET", &host, "/h", &headers, vec![])
+        .await
+        .expect("request");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let json: Value = serde_json::from_slice(&reply.body).expect("json");
+    let h = &json["headers"];
+    assert_eq!(
+        h["host"],
+        host.as_str(),
+        "the public Host reaches the service"
+    );
+    assert_eq!(h["x-forwarded-host"], host.as_str());
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(
+        h["x-forwarded-for"], "127.0.0.1",
+        "client-sent values are replaced"
+    );
+    assert_eq!(h["x-app"], "kept");
+    assert!(
+        h.get("x-private").is_none(),
+        "headers named in Connection are hop-by-hop: {h}"
+    );
+    assert!(h.get("keep-alive").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_echo_service_is_reachable_with_plain_get_too() {
+    // A WebSocket service answers a plain GET with an error of its own; the edge passes it on
+    // rather than inventing one.
+    let (edge, key, _agent) = open_tunnel().await;
+    let ws = services::ws_echo().await;
+    let got = curl(&[&edge.url(ws.port(), &key, "/")]).await;
+    assert!(
+        got.code == 400 || got.code == 426 || got.code == 502,
+        "{got:?}"
+    );
+}
