@@ -1,7 +1,7 @@
 //! Plain HTTP through the tunnel: methods, bodies, bind addresses, bulk transfers, headers.
 
-use burrow_tests::services::{self, http_service, pattern, sha256_hex};
-use burrow_tests::{DOMAIN, TestAgent, TestEdge, curl, request};
+use burrow_tests::services::{http_service, pattern, sha256_hex};
+use burrow_tests::{DOMAIN, TestAgent, TestEdge, WAIT, curl, request};
 use serde_json::Value;
 
 async fn open_tunnel() -> (TestEdge, String, TestAgent) {
@@ -117,14 +117,61 @@ async fn forwarded_headers_are_set_and_hop_by_hop_removed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ws_echo_service_is_reachable_with_plain_get_too() {
-    // A WebSocket service answers a plain GET with an error of its own; the edge passes it on
-    // rather than inventing one.
+async fn a_service_that_hangs_up_gets_a_502_naming_it() {
     let (edge, key, _agent) = open_tunnel().await;
-    let ws = services::ws_echo().await;
-    let got = curl(&[&edge.url(ws.port(), &key, "/")]).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            drop(tcp);
+        }
+    });
+    let got = curl(&[&edge.url(port, &key, "/")]).await;
+    assert_eq!(got.code, 502, "{got:?}");
     assert!(
-        got.code == 400 || got.code == 426 || got.code == 502,
-        "{got:?}"
+        got.body
+            .contains(&format!("the service on port {port} closed the connection")),
+        "{}",
+        got.body
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_stream_does_not_delay_another() {
+    let (edge, key, _agent) = open_tunnel().await;
+    // A service that accepts connections and then never reads or answers.
+    let stuck = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let stuck_port = stuck.local_addr().expect("addr").port();
+    let (accepted_tx, mut accepted_rx) = tokio::sync::mpsc::channel(8);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = stuck.accept().await {
+            held.push(tcp);
+            let _ = accepted_tx.send(()).await;
+        }
+    });
+    let service = http_service("127.0.0.1:0").await;
+    let host = format!("{stuck_port}-{key}.{DOMAIN}");
+    let http = edge.http();
+    let hung =
+        tokio::spawn(
+            async move { request(http, "POST", &host, "/", &[], vec![0u8; 1 << 20]).await },
+        );
+    tokio::time::timeout(WAIT, accepted_rx.recv())
+        .await
+        .expect("the stuck service got its connection");
+    // While that stream sits full and unanswered, other requests go through.
+    for _ in 0..5 {
+        let got = curl(&[&edge.url(service.addr.port(), &key, "/")]).await;
+        assert_eq!(got.code, 200, "{got:?}");
+    }
+    assert!(
+        !hung.is_finished(),
+        "the stuck request is still waiting, as it should"
+    );
+    hung.abort();
 }
