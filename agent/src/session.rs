@@ -151,9 +151,10 @@ impl Session {
         let Session {
             conn,
             mut control_send,
-            mut control_recv,
+            control_recv,
             welcome: _,
         } = self;
+        let mut control = wire::spawn_control_reader(control_recv);
         let limits = Arc::new(Limits {
             policy: config.policy.clone(),
             connect_timeout: config.connect_timeout,
@@ -180,8 +181,8 @@ impl Session {
                         drop(permit);
                     }.instrument(span));
                 }
-                msg = wire::read_msg(&mut control_recv, ControlMsg::decode) => {
-                    match msg {
+                msg = control.recv() => {
+                    match msg.transpose() {
                         Ok(Some(ControlMsg::Ping { seq })) => {
                             let pong = ControlMsg::Pong { seq }.encoded();
                             if let Err(e) = wire::write_frame(&mut control_send, pong).await {

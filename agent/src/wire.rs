@@ -61,3 +61,30 @@ pub async fn write_frame(send: &mut quinn::SendStream, frame: Bytes) -> Result<(
     send.write_all(&frame).await?;
     Ok(())
 }
+
+/// Reads control messages in a task of its own and hands each to the returned channel.
+///
+/// A frame read is not cancel-safe (it awaits the header, then the body), so it must never sit
+/// in a `select!` next to other branches: a partial frame would be lost when another branch
+/// wins. The channel ends after an error (sent as `Err`) or after the peer finished the stream
+/// cleanly (no message). Dropping the receiver stops the task at its next message.
+pub fn spawn_control_reader(
+    mut recv: quinn::RecvStream,
+) -> tokio::sync::mpsc::Receiver<Result<burrow_protocol::ControlMsg, WireError>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let msg = read_msg(&mut recv, burrow_protocol::ControlMsg::decode).await;
+            let stop = !matches!(msg, Ok(Some(_)));
+            let item = match msg {
+                Ok(Some(msg)) => Ok(msg),
+                Ok(None) => return,
+                Err(e) => Err(e),
+            };
+            if tx.send(item).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    rx
+}

@@ -112,6 +112,7 @@ impl Admin {
         let path = req.uri().path().to_owned();
         let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
         let method = req.method().clone();
+        let method_name = method.to_string();
         match (method, segments.as_slice()) {
             (Method::POST, ["v1", "devboxes"]) => {
                 let body: CreateDevbox = read_json(req).await?;
@@ -119,7 +120,8 @@ impl Admin {
                     check_id(id)?;
                 }
                 let mode = body.tunnel.map(|t| auth_mode(&t.auth_mode)).transpose()?;
-                let (record, token, issued) = self.registry.create(body.id, mode)?;
+                let (record, token, issued) =
+                    self.blocking(move |r| r.create(body.id, mode)).await?;
                 info!(devbox = %record.id, "devbox registered");
                 let mut out = json!({ "id": record.id, "agent_token": token.expose() });
                 if let Some(issued) = issued {
@@ -142,7 +144,8 @@ impl Admin {
             }
             (Method::DELETE, ["v1", "devboxes", id]) => {
                 let id = (*id).to_owned();
-                if let Some(session) = self.registry.delete(&id)? {
+                let target = id.clone();
+                if let Some(session) = self.blocking(move |r| r.delete(&target)).await? {
                     let _ = session.control.try_send(ControlMsg::GoAway(GoAway {
                         reason: GoAwayReason::Revoked,
                         message: "the devbox was deleted".into(),
@@ -162,20 +165,39 @@ impl Admin {
                 Ok((StatusCode::OK, Some(self.issued_json(&issued))))
             }
             (Method::DELETE, ["v1", "devboxes", id, "tunnel"]) => {
-                self.registry.disable_tunnel(id)?;
+                let target = (*id).to_owned();
+                self.blocking(move |r| r.disable_tunnel(&target)).await?;
                 info!(devbox = %id, "tunnel disabled");
                 Ok((StatusCode::NO_CONTENT, None))
             }
             (_, ["v1", "devboxes"] | ["v1", "devboxes", _] | ["v1", "devboxes", _, "tunnel"]) => {
                 Err(ApiError(
                     StatusCode::METHOD_NOT_ALLOWED,
-                    format!("{} is not supported on {path}", req_method_name(&path)),
+                    format!("{method_name} is not supported on {path}"),
                 ))
             }
             _ => Err(ApiError(
                 StatusCode::NOT_FOUND,
                 format!("no such API path: {path}"),
             )),
+        }
+    }
+
+    /// Runs a registry change (SQLite, fsync) off the async workers.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Registry) -> Result<T, RegistryError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let registry = self.registry.clone();
+        match tokio::task::spawn_blocking(move || f(&registry)).await {
+            Ok(result) => result.map_err(ApiError::from),
+            Err(e) => {
+                warn!(error = %e, "admin task failed");
+                Err(ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error; see the edge's log".into(),
+                ))
+            }
         }
     }
 
@@ -210,10 +232,6 @@ impl Admin {
             "tunnel": tunnel,
         })
     }
-}
-
-fn req_method_name(_: &str) -> &'static str {
-    "this method"
 }
 
 fn unix(t: SystemTime) -> u64 {

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::registry::{AgentSession, Registry};
+use crate::registry::{AgentSession, Attached, Registry};
 
 /// How long an agent has to complete the handshake and send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,6 +35,7 @@ pub mod close {
 pub async fn serve(
     endpoint: quinn::Endpoint,
     registry: Arc<Registry>,
+    drain_grace: Duration,
     shutdown: CancellationToken,
 ) {
     let tasks = TaskTracker::new();
@@ -66,7 +67,28 @@ pub async fn serve(
     }
     tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
+    // Agents drain their running streams and then close; give them the grace period.
+    let _ = tokio::time::timeout(drain_grace, endpoint.wait_idle()).await;
     endpoint.close(close::SHUTDOWN.into(), b"edge shutting down");
+}
+
+/// Sends a reject, gives it a moment to arrive, then closes the connection with its reason.
+async fn reject(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    reason: RejectReason,
+    message: &str,
+) {
+    let frame = ControlMsg::Reject(Reject {
+        reason,
+        message: message.to_owned(),
+    })
+    .encoded();
+    let _ = wire::write_frame(send, frame).await;
+    let _ = send.finish();
+    // The close would overtake the reject; wait until the agent has read it (or a second).
+    let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+    conn.close(close::REJECTED.into(), message.as_bytes());
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +116,7 @@ async fn session(
         let hello = wire::read_msg(&mut recv, ControlMsg::decode).await?;
         Ok::<_, SessionError>((conn, send, recv, hello))
     };
-    let (conn, mut send, mut recv, hello) = tokio::time::timeout(HELLO_TIMEOUT, setup)
+    let (conn, mut send, recv, hello) = tokio::time::timeout(HELLO_TIMEOUT, setup)
         .await
         .map_err(|_| SessionError::Timeout(HELLO_TIMEOUT))??;
     let hello = match hello {
@@ -108,45 +130,32 @@ async fn session(
             return Err(SessionError::Protocol(what));
         }
     };
-    let reject = |reason, message: &str| {
-        let msg = ControlMsg::Reject(Reject {
-            reason,
-            message: message.to_owned(),
-        });
-        (msg.encoded(), message.to_owned())
-    };
     if !(hello.min_version..=hello.max_version).contains(&VERSION) {
-        let (frame, message) = reject(
-            RejectReason::UnsupportedVersion,
-            &format!("this edge speaks protocol version {VERSION}"),
-        );
-        let _ = wire::write_frame(&mut send, frame).await;
-        let _ = send.finish();
-        conn.close(close::REJECTED.into(), message.as_bytes());
+        let message = format!("this edge speaks protocol version {VERSION}");
+        reject(&conn, &mut send, RejectReason::UnsupportedVersion, &message).await;
         return Err(SessionError::Refused("unsupported version"));
     }
-    let Some((devbox_id, tunnel)) = registry.authenticate(hello.token.expose()) else {
-        warn!(agent = %hello.agent, "agent presented an unknown token");
-        let (frame, message) = reject(RejectReason::BadToken, "unknown or revoked agent token");
-        let _ = wire::write_frame(&mut send, frame).await;
-        let _ = send.finish();
-        // Give the reject a moment to arrive before the close overtakes it.
-        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
-        conn.close(close::REJECTED.into(), message.as_bytes());
-        return Err(SessionError::Refused("bad token"));
-    };
-
-    let span = info_span!("session", devbox = %devbox_id);
     let (control_tx, mut control_rx) = mpsc::channel(16);
-    // Attach before the welcome: once the agent hears it, requests must find this session.
-    let Some((generation, replaced)) = registry.attach(&devbox_id, |generation| AgentSession {
+    let attached = registry.attach(hello.token.expose(), |generation| AgentSession {
         conn: conn.clone(),
         since: SystemTime::now(),
         generation,
         control: control_tx,
-    }) else {
-        return Err(SessionError::Refused("devbox deleted"));
+    });
+    let Some(Attached {
+        devbox_id,
+        generation,
+        replaced,
+        tunnel,
+    }) = attached
+    else {
+        warn!(agent = %hello.agent, "agent presented an unknown or revoked token");
+        let message = "unknown or revoked agent token";
+        reject(&conn, &mut send, RejectReason::BadToken, message).await;
+        return Err(SessionError::Refused("bad token"));
     };
+
+    let span = info_span!("session", devbox = %devbox_id);
     if let Some(old) = replaced {
         span.in_scope(|| info!("a new connection replaces the previous one"));
         old.conn
@@ -155,8 +164,9 @@ async fn session(
     let welcome = ControlMsg::Welcome(Welcome {
         version: VERSION,
         devbox_id: devbox_id.clone(),
-        tunnel: tunnel.as_ref().map(|t| registry.tunnel_state(t)),
+        tunnel,
     });
+    let mut control = wire::spawn_control_reader(recv);
     let result = async {
         wire::write_frame(&mut send, welcome.encoded()).await?;
         info!(agent = %hello.agent, remote = %conn.remote_address(), "agent connected");
@@ -173,7 +183,7 @@ async fn session(
                     let Some(msg) = msg else { return Ok(()) };
                     wire::write_frame(&mut send, msg.encoded()).await?;
                 }
-                msg = wire::read_msg(&mut recv, ControlMsg::decode) => match msg? {
+                msg = control.recv() => match msg.transpose()? {
                     Some(ControlMsg::Ping { seq }) => {
                         wire::write_frame(&mut send, ControlMsg::Pong { seq }.encoded()).await?;
                     }

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use burrow_agent::wire;
 use burrow_protocol::{AuthMode, RefuseReason, StreamAnswer, StreamHeader, StreamKind};
@@ -33,6 +34,10 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRAILER,
     header::TRANSFER_ENCODING,
 ];
+
+/// How long the agent may take to answer a stream header (it dials the service meanwhile, with
+/// a connect timeout of its own, 5 s by default, for each loopback address).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Serves public requests.
 #[derive(Debug)]
@@ -116,11 +121,15 @@ impl Proxy {
         };
 
         let port = target.port;
-        let stream = open_stream(
-            &conn,
-            StreamHeader::new(port, StreamKind::Http, Some(client)),
-        )
-        .await;
+        let header = StreamHeader::new(port, StreamKind::Http, Some(client));
+        let Ok(stream) = tokio::time::timeout(ANSWER_TIMEOUT, open_stream(&conn, header)).await
+        else {
+            return pages::error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "the devbox's agent did not answer in time",
+                html,
+            );
+        };
         let (send, recv) = match stream {
             Ok(Ok(pair)) => pair,
             Ok(Err(reason)) => {
@@ -277,6 +286,22 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
+/// HTTP/2 may split cookies into several fields; HTTP/1.1 needs one (RFC 9113, 8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    if headers.get_all(header::COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    let joined = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
 /// The request as the service sees it: HTTP/1.1, origin-form, no hop-by-hop headers, the public
 /// Host kept, and `X-Forwarded-*` set by the edge (client-sent values are replaced).
 fn outbound_request(
@@ -290,6 +315,19 @@ fn outbound_request(
     let upgrade_to = parts.headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(&mut parts.headers);
     let headers = &mut parts.headers;
+    // Forwarding headers are the edge's to write: drop every client-sent one.
+    let forged: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            let n = name.as_str();
+            n.starts_with("x-forwarded-") || n == "forwarded" || n == "x-real-ip"
+        })
+        .cloned()
+        .collect();
+    for name in forged {
+        headers.remove(name);
+    }
+    join_cookies(headers);
     if let Ok(host) = HeaderValue::from_str(host) {
         headers.insert(header::HOST, host.clone());
         headers.insert(HeaderName::from_static("x-forwarded-host"), host);
@@ -339,6 +377,16 @@ mod tests {
         assert!(is_upgrade(&h));
         strip_hop_by_hop(&mut h);
         assert!(!h.contains_key(header::UPGRADE) && !h.contains_key(header::CONNECTION));
+    }
+
+    #[test]
+    fn split_cookies_are_joined() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        join_cookies(&mut h);
+        assert_eq!(h.get_all(header::COOKIE).iter().count(), 1);
+        assert_eq!(h[header::COOKIE], "a=1; b=2");
     }
 
     #[test]

@@ -3,10 +3,11 @@
 //! agent session of each devbox.
 //!
 //! Every change goes to the [`Store`] first and to memory second, so an answer the admin API
-//! gives is already durable.
+//! gives is already durable. Changes are blocking (SQLite with fsync): call them from
+//! `spawn_blocking`, never on the async workers.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::SystemTime;
 
 use burrow_protocol::{AuthMode, ControlMsg, TunnelState};
@@ -60,6 +61,19 @@ pub struct Route {
     pub auth_token: Option<TokenHash>,
     /// The agent's connection, if it is connected.
     pub conn: Option<quinn::Connection>,
+}
+
+/// The result of attaching an agent session.
+#[derive(Debug)]
+pub struct Attached {
+    /// The devbox the token belongs to.
+    pub devbox_id: String,
+    /// The new session's generation.
+    pub generation: u64,
+    /// The session it replaced, if any.
+    pub replaced: Option<AgentSession>,
+    /// The devbox's tunnel, as the welcome announces it.
+    pub tunnel: Option<TunnelState>,
 }
 
 /// A devbox as the admin API shows it.
@@ -117,6 +131,7 @@ pub struct Registry {
     store: Store,
     urls: UrlBase,
     inner: RwLock<Inner>,
+    writer: Mutex<()>,
 }
 
 impl Registry {
@@ -137,6 +152,7 @@ impl Registry {
             store,
             urls,
             inner: RwLock::new(inner),
+            writer: Mutex::new(()),
         }))
     }
 
@@ -148,6 +164,12 @@ impl Registry {
 
     fn write(&self) -> RwLockWriteGuard<'_, Inner> {
         self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serializes changes: held across a store write and the memory update after it, so the
+    /// read lock that every request takes is never held across disk I/O.
+    fn writer(&self) -> MutexGuard<'_, ()> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// How URLs are written.
@@ -177,29 +199,28 @@ impl Registry {
         })
     }
 
-    /// The devbox an agent token belongs to, and its tunnel.
-    pub fn authenticate(&self, token: &str) -> Option<(String, Option<TunnelRecord>)> {
+    /// Finds the devbox an agent token belongs to and makes `make(generation)` its live
+    /// session, in one step so that no admin call slips in between. `None`: unknown or revoked
+    /// token.
+    pub fn attach(&self, token: &str, make: impl FnOnce(u64) -> AgentSession) -> Option<Attached> {
         let hash = Secret::new(token).hash();
-        let inner = self.read();
-        let entry = inner.devboxes.get(inner.by_token.get(&hash.to_hex())?)?;
-        // The map lookup found the row by hash; compare once more in constant time.
-        (entry.record.agent_token == hash)
-            .then(|| (entry.record.id.clone(), entry.record.tunnel.clone()))
-    }
-
-    /// Makes `session` the devbox's live session and returns the one it replaces. `None` in
-    /// the result's first place: the devbox was deleted meanwhile.
-    pub fn attach(
-        &self,
-        devbox_id: &str,
-        make: impl FnOnce(u64) -> AgentSession,
-    ) -> Option<(u64, Option<AgentSession>)> {
         let mut inner = self.write();
+        let id = inner.by_token.get(&hash.to_hex())?.clone();
         inner.next_generation += 1;
         let generation = inner.next_generation;
-        let entry = inner.devboxes.get_mut(devbox_id)?;
-        let old = entry.session.replace(make(generation));
-        Some((generation, old))
+        let entry = inner.devboxes.get_mut(&id)?;
+        // The map lookup found the row by hash; compare once more in constant time.
+        if entry.record.agent_token != hash {
+            return None;
+        }
+        let replaced = entry.session.replace(make(generation));
+        let tunnel = entry.record.tunnel.as_ref().map(|t| self.tunnel_state(t));
+        Some(Attached {
+            devbox_id: id,
+            generation,
+            replaced,
+            tunnel,
+        })
     }
 
     /// Forgets a session if it is still the devbox's current one.
@@ -249,9 +270,9 @@ impl Registry {
             created_at: now_unix(),
             tunnel: issued.as_ref().map(|t| t.record.clone()),
         };
-        // Hold the write lock across the store write so memory and disk agree on order.
-        let mut inner = self.write();
+        let _writer = self.writer();
         self.store.insert(&record)?;
+        let mut inner = self.write();
         inner.index(&record);
         inner.devboxes.insert(
             id,
@@ -266,17 +287,22 @@ impl Registry {
     /// Enables a devbox's tunnel or changes its mode. The key stays the same for the life of
     /// the tunnel; an authenticated tunnel gets a fresh token, returned here once.
     pub fn enable_tunnel(&self, id: &str, mode: AuthMode) -> Result<IssuedTunnel, RegistryError> {
-        let mut inner = self.write();
-        let entry = inner
+        let _writer = self.writer();
+        let existing = self
+            .read()
             .devboxes
             .get(id)
-            .ok_or_else(|| RegistryError::NotFound(id.to_owned()))?;
+            .ok_or_else(|| RegistryError::NotFound(id.to_owned()))?
+            .record
+            .tunnel
+            .clone();
         let mut issued = issue_tunnel(mode)?;
-        if let Some(existing) = &entry.record.tunnel {
-            issued.record.key = existing.key.clone();
+        if let Some(existing) = existing {
+            issued.record.key = existing.key;
         }
         self.store.set_tunnel(id, Some(&issued.record))?;
         let state = self.tunnel_state(&issued.record);
+        let mut inner = self.write();
         let entry = inner.set_tunnel(id, Some(issued.record.clone()));
         notify(entry, ControlMsg::TunnelUpdate(Some(state)));
         Ok(issued)
@@ -284,11 +310,12 @@ impl Registry {
 
     /// Disables a devbox's tunnel: its URLs answer 404 from now on.
     pub fn disable_tunnel(&self, id: &str) -> Result<(), RegistryError> {
-        let mut inner = self.write();
-        if !inner.devboxes.contains_key(id) {
+        let _writer = self.writer();
+        if !self.read().devboxes.contains_key(id) {
             return Err(RegistryError::NotFound(id.to_owned()));
         }
         self.store.set_tunnel(id, None)?;
+        let mut inner = self.write();
         let entry = inner.set_tunnel(id, None);
         notify(entry, ControlMsg::TunnelUpdate(None));
         Ok(())
@@ -296,11 +323,12 @@ impl Registry {
 
     /// Deletes a devbox: its token is revoked and its agent's session returned for closing.
     pub fn delete(&self, id: &str) -> Result<Option<AgentSession>, RegistryError> {
-        let mut inner = self.write();
-        if !inner.devboxes.contains_key(id) {
+        let _writer = self.writer();
+        if !self.read().devboxes.contains_key(id) {
             return Err(RegistryError::NotFound(id.to_owned()));
         }
         self.store.delete(id)?;
+        let mut inner = self.write();
         let Some(entry) = inner.devboxes.remove(id) else {
             return Ok(None);
         };

@@ -69,6 +69,10 @@ pub enum StartError {
     Random(#[from] getrandom::Error),
 }
 
+/// TCP keep-alive on public connections: idle time before the first probe, and between probes.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+
 /// A running edge.
 #[derive(Debug)]
 pub struct Edge {
@@ -150,7 +154,12 @@ impl Edge {
 
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
-        tasks.spawn(agents::serve(endpoint, registry.clone(), shutdown.clone()));
+        tasks.spawn(agents::serve(
+            endpoint,
+            registry.clone(),
+            config.drain_grace,
+            shutdown.clone(),
+        ));
 
         let proxy = Arc::new(Proxy::new(registry.clone(), config.domain.clone()));
         let public = |scheme: Scheme| -> Handler {
@@ -311,6 +320,11 @@ async fn serve(
             },
         };
         let _ = tcp.set_nodelay(true);
+        // A client that vanished (a laptop asleep) must not hold an upgraded stream forever.
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(TCP_KEEPALIVE)
+            .with_interval(TCP_KEEPALIVE_INTERVAL);
+        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
         let handler = handler.clone();
         let builder = builder.clone();
         let tls = tls.clone();

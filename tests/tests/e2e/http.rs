@@ -89,6 +89,9 @@ async fn forwarded_headers_are_set_and_hop_by_hop_removed() {
         ("connection".to_owned(), "x-private, keep-alive".to_owned()),
         ("x-private".to_owned(), "hop".to_owned()),
         ("x-forwarded-for".to_owned(), "6.6.6.6".to_owned()),
+        ("x-forwarded-port".to_owned(), "1".to_owned()),
+        ("forwarded".to_owned(), "for=6.6.6.6".to_owned()),
+        ("x-real-ip".to_owned(), "6.6.6.6".to_owned()),
         ("x-app".to_owned(), "kept".to_owned()),
     ];
     let reply = request(edge.http(), "GET", &host, "/h", &headers, vec![])
@@ -109,6 +112,12 @@ async fn forwarded_headers_are_set_and_hop_by_hop_removed() {
         "client-sent values are replaced"
     );
     assert_eq!(h["x-app"], "kept");
+    for forged in ["x-forwarded-port", "forwarded", "x-real-ip"] {
+        assert!(
+            h.get(forged).is_none(),
+            "client-sent `{forged}` reached the service: {h}"
+        );
+    }
     assert!(
         h.get("x-private").is_none(),
         "headers named in Connection are hop-by-hop: {h}"
