@@ -144,9 +144,15 @@ pub fn main() -> ExitCode {
         let mut task = agent.task;
         let ended = tokio::select! {
             () = shutdown_signal() => {
-                tracing::info!("shutting down");
+                tracing::info!("shutting down: draining running streams (a second signal exits at once)");
                 shutdown.cancel();
-                task.await
+                tokio::select! {
+                    ended = &mut task => ended,
+                    () = shutdown_signal() => {
+                        eprintln!("burrow-agent: second signal; exiting now");
+                        std::process::exit(130);
+                    }
+                }
             }
             ended = &mut task => ended,
         };

@@ -49,6 +49,51 @@ pub const SETTINGS: &[Setting] = &[
         env: "BURROW_METRICS_LISTEN",
         kind: Kind::Str,
     },
+    Setting {
+        key: "drain_grace",
+        env: "BURROW_DRAIN_GRACE",
+        kind: Kind::Str,
+    },
+    Setting {
+        key: "liveness.heartbeat_interval",
+        env: "BURROW_LIVENESS_HEARTBEAT_INTERVAL",
+        kind: Kind::Str,
+    },
+    Setting {
+        key: "liveness.heartbeat_timeout",
+        env: "BURROW_LIVENESS_HEARTBEAT_TIMEOUT",
+        kind: Kind::Str,
+    },
+    Setting {
+        key: "liveness.idle_timeout",
+        env: "BURROW_LIVENESS_IDLE_TIMEOUT",
+        kind: Kind::Str,
+    },
+    Setting {
+        key: "liveness.resume_tick",
+        env: "BURROW_LIVENESS_RESUME_TICK",
+        kind: Kind::Str,
+    },
+    Setting {
+        key: "reconnect.backoff_initial",
+        env: "BURROW_RECONNECT_BACKOFF_INITIAL",
+        kind: Kind::Str,
+    },
+    Setting {
+        key: "reconnect.backoff_max",
+        env: "BURROW_RECONNECT_BACKOFF_MAX",
+        kind: Kind::Str,
+    },
+    Setting {
+        key: "reconnect.healthy_after",
+        env: "BURROW_RECONNECT_HEALTHY_AFTER",
+        kind: Kind::Str,
+    },
+    Setting {
+        key: "reconnect.dial_timeout",
+        env: "BURROW_RECONNECT_DIAL_TIMEOUT",
+        kind: Kind::Str,
+    },
 ];
 
 /// The environment variable that may hold the agent token itself.
@@ -65,6 +110,66 @@ struct RawConfig {
     forward: RawForward,
     #[serde(default)]
     metrics: RawMetrics,
+    drain_grace: Option<String>,
+    #[serde(default)]
+    liveness: RawLiveness,
+    #[serde(default)]
+    reconnect: RawReconnect,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLiveness {
+    heartbeat_interval: Option<String>,
+    heartbeat_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    resume_tick: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReconnect {
+    backoff_initial: Option<String>,
+    backoff_max: Option<String>,
+    healthy_after: Option<String>,
+    dial_timeout: Option<String>,
+}
+
+/// How the agent notices a dead path or a resume. Defaults and their costs:
+///
+/// - A heartbeat (ping on the control stream, answered by the edge) every 5 s: on an idle
+///   devbox that is a ping, a pong and an ACK, about 3 small packets every 5 s. It measures
+///   RTT and serves as the QUIC keep-alive, which keeps NAT mappings open.
+/// - A pong missing for 3 s makes the path suspect: the agent moves to a fresh UDP socket (so
+///   the connection migrates if the edge still has it) and probes again for 3 s; still nothing,
+///   and the connection is dropped and dialed anew. A dead path costs at most about
+///   interval + 2 x timeout (11 s) to notice, usually less.
+/// - QUIC's idle timeout (20 s) is the backstop.
+/// - The clocks are sampled every second; a resume (clocks diverging by more than 2 s, or a
+///   tick more than 2 s late) triggers an immediate probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    /// Time between heartbeats.
+    pub heartbeat_interval: Duration,
+    /// Time a heartbeat or probe may take to be answered.
+    pub heartbeat_timeout: Duration,
+    /// QUIC idle timeout.
+    pub idle_timeout: Duration,
+    /// Clock sampling period for resume detection.
+    pub resume_tick: Duration,
+    /// Divergence that counts as a resume.
+    pub resume_threshold: Duration,
+}
+
+/// When to dial again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reconnect {
+    /// Backoff between failed dials.
+    pub backoff: crate::backoff::Policy,
+    /// A session that lasted this long resets the backoff.
+    pub healthy_after: Duration,
+    /// Time one dial (resolve, QUIC handshake, hello) may take.
+    pub dial_timeout: Duration,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -97,8 +202,12 @@ pub struct Config {
     pub policy: PortPolicy,
     /// Where `/metrics` is served, if anywhere; its port is never forwarded.
     pub metrics_listen: Option<SocketAddr>,
-    /// How long to wait before dialing again after a connection ends.
-    pub reconnect_delay: Duration,
+    /// Heartbeats, timeouts, resume detection.
+    pub liveness: Liveness,
+    /// Reconnect policy.
+    pub reconnect: Reconnect,
+    /// How long running streams may take to finish at shutdown or after a go-away.
+    pub drain_grace: Duration,
     /// How long a local service may take to accept a connection.
     pub connect_timeout: Duration,
     /// How many data streams may be open at once.
@@ -188,11 +297,74 @@ impl Config {
             token: AgentToken::new(token),
             policy,
             metrics_listen,
-            reconnect_delay: Duration::from_secs(1),
+            liveness: Liveness {
+                heartbeat_interval: duration(
+                    "liveness.heartbeat_interval",
+                    raw.liveness.heartbeat_interval,
+                    Duration::from_secs(5),
+                )?,
+                heartbeat_timeout: duration(
+                    "liveness.heartbeat_timeout",
+                    raw.liveness.heartbeat_timeout,
+                    Duration::from_secs(3),
+                )?,
+                idle_timeout: duration(
+                    "liveness.idle_timeout",
+                    raw.liveness.idle_timeout,
+                    Duration::from_secs(20),
+                )?,
+                resume_tick: duration(
+                    "liveness.resume_tick",
+                    raw.liveness.resume_tick,
+                    Duration::from_secs(1),
+                )?,
+                resume_threshold: Duration::from_secs(2),
+            },
+            reconnect: Reconnect {
+                backoff: crate::backoff::Policy {
+                    initial: duration(
+                        "reconnect.backoff_initial",
+                        raw.reconnect.backoff_initial,
+                        Duration::from_millis(100),
+                    )?,
+                    max: duration(
+                        "reconnect.backoff_max",
+                        raw.reconnect.backoff_max,
+                        Duration::from_secs(2),
+                    )?,
+                },
+                healthy_after: duration(
+                    "reconnect.healthy_after",
+                    raw.reconnect.healthy_after,
+                    Duration::from_secs(30),
+                )?,
+                dial_timeout: duration(
+                    "reconnect.dial_timeout",
+                    raw.reconnect.dial_timeout,
+                    Duration::from_secs(3),
+                )?,
+            },
+            drain_grace: duration("drain_grace", raw.drain_grace, Duration::from_secs(10))?,
             connect_timeout: Duration::from_secs(5),
             max_streams: 1024,
         })
     }
+}
+
+/// A duration key: its value parsed, or the default.
+fn duration(
+    key: &'static str,
+    value: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let d = value.map_or(Ok(default), |v| sources::parse_duration(key, &v))?;
+    if d.is_zero() {
+        return Err(ConfigError::Invalid {
+            key,
+            message: "must be more than zero".into(),
+        });
+    }
+    Ok(d)
 }
 
 /// The host part of `host:port` (brackets removed for IPv6), if the port is valid.

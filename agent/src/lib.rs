@@ -7,7 +7,9 @@
 //! - [`sources`]: layering of config file, `BURROW_*` environment and flags (the edge uses it too).
 //! - [`config`]: the agent's checked [`Config`].
 //! - [`tls`]: TLS 1.3 client settings, the edge's certificate verified, ALPN `burrow/1`.
-//! - [`reconnect`]: the loop that dials, serves, and dials again.
+//! - [`reconnect`]: the state machine that dials, serves, and dials again.
+//! - [`backoff`]: when to dial again (exponential, full jitter, low cap).
+//! - [`resume`] and [`clock`]: noticing that the devbox slept or was frozen.
 //! - [`session`]: one connection: hello, welcome, control stream, accepting data streams.
 //! - [`forward`]: one data stream: port policy, loopback dial, accept/refuse, byte copy.
 //! - [`policy`]: the allow/deny port lists.
@@ -17,11 +19,14 @@
 
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod forward;
 pub mod policy;
 pub mod reconnect;
+pub mod resume;
 pub mod session;
 pub mod sources;
 pub mod status;
@@ -47,8 +52,17 @@ pub struct Agent {
 impl Agent {
     /// Starts an agent on the current tokio runtime.
     pub fn spawn(config: Config, shutdown: CancellationToken) -> Agent {
+        Self::spawn_with_clocks(config, std::sync::Arc::new(clock::SystemClocks), shutdown)
+    }
+
+    /// Starts an agent whose resume detector reads `clocks` (tests make them jump).
+    pub fn spawn_with_clocks(
+        config: Config,
+        clocks: std::sync::Arc<dyn clock::Clocks>,
+        shutdown: CancellationToken,
+    ) -> Agent {
         let (tx, status) = watch::channel(Status::default());
-        let task = tokio::spawn(reconnect::run(config, tx, shutdown));
+        let task = tokio::spawn(reconnect::run_with_clocks(config, clocks, tx, shutdown));
         Agent { status, task }
     }
 }

@@ -1,5 +1,11 @@
 //! One connection to the edge: dial, hello, welcome, then serve data streams and the control
-//! stream until the connection ends or shutdown is asked for.
+//! stream until the connection ends, the edge asks the agent to go away, the path proves dead,
+//! or shutdown is asked for.
+//!
+//! Liveness: a heartbeat ping every `heartbeat_interval`; a pong late by `heartbeat_timeout`
+//! makes the path suspect, so the endpoint moves to a fresh UDP socket (the connection migrates
+//! if the edge still has it) and probes once more; a second miss ends the session as dead. A
+//! detected resume probes at once with the same deadline.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,7 +14,8 @@ use std::time::Duration;
 use burrow_protocol::{
     ControlMsg, GoAway, GoAwayReason, Hello, RefuseReason, Reject, TunnelState, VERSION, Welcome,
 };
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -18,20 +25,17 @@ use crate::forward::{self, Limits};
 use crate::status::Status;
 use crate::wire::{self, WireError};
 
-/// How long the edge may take to answer the hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long running streams may take to finish when shutting down.
-const DRAIN_GRACE: Duration = Duration::from_secs(5);
-
 /// QUIC application close codes the agent uses.
 pub mod close {
-    /// Clean shutdown.
+    /// Clean shutdown, or a drained connection.
     pub const SHUTDOWN: u32 = 0;
     /// The peer broke the protocol.
     pub const PROTOCOL: u32 = 2;
+    /// The path stopped answering; the agent dials anew.
+    pub const DEAD: u32 = 5;
 }
 
-/// Why a session could not be established or ended.
+/// Why a session could not be established or ended with an error.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SessionError {
@@ -58,9 +62,9 @@ pub enum SessionError {
     /// The connection failed.
     #[error("connection lost: {0}")]
     Connection(#[from] quinn::ConnectionError),
-    /// The edge did not answer the hello in time.
-    #[error("the edge did not answer the hello within {0:?}")]
-    HelloTimeout(Duration),
+    /// The dial did not complete in time.
+    #[error("no answer from the edge within {0:?}")]
+    Timeout(Duration),
     /// The edge refused this agent.
     #[error("the edge refused the agent ({:?}): {}", .0.reason, .0.message)]
     Rejected(Reject),
@@ -69,13 +73,55 @@ pub enum SessionError {
     Protocol(String),
 }
 
+/// How a session ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// Shutdown was asked for; the agent said go-away and drained.
+    Shutdown,
+    /// The edge asked the agent to go away; running streams finish in the background.
+    GoAway(GoAway),
+    /// Heartbeats or a resume probe went unanswered: the path is gone.
+    Dead(&'static str),
+    /// The connection failed or the edge closed it.
+    Lost(SessionError),
+}
+
+/// How this agent introduces itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Identity {
+    /// Random per process.
+    pub instance: u64,
+    /// Whether to replace a live session of another instance.
+    pub takeover: bool,
+}
+
 /// An established session.
 #[derive(Debug)]
 pub struct Session {
+    endpoint: quinn::Endpoint,
     conn: quinn::Connection,
     control_send: quinn::SendStream,
-    control_recv: quinn::RecvStream,
+    control: mpsc::Receiver<Result<ControlMsg, WireError>>,
     welcome: Welcome,
+}
+
+/// Where a heartbeat stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    /// A regular heartbeat.
+    Heartbeat,
+    /// After a missed heartbeat, on a fresh socket.
+    Rebound,
+    /// After a detected resume.
+    Resume,
+}
+
+#[derive(Debug)]
+struct Outstanding {
+    seq: u64,
+    sent: Instant,
+    deadline: Instant,
+    probe: Probe,
 }
 
 impl Session {
@@ -83,18 +129,14 @@ impl Session {
     pub async fn connect(
         config: &Config,
         client: &quinn::ClientConfig,
+        identity: Identity,
     ) -> Result<Session, SessionError> {
         let addr = tokio::net::lookup_host(&config.edge)
             .await
             .map_err(|e| SessionError::Resolve(config.edge.clone(), e.to_string()))?
             .next()
             .ok_or_else(|| SessionError::Resolve(config.edge.clone(), "no address".into()))?;
-        let bind: SocketAddr = if addr.is_ipv4() {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        };
-        let endpoint = quinn::Endpoint::client(bind).map_err(SessionError::Socket)?;
+        let endpoint = quinn::Endpoint::client(unspecified(addr)).map_err(SessionError::Socket)?;
         let conn = endpoint
             .connect_with(client.clone(), addr, &config.server_name)?
             .await
@@ -105,19 +147,16 @@ impl Session {
             max_version: VERSION,
             token: config.token.clone(),
             agent: concat!("burrow-agent/", env!("CARGO_PKG_VERSION")).to_owned(),
+            instance: identity.instance,
+            takeover: identity.takeover,
         });
         wire::write_frame(&mut control_send, hello.encoded()).await?;
-        let answer = tokio::time::timeout(
-            HELLO_TIMEOUT,
-            wire::read_msg(&mut control_recv, ControlMsg::decode),
-        )
-        .await
-        .map_err(|_| SessionError::HelloTimeout(HELLO_TIMEOUT))??;
-        match answer {
+        match wire::read_msg(&mut control_recv, ControlMsg::decode).await? {
             Some(ControlMsg::Welcome(welcome)) => Ok(Session {
+                endpoint,
                 conn,
                 control_send,
-                control_recv,
+                control: wire::spawn_control_reader(control_recv),
                 welcome,
             }),
             Some(ControlMsg::Reject(reject)) => Err(SessionError::Rejected(reject)),
@@ -141,92 +180,201 @@ impl Session {
         self.welcome.tunnel.as_ref()
     }
 
-    /// Serves streams until the connection ends (an error) or `shutdown` fires (`Ok`).
+    /// Serves streams until the session ends. Connections that end by go-away keep draining
+    /// in `drains` after this returns.
     pub async fn serve(
         self,
         config: &Config,
         status: &watch::Sender<Status>,
+        resumes: &mut watch::Receiver<u64>,
+        drains: &TaskTracker,
         shutdown: &CancellationToken,
-    ) -> Result<(), SessionError> {
+    ) -> Ended {
         let Session {
+            endpoint,
             conn,
             mut control_send,
-            control_recv,
+            mut control,
             welcome: _,
         } = self;
-        let mut control = wire::spawn_control_reader(control_recv);
         let limits = Arc::new(Limits {
             policy: config.policy.clone(),
             connect_timeout: config.connect_timeout,
         });
         let slots = Arc::new(Semaphore::new(config.max_streams));
         let tasks = TaskTracker::new();
+        let liveness = config.liveness;
+        let mut heartbeat = tokio::time::interval(liveness.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seq = 0u64;
+        let mut outstanding: Option<Outstanding> = None;
+        resumes.borrow_and_update();
+        let mut resumes_open = true;
 
-        let result = loop {
+        let ended = loop {
+            let deadline = outstanding.as_ref().map(|o| o.deadline);
             tokio::select! {
-                () = shutdown.cancelled() => break Ok(()),
+                () = shutdown.cancelled() => break Ended::Shutdown,
                 accepted = conn.accept_bi() => {
                     let (send, recv) = match accepted {
                         Ok(pair) => pair,
-                        Err(e) => break Err(e.into()),
+                        Err(e) => break Ended::Lost(e.into()),
                     };
                     let permit = slots.clone().try_acquire_owned().ok();
                     let refuse = permit.is_none().then_some(RefuseReason::TooManyStreams);
                     let limits = limits.clone();
                     let span = info_span!("stream", stream_id = %send.id());
+                    let status = status.clone();
+                    status.send_modify(|s| s.streams += 1);
                     tasks.spawn(async move {
                         if let Err(e) = forward::serve(send, recv, &limits, refuse).await {
                             debug!(error = %e, "stream ended early");
                         }
+                        status.send_modify(|s| s.streams = s.streams.saturating_sub(1));
                         drop(permit);
                     }.instrument(span));
                 }
-                msg = control.recv() => {
-                    match msg.transpose() {
-                        Ok(Some(ControlMsg::Ping { seq })) => {
-                            let pong = ControlMsg::Pong { seq }.encoded();
-                            if let Err(e) = wire::write_frame(&mut control_send, pong).await {
-                                break Err(e.into());
+                msg = control.recv() => match msg.transpose() {
+                    Ok(Some(ControlMsg::Ping { seq })) => {
+                        if let Err(e) = wire::write_frame(&mut control_send, ControlMsg::Pong { seq }.encoded()).await {
+                            break Ended::Lost(e.into());
+                        }
+                    }
+                    Ok(Some(ControlMsg::Pong { seq: answered })) => {
+                        if let Some(o) = outstanding.take_if(|o| o.seq == answered) {
+                            let rtt = o.sent.elapsed();
+                            if o.probe != Probe::Heartbeat {
+                                info!(rtt_ms = rtt.as_millis() as u64, "the connection answered the probe");
                             }
+                            status.send_modify(|s| s.rtt = Some(rtt));
                         }
-                        Ok(Some(ControlMsg::Pong { .. })) => {}
-                        Ok(Some(ControlMsg::TunnelUpdate(update))) => {
-                            match &update {
-                                Some(t) => info!(key = %t.key, mode = t.auth_mode.as_str(), url = %t.url_template, "tunnel updated"),
-                                None => info!("tunnel disabled"),
+                    }
+                    Ok(Some(ControlMsg::TunnelUpdate(update))) => {
+                        match &update {
+                            Some(t) => info!(key = %t.key, mode = t.auth_mode.as_str(), url = %t.url_template, "tunnel updated"),
+                            None => info!("tunnel disabled"),
+                        }
+                        status.send_modify(|s| s.tunnel = update);
+                    }
+                    Ok(Some(ControlMsg::GoAway(go_away))) => break Ended::GoAway(go_away),
+                    Ok(Some(other)) => {
+                        let what = format!("unexpected {} on the control stream", other.name());
+                        conn.close(close::PROTOCOL.into(), what.as_bytes());
+                        break Ended::Lost(SessionError::Protocol(what));
+                    }
+                    Ok(None) => break Ended::Lost(SessionError::Protocol("the edge closed the control stream".into())),
+                    Err(e) => {
+                        if matches!(e, WireError::Decode(_) | WireError::Truncated) {
+                            conn.close(close::PROTOCOL.into(), b"bad control frame");
+                        }
+                        break Ended::Lost(e.into());
+                    }
+                },
+                _ = heartbeat.tick(), if outstanding.is_none() => {
+                    seq += 1;
+                    outstanding = Some(ping(&mut control_send, seq, Probe::Heartbeat, liveness.heartbeat_timeout).await);
+                }
+                changed = resumes.changed(), if resumes_open => {
+                    if changed.is_err() {
+                        resumes_open = false;
+                        continue;
+                    }
+                    seq += 1;
+                    outstanding = Some(ping(&mut control_send, seq, Probe::Resume, liveness.heartbeat_timeout).await);
+                }
+                () = sleep_until(deadline) => {
+                    let Some(missed) = outstanding.take() else { continue };
+                    match missed.probe {
+                        Probe::Heartbeat => {
+                            warn!("heartbeat unanswered; moving to a fresh UDP socket and probing");
+                            match std::net::UdpSocket::bind(unspecified(conn.remote_address())) {
+                                Ok(socket) => {
+                                    if let Err(e) = endpoint.rebind(socket) {
+                                        debug!(error = %e, "rebind failed");
+                                    }
+                                }
+                                Err(e) => debug!(error = %e, "no fresh UDP socket"),
                             }
-                            status.send_modify(|s| s.tunnel = update);
+                            seq += 1;
+                            outstanding = Some(ping(&mut control_send, seq, Probe::Rebound, liveness.heartbeat_timeout).await);
                         }
-                        Ok(Some(ControlMsg::GoAway(GoAway { reason, message, .. }))) => {
-                            info!(?reason, %message, "edge asked to go away");
-                            if reason == GoAwayReason::Revoked {
-                                warn!("the edge revoked this agent's token");
-                            }
-                            break Err(SessionError::Protocol(format!("go-away: {message}")));
-                        }
-                        Ok(Some(other)) => {
-                            let what = format!("unexpected {} on the control stream", other.name());
-                            conn.close(close::PROTOCOL.into(), what.as_bytes());
-                            break Err(SessionError::Protocol(what));
-                        }
-                        Ok(None) => break Err(SessionError::Protocol("the edge closed the control stream".into())),
-                        Err(e) => {
-                            if matches!(e, WireError::Decode(_) | WireError::Truncated) {
-                                conn.close(close::PROTOCOL.into(), b"bad control frame");
-                            }
-                            break Err(e.into());
-                        }
+                        Probe::Rebound => break Ended::Dead("heartbeats unanswered"),
+                        Probe::Resume => break Ended::Dead("no answer after resume"),
                     }
                 }
             }
         };
 
-        // Drain: no new streams; running ones get a grace period, then the connection closes.
         tasks.close();
-        if shutdown.is_cancelled() {
-            let _ = tokio::time::timeout(DRAIN_GRACE, tasks.wait()).await;
-            conn.close(close::SHUTDOWN.into(), b"agent shutting down");
+        match &ended {
+            Ended::Shutdown => {
+                // Tell the edge first, so new requests wait for another agent session (or
+                // fail fast) instead of landing here; then let running streams finish.
+                let bye = ControlMsg::GoAway(GoAway {
+                    reason: GoAwayReason::Shutdown,
+                    message: "the agent is shutting down".into(),
+                });
+                let _ = wire::write_frame(&mut control_send, bye.encoded()).await;
+                if tokio::time::timeout(config.drain_grace, tasks.wait())
+                    .await
+                    .is_err()
+                {
+                    warn!(
+                        streams = tasks.len(),
+                        "drain grace over; closing running streams"
+                    );
+                }
+                conn.close(close::SHUTDOWN.into(), b"agent shutting down");
+                endpoint.wait_idle().await;
+            }
+            Ended::GoAway(_) => {
+                // The edge keeps serving running streams on this connection; finish them in
+                // the background while the reconnect loop dials again.
+                let grace = config.drain_grace;
+                drains.spawn(async move {
+                    let _ = tokio::time::timeout(grace, tasks.wait()).await;
+                    conn.close(close::SHUTDOWN.into(), b"drained");
+                    endpoint.wait_idle().await;
+                });
+            }
+            Ended::Dead(why) => conn.close(close::DEAD.into(), why.as_bytes()),
+            Ended::Lost(_) => {}
         }
-        result
+        ended
+    }
+}
+
+/// Sends a ping and returns what to wait for.
+async fn ping(
+    control: &mut quinn::SendStream,
+    seq: u64,
+    probe: Probe,
+    timeout: Duration,
+) -> Outstanding {
+    // A failed write shows up as a missed pong.
+    let _ = wire::write_frame(control, ControlMsg::Ping { seq }.encoded()).await;
+    let sent = Instant::now();
+    Outstanding {
+        seq,
+        sent,
+        deadline: sent + timeout,
+        probe,
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The wildcard address of the same family as `addr`, port 0.
+fn unspecified(addr: SocketAddr) -> SocketAddr {
+    if addr.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     }
 }

@@ -272,3 +272,60 @@ mod tests {
         assert!(err.to_string().contains("agent.toml"), "{err}");
     }
 }
+
+/// Parses a duration written like `250ms`, `5s`, `2m` or `1h` (a bare number is seconds).
+pub fn parse_duration(key: &'static str, text: &str) -> Result<std::time::Duration, ConfigError> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number.parse().map_err(|_| ConfigError::Invalid {
+        key,
+        message: format!("`{text}` is not a duration like 250ms, 5s or 2m"),
+    })?;
+    let scale = match unit.trim() {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => {
+            return Err(ConfigError::Invalid {
+                key,
+                message: format!("`{text}`: unknown unit; use ms, s, m or h"),
+            });
+        }
+    };
+    std::time::Duration::try_from_secs_f64(value * scale).map_err(|_| ConfigError::Invalid {
+        key,
+        message: format!("`{text}` is out of range"),
+    })
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_parse_with_units_and_name_the_key() {
+        assert_eq!(
+            parse_duration("k", "250ms").unwrap(),
+            Duration::from_millis(250)
+        );
+        assert_eq!(parse_duration("k", "5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("k", "5").unwrap(), Duration::from_secs(5));
+        assert_eq!(
+            parse_duration("k", "1.5s").unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(parse_duration("k", "2m").unwrap(), Duration::from_secs(120));
+        let err = parse_duration("liveness.heartbeat_interval", "5 parsecs").unwrap_err();
+        assert!(
+            err.to_string().contains("liveness.heartbeat_interval"),
+            "{err}"
+        );
+        assert!(parse_duration("k", "").is_err());
+        assert!(parse_duration("k", "-1s").is_err());
+    }
+}

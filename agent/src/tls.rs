@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::crypto::rustls::QuicClientConfig;
+
+use crate::config::Liveness;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
@@ -46,7 +48,10 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 }
 
 /// Builds the QUIC client configuration.
-pub fn client_config(ca: Option<&Path>) -> Result<quinn::ClientConfig, TlsError> {
+pub fn client_config(
+    ca: Option<&Path>,
+    liveness: &Liveness,
+) -> Result<quinn::ClientConfig, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     match ca {
         Some(path) => {
@@ -74,21 +79,25 @@ pub fn client_config(ca: Option<&Path>) -> Result<quinn::ClientConfig, TlsError>
     tls.alpn_protocols = vec![burrow_protocol::ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    config.transport_config(Arc::new(transport()));
+    config.transport_config(Arc::new(transport(liveness)));
     Ok(config)
 }
 
 /// Transport settings for the agent's end.
-fn transport() -> quinn::TransportConfig {
+fn transport(liveness: &Liveness) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     // The edge opens one bidirectional stream per public request.
     t.max_concurrent_bidi_streams(4096u32.into());
     t.max_concurrent_uni_streams(0u32.into());
-    // A keep-alive well inside the idle timeout keeps NAT mappings open and makes a dead path
-    // visible; the reconnect issue tunes these and adds a heartbeat.
-    t.keep_alive_interval(Some(Duration::from_secs(10)));
-    if let Ok(idle) = Duration::from_secs(30).try_into() {
+    // The heartbeat already sends a packet every interval; QUIC's keep-alive at the same
+    // interval only fires if heartbeats stop being sent, and keeps NAT mappings open then.
+    t.keep_alive_interval(Some(liveness.heartbeat_interval));
+    if let Ok(idle) = liveness.idle_timeout.try_into() {
         t.max_idle_timeout(Some(idle));
     }
+    // quinn assumes 333 ms before it has measured the path, so a lost Initial is sent again
+    // only after about 1 s, then 2 s, 4 s. A lower guess retries sooner while the edge is
+    // unreachable, which shortens the time to reconnect once the path heals.
+    t.initial_rtt(Duration::from_millis(100));
     t
 }

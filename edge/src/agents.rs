@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::registry::{AgentSession, Attached, Registry};
+use crate::registry::{AgentSession, AttachError, Attached, Registry};
 
 /// How long an agent has to complete the handshake and send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -136,30 +136,54 @@ async fn session(
         return Err(SessionError::Refused("unsupported version"));
     }
     let (control_tx, mut control_rx) = mpsc::channel(16);
-    let attached = registry.attach(hello.token.expose(), |generation| AgentSession {
-        conn: conn.clone(),
-        since: SystemTime::now(),
-        generation,
-        control: control_tx,
+    let attached = registry.attach(hello.token.expose(), hello.takeover, |generation| {
+        AgentSession {
+            conn: conn.clone(),
+            since: SystemTime::now(),
+            generation,
+            control: control_tx,
+            instance: hello.instance,
+        }
     });
-    let Some(Attached {
+    let Attached {
         devbox_id,
         generation,
         replaced,
         tunnel,
-    }) = attached
-    else {
-        warn!(agent = %hello.agent, "agent presented an unknown or revoked token");
-        let message = "unknown or revoked agent token";
-        reject(&conn, &mut send, RejectReason::BadToken, message).await;
-        return Err(SessionError::Refused("bad token"));
+    } = match attached {
+        Ok(attached) => attached,
+        Err(AttachError::BadToken) => {
+            warn!(agent = %hello.agent, "agent presented an unknown or revoked token");
+            let message = "unknown or revoked agent token";
+            reject(&conn, &mut send, RejectReason::BadToken, message).await;
+            return Err(SessionError::Refused("bad token"));
+        }
+        Err(AttachError::Busy) => {
+            let message = "another agent with this token is connected";
+            reject(&conn, &mut send, RejectReason::Replaced, message).await;
+            return Err(SessionError::Refused("another instance is connected"));
+        }
     };
 
     let span = info_span!("session", devbox = %devbox_id);
     if let Some(old) = replaced {
-        span.in_scope(|| info!("a new connection replaces the previous one"));
-        old.conn
-            .close(close::REPLACED.into(), b"replaced by a newer connection");
+        if old.instance == hello.instance {
+            // The same agent dialed again: it has given up on the old connection (a dead
+            // path, a resume). Close it so requests stuck on it retry on the new one.
+            span.in_scope(|| info!("the agent reconnected; closing its previous connection"));
+            old.conn
+                .close(close::REPLACED.into(), b"replaced by a newer connection");
+        } else {
+            // Another agent holds the same token (a cloned snapshot): the newest wins, the
+            // other is told why and finishes its running streams.
+            span.in_scope(|| warn!("a second agent with this devbox's token connected; the previous one is told to stand by"));
+            let _ = old.control.try_send(ControlMsg::GoAway(GoAway {
+                reason: GoAwayReason::Replaced,
+                message: "another agent with this devbox's token connected (a cloned devbox?); \
+                          this one stands by"
+                    .into(),
+            }));
+        }
     }
     let welcome = ControlMsg::Welcome(Welcome {
         version: VERSION,
@@ -188,6 +212,12 @@ async fn session(
                         wire::write_frame(&mut send, ControlMsg::Pong { seq }.encoded()).await?;
                     }
                     Some(ControlMsg::Pong { .. }) => {}
+                    Some(ControlMsg::GoAway(go_away)) => {
+                        // The agent is leaving: no new requests for it; running streams finish
+                        // on this connection until the agent closes it.
+                        info!(message = %go_away.message, "agent going away");
+                        registry.detach(&devbox_id, generation);
+                    }
                     Some(other) => {
                         let what = format!("unexpected {} on the control stream", other.name());
                         conn.close(close::PROTOCOL.into(), what.as_bytes());

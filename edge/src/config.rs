@@ -10,9 +10,11 @@ use burrow_agent::sources::{self, ConfigError, File, Kind, Setting};
 use serde::Deserialize;
 
 macro_rules! settings {
-    ($($key:literal => $env:literal),* $(,)?) => {
-        &[$(Setting { key: $key, env: $env, kind: Kind::Str }),*]
+    ($($key:literal => $env:literal $(as $kind:ident)?),* $(,)?) => {
+        &[$(Setting { key: $key, env: $env, kind: settings!(@kind $($kind)?) }),*]
     };
+    (@kind) => { Kind::Str };
+    (@kind $kind:ident) => { Kind::$kind };
 }
 
 /// Every key the edge reads, with its environment variable.
@@ -27,6 +29,9 @@ pub const SETTINGS: &[Setting] = settings! {
     "agents.server_name" => "BURROW_AGENTS_SERVER_NAME",
     "agents.cert" => "BURROW_AGENTS_CERT",
     "agents.key" => "BURROW_AGENTS_KEY",
+    "agents.wait" => "BURROW_AGENTS_WAIT",
+    "agents.max_waiting" => "BURROW_AGENTS_MAX_WAITING" as Int,
+    "drain_grace" => "BURROW_DRAIN_GRACE",
     "admin.listen" => "BURROW_ADMIN_LISTEN",
     "admin.token_file" => "BURROW_ADMIN_TOKEN_FILE",
     "metrics.listen" => "BURROW_METRICS_LISTEN",
@@ -45,6 +50,7 @@ struct RawConfig {
     admin: RawAdmin,
     #[serde(default)]
     metrics: RawMetrics,
+    drain_grace: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -63,6 +69,8 @@ struct RawAgents {
     server_name: Option<String>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
+    wait: Option<String>,
+    max_waiting: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -119,6 +127,10 @@ pub struct Config {
     pub admin_token_file: Option<PathBuf>,
     /// Metrics listener.
     pub metrics_listen: Option<SocketAddr>,
+    /// How long a request waits for an absent agent before 503.
+    pub agent_wait: Duration,
+    /// Requests that may wait per devbox; more get 503 at once.
+    pub max_waiting: usize,
     /// Time a client has to send a request head.
     pub header_timeout: Duration,
     /// Grace period for running requests at shutdown.
@@ -230,8 +242,16 @@ impl Config {
             admin_listen,
             admin_token_file: raw.admin.token_file.map(path),
             metrics_listen,
+            agent_wait: match raw.agents.wait {
+                Some(w) => sources::parse_duration("agents.wait", &w)?,
+                None => Duration::from_secs(5),
+            },
+            max_waiting: raw.agents.max_waiting.unwrap_or(64),
             header_timeout: Duration::from_secs(20),
-            drain_grace: Duration::from_secs(10),
+            drain_grace: match raw.drain_grace {
+                Some(g) => sources::parse_duration("drain_grace", &g)?,
+                None => Duration::from_secs(10),
+            },
         })
     }
 }

@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use burrow_agent::wire;
 use burrow_protocol::{AuthMode, RefuseReason, StreamAnswer, StreamHeader, StreamKind};
 use bytes::Bytes;
@@ -44,6 +46,8 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 pub struct Proxy {
     registry: Arc<Registry>,
     domain: String,
+    agent_wait: Duration,
+    max_waiting: usize,
 }
 
 /// How the client reached the edge.
@@ -65,9 +69,20 @@ impl Scheme {
 }
 
 impl Proxy {
-    /// A proxy for tunnels under `domain`.
-    pub fn new(registry: Arc<Registry>, domain: String) -> Proxy {
-        Proxy { registry, domain }
+    /// A proxy for tunnels under `domain`; requests wait up to `agent_wait` for an absent
+    /// agent, at most `max_waiting` of them per devbox.
+    pub fn new(
+        registry: Arc<Registry>,
+        domain: String,
+        agent_wait: Duration,
+        max_waiting: usize,
+    ) -> Proxy {
+        Proxy {
+            registry,
+            domain,
+            agent_wait,
+            max_waiting,
+        }
     }
 
     /// Answers one public request.
@@ -112,59 +127,14 @@ impl Proxy {
             // The tunnel's own token never reaches the service.
             req.headers_mut().remove(header::AUTHORIZATION);
         }
-        let Some(conn) = route.conn else {
-            return pages::error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the devbox's agent is not connected; try again in a few seconds",
-                html,
-            );
-        };
-
         let port = target.port;
         let header = StreamHeader::new(port, StreamKind::Http, Some(client));
-        let Ok(stream) = tokio::time::timeout(ANSWER_TIMEOUT, open_stream(&conn, header)).await
-        else {
-            return pages::error(
-                StatusCode::GATEWAY_TIMEOUT,
-                "the devbox's agent did not answer in time",
-                html,
-            );
-        };
-        let (send, recv) = match stream {
-            Ok(Ok(pair)) => pair,
-            Ok(Err(reason)) => {
-                let (status, detail) = match reason {
-                    RefuseReason::NotListening => (
-                        StatusCode::BAD_GATEWAY,
-                        format!("nothing is listening on port {port} in this devbox"),
-                    ),
-                    RefuseReason::PortNotAllowed => (
-                        StatusCode::FORBIDDEN,
-                        format!("port {port} is not allowed by this devbox's agent"),
-                    ),
-                    RefuseReason::ConnectTimeout => (
-                        StatusCode::GATEWAY_TIMEOUT,
-                        format!("the service on port {port} did not accept the connection in time"),
-                    ),
-                    RefuseReason::TooManyStreams => (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "the devbox's agent is at its stream limit; try again shortly".to_owned(),
-                    ),
-                    _ => (
-                        StatusCode::BAD_GATEWAY,
-                        format!("the devbox's agent refused the stream ({reason})"),
-                    ),
-                };
-                return pages::error(status, &detail, html);
-            }
-            Err(e) => {
-                debug!(error = %e, "data stream failed");
-                return pages::error(
-                    StatusCode::BAD_GATEWAY,
-                    "the connection to the devbox's agent failed; try again",
-                    html,
-                );
-            }
+        let (send, recv) = match self
+            .stream_to_agent(&target.key, &route.devbox_id, header)
+            .await
+        {
+            Ok(pair) => pair,
+            Err((status, detail)) => return pages::error(status, &detail, html),
         };
 
         let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
@@ -225,6 +195,114 @@ impl Proxy {
         strip_hop_by_hop(response.headers_mut());
         response.map(|body| body.boxed())
     }
+}
+
+impl Proxy {
+    /// Opens a data stream to the devbox's agent and waits for its answer. While the agent is
+    /// away (reconnecting, resuming, the edge just restarted) the request waits in a bounded
+    /// queue for up to `agent_wait`; a connection that fails under it is retried on the next
+    /// one, so a short blip costs no request. The request body is not read until the agent
+    /// accepted, so a retry never replays anything.
+    async fn stream_to_agent(
+        &self,
+        key: &str,
+        devbox_id: &str,
+        header: StreamHeader,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), (StatusCode, String)> {
+        let port = header.port;
+        let deadline = Instant::now() + self.agent_wait;
+        let mut place = None;
+        let mut failed = None;
+        loop {
+            // Register for the next attach before looking, so one in between is not missed.
+            let next_attach = self.registry.next_attach();
+            tokio::pin!(next_attach);
+            next_attach.as_mut().enable();
+            let Some(route) = self.registry.route(key) else {
+                return Err((StatusCode::NOT_FOUND, "the tunnel was disabled".to_owned()));
+            };
+            if let Some(conn) = route.conn.filter(|c| Some(c.stable_id()) != failed) {
+                let answer =
+                    tokio::time::timeout(ANSWER_TIMEOUT, open_stream(&conn, header.clone()));
+                match answer.await {
+                    Ok(Ok(Ok(pair))) => return Ok(pair),
+                    Ok(Ok(Err(reason))) => return Err(refusal(reason, port)),
+                    Ok(Err(e)) if connection_lost(&e) => {
+                        debug!(error = %e, "agent connection failed under a request; waiting for the next");
+                        failed = Some(conn.stable_id());
+                        continue;
+                    }
+                    Ok(Err(e)) => {
+                        debug!(error = %e, "data stream failed");
+                        return Err((
+                            StatusCode::BAD_GATEWAY,
+                            "the stream to the devbox's agent failed; try again".to_owned(),
+                        ));
+                    }
+                    Err(_) => {
+                        return Err((
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "the devbox's agent did not answer in time".to_owned(),
+                        ));
+                    }
+                }
+            }
+            if place.is_none() {
+                place = self.registry.queue(devbox_id, self.max_waiting);
+                if place.is_none() {
+                    return Err((
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "too many requests are waiting for this devbox's agent; try again in a few seconds".to_owned(),
+                    ));
+                }
+            }
+            if tokio::time::timeout_at(deadline, next_attach)
+                .await
+                .is_err()
+            {
+                return Err((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the devbox's agent is not connected; try again in a few seconds".to_owned(),
+                ));
+            }
+        }
+    }
+}
+
+/// The answer for a stream the agent refused.
+fn refusal(reason: RefuseReason, port: burrow_protocol::Port) -> (StatusCode, String) {
+    match reason {
+        RefuseReason::NotListening => (
+            StatusCode::BAD_GATEWAY,
+            format!("nothing is listening on port {port} in this devbox"),
+        ),
+        RefuseReason::PortNotAllowed => (
+            StatusCode::FORBIDDEN,
+            format!("port {port} is not allowed by this devbox's agent"),
+        ),
+        RefuseReason::ConnectTimeout => (
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("the service on port {port} did not accept the connection in time"),
+        ),
+        RefuseReason::TooManyStreams => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the devbox's agent is at its stream limit; try again shortly".to_owned(),
+        ),
+        _ => (
+            StatusCode::BAD_GATEWAY,
+            format!("the devbox's agent refused the stream ({reason})"),
+        ),
+    }
+}
+
+/// Whether a stream failed because its whole connection did (the request may go to the next).
+fn connection_lost(e: &wire::WireError) -> bool {
+    use quinn::{ReadError, WriteError};
+    matches!(
+        e,
+        wire::WireError::Read(ReadError::ConnectionLost(_))
+            | wire::WireError::Write(WriteError::ConnectionLost(_))
+    )
 }
 
 /// Opens a data stream and waits for the agent's answer.

@@ -48,6 +48,8 @@ pub struct AgentSession {
     pub generation: u64,
     /// Messages for the agent's control stream.
     pub control: mpsc::Sender<ControlMsg>,
+    /// The agent process's random instance id (from its hello).
+    pub instance: u64,
 }
 
 /// What the proxy needs to serve a tunnel key.
@@ -74,6 +76,38 @@ pub struct Attached {
     pub replaced: Option<AgentSession>,
     /// The devbox's tunnel, as the welcome announces it.
     pub tunnel: Option<TunnelState>,
+}
+
+/// Why an agent could not attach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachError {
+    /// Unknown or revoked token.
+    BadToken,
+    /// Another agent instance holds the session and this one did not ask to take over.
+    Busy,
+}
+
+/// A place in a devbox's queue of requests waiting for its agent.
+#[derive(Debug)]
+pub struct QueuePlace {
+    registry: Arc<Registry>,
+    devbox_id: String,
+}
+
+impl Drop for QueuePlace {
+    fn drop(&mut self) {
+        let mut waiting = self
+            .registry
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = waiting.get_mut(&self.devbox_id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                waiting.remove(&self.devbox_id);
+            }
+        }
+    }
 }
 
 /// A devbox as the admin API shows it.
@@ -132,6 +166,8 @@ pub struct Registry {
     urls: UrlBase,
     inner: RwLock<Inner>,
     writer: Mutex<()>,
+    attached: tokio::sync::Notify,
+    waiting: Mutex<HashMap<String, usize>>,
 }
 
 impl Registry {
@@ -153,6 +189,8 @@ impl Registry {
             urls,
             inner: RwLock::new(inner),
             writer: Mutex::new(()),
+            attached: tokio::sync::Notify::new(),
+            waiting: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -195,27 +233,55 @@ impl Registry {
             devbox_id: entry.record.id.clone(),
             auth_mode: tunnel.auth_mode,
             auth_token: tunnel.auth_token,
-            conn: entry.session.as_ref().map(|s| s.conn.clone()),
+            // A connection that already failed is as good as none: wait for the next.
+            conn: entry
+                .session
+                .as_ref()
+                .filter(|s| s.conn.close_reason().is_none())
+                .map(|s| s.conn.clone()),
         })
     }
 
     /// Finds the devbox an agent token belongs to and makes `make(generation)` its live
     /// session, in one step so that no admin call slips in between. `None`: unknown or revoked
     /// token.
-    pub fn attach(&self, token: &str, make: impl FnOnce(u64) -> AgentSession) -> Option<Attached> {
+    ///
+    /// Without `takeover`, a live session of another agent instance stays and this one is
+    /// refused ([`AttachError::Busy`]): an agent that was replaced waits its turn.
+    pub fn attach(
+        &self,
+        token: &str,
+        takeover: bool,
+        make: impl FnOnce(u64) -> AgentSession,
+    ) -> Result<Attached, AttachError> {
         let hash = Secret::new(token).hash();
         let mut inner = self.write();
-        let id = inner.by_token.get(&hash.to_hex())?.clone();
+        let id = inner
+            .by_token
+            .get(&hash.to_hex())
+            .ok_or(AttachError::BadToken)?
+            .clone();
         inner.next_generation += 1;
         let generation = inner.next_generation;
-        let entry = inner.devboxes.get_mut(&id)?;
+        let entry = inner.devboxes.get_mut(&id).ok_or(AttachError::BadToken)?;
         // The map lookup found the row by hash; compare once more in constant time.
         if entry.record.agent_token != hash {
-            return None;
+            return Err(AttachError::BadToken);
         }
-        let replaced = entry.session.replace(make(generation));
+        let session = make(generation);
+        if !takeover
+            && entry
+                .session
+                .as_ref()
+                .is_some_and(|live| live.instance != session.instance)
+        {
+            return Err(AttachError::Busy);
+        }
+        let replaced = entry.session.replace(session);
         let tunnel = entry.record.tunnel.as_ref().map(|t| self.tunnel_state(t));
-        Some(Attached {
+        drop(inner);
+        self.attached.notify_waiters();
+        Ok(Attached {
             devbox_id: id,
             generation,
             replaced,
@@ -223,7 +289,29 @@ impl Registry {
         })
     }
 
-    /// Forgets a session if it is still the devbox's current one.
+    /// A future that completes at the next attach; create it before checking the route, so
+    /// an attach in between is not missed.
+    pub fn next_attach(&self) -> tokio::sync::futures::Notified<'_> {
+        self.attached.notified()
+    }
+
+    /// Takes a place in a devbox's queue of requests waiting for its agent; `None` when the
+    /// queue is full. The place is given back when the guard drops.
+    pub fn queue(self: &Arc<Self>, devbox_id: &str, max: usize) -> Option<QueuePlace> {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let n = waiting.entry(devbox_id.to_owned()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(QueuePlace {
+            registry: self.clone(),
+            devbox_id: devbox_id.to_owned(),
+        })
+    }
+
+    /// Forgets a session if it is still the devbox's current one (it closed, or its agent
+    /// said go-away): new requests wait for the next one.
     pub fn detach(&self, devbox_id: &str, generation: u64) {
         let mut inner = self.write();
         if let Some(entry) = inner.devboxes.get_mut(devbox_id) {

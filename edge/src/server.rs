@@ -33,6 +33,7 @@ use crate::store::{Store, StoreError};
 /// File names in `state_dir`.
 const STORE_FILE: &str = "burrow.db";
 const ADMIN_TOKEN_FILE: &str = "admin.token";
+const RESET_KEY_FILE: &str = "reset.key";
 /// How long a client has to finish the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -142,13 +143,7 @@ impl Edge {
                 (identity, Some(ca))
             }
         };
-        let endpoint =
-            quinn::Endpoint::server(certs::agents_server_config(identity)?, config.agents_listen)
-                .map_err(|source| StartError::Bind {
-                key: "agents.listen",
-                addr: config.agents_listen,
-                source,
-            })?;
+        let endpoint = agents_endpoint(&config, certs::agents_server_config(identity)?)?;
         let agents_addr = endpoint.local_addr().unwrap_or(config.agents_listen);
         let admin_addr = local(&admin).unwrap_or(config.admin_listen);
 
@@ -161,7 +156,12 @@ impl Edge {
             shutdown.clone(),
         ));
 
-        let proxy = Arc::new(Proxy::new(registry.clone(), config.domain.clone()));
+        let proxy = Arc::new(Proxy::new(
+            registry.clone(),
+            config.domain.clone(),
+            config.agent_wait,
+            config.max_waiting,
+        ));
         let public = |scheme: Scheme| -> Handler {
             let proxy = proxy.clone();
             Arc::new(move |req, peer| {
@@ -234,6 +234,36 @@ impl Edge {
     pub async fn wait(&self) {
         self.tasks.wait().await;
     }
+}
+
+/// The QUIC endpoint for agents, with the stateless reset key kept in `state_dir`: after a
+/// restart, a packet of a connection the edge no longer knows is answered with a stateless reset
+/// the agent can verify, so it redials at once instead of waiting out its idle timeout.
+fn agents_endpoint(
+    config: &Config,
+    server: quinn::ServerConfig,
+) -> Result<quinn::Endpoint, StartError> {
+    let path = config.state_dir.join(RESET_KEY_FILE);
+    let key = match std::fs::read(&path) {
+        Ok(key) if key.len() == 64 => key,
+        _ => {
+            let mut key = vec![0u8; 64];
+            getrandom::fill(&mut key)?;
+            certs::write_private(&path, &key)?;
+            key
+        }
+    };
+    let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
+    let endpoint_config = quinn::EndpointConfig::new(Arc::new(hmac));
+    let bind_err = |source| StartError::Bind {
+        key: "agents.listen",
+        addr: config.agents_listen,
+        source,
+    };
+    let socket = std::net::UdpSocket::bind(config.agents_listen).map_err(bind_err)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| bind_err(std::io::Error::other("no async runtime")))?;
+    quinn::Endpoint::new(endpoint_config, Some(server), socket, runtime).map_err(bind_err)
 }
 
 fn url_base(scheme: &'static str, domain: &str, port: u16, default: u16) -> UrlBase {

@@ -6,7 +6,7 @@
 //!
 //! | type | message | body |
 //! | --- | --- | --- |
-//! | 0x01 | Hello | min_version u16, max_version u16, token str(512), agent str |
+//! | 0x01 | Hello | min_version u16, max_version u16, token str(512), agent str, instance u64, takeover u8 (0/1) |
 //! | 0x02 | Welcome | version u16, devbox_id str, tunnel Option\<TunnelState\> |
 //! | 0x03 | Reject | reason u8, message str |
 //! | 0x04 | Ping | seq u64 |
@@ -44,6 +44,13 @@ pub struct Hello {
     pub token: AgentToken,
     /// Software name and version, e.g. `"burrow-agent/0.1.0"`.
     pub agent: String,
+    /// Random per agent process: tells the same agent reconnecting from a second agent that
+    /// holds the same token (a cloned devbox snapshot).
+    pub instance: u64,
+    /// `true`: this connection replaces the devbox's live session, if any. `false`: connect
+    /// only if no other agent instance is connected (an agent that was replaced waits its turn
+    /// instead of fighting).
+    pub takeover: bool,
 }
 
 impl Hello {
@@ -54,6 +61,8 @@ impl Hello {
             max_version: VERSION,
             token,
             agent: agent.into(),
+            instance: 0,
+            takeover: true,
         }
     }
 
@@ -169,6 +178,8 @@ impl ControlMsg {
                 w.put_u16(h.max_version);
                 w.put_str(h.token.expose(), MAX_TOKEN_LEN);
                 w.put_str(&h.agent, MAX_STR_LEN);
+                w.put_u64(h.instance);
+                w.put_u8(u8::from(h.takeover));
             }),
             Self::Welcome(m) => write_frame(buf, WELCOME, |w| {
                 w.put_u16(m.version);
@@ -200,6 +211,12 @@ impl ControlMsg {
                     max_version: r.get_u16()?,
                     token: AgentToken::new(r.get_str(MAX_TOKEN_LEN)?),
                     agent: r.get_str(MAX_STR_LEN)?,
+                    instance: r.get_u64()?,
+                    takeover: match r.get_u8()? {
+                        0 => false,
+                        1 => true,
+                        _ => return Err(DecodeError::Invalid("takeover flag not 0 or 1")),
+                    },
                 }),
                 WELCOME => Self::Welcome(Welcome {
                     version: r.get_u16()?,
@@ -310,7 +327,7 @@ mod tests {
         let bytes = ControlMsg::from(hello.clone()).encoded();
         assert_eq!(
             &bytes[..],
-            b"\x01\x00\x0e\x00\x01\x00\x01\x00\x03t0k\x00\x03a/1"
+            b"\x01\x00\x17\x00\x01\x00\x01\x00\x03t0k\x00\x03a/1\x00\x00\x00\x00\x00\x00\x00\x00\x01"
         );
         assert_eq!(decode(&bytes), Ok(ControlMsg::Hello(hello)));
     }

@@ -107,14 +107,24 @@ fn control_msg() -> impl Strategy<Value = ControlMsg> {
         Just(GoAwayReason::Revoked),
     ];
     prop_oneof![
-        (any::<u16>(), any::<u16>(), text(), text()).prop_map(|(min, max, token, agent)| {
-            ControlMsg::Hello(Hello {
-                min_version: min,
-                max_version: max,
-                token: AgentToken::new(token),
-                agent,
-            })
-        }),
+        (
+            any::<u16>(),
+            any::<u16>(),
+            text(),
+            text(),
+            any::<u64>(),
+            any::<bool>()
+        )
+            .prop_map(|(min, max, token, agent, instance, takeover)| {
+                ControlMsg::Hello(Hello {
+                    min_version: min,
+                    max_version: max,
+                    token: AgentToken::new(token),
+                    agent,
+                    instance,
+                    takeover,
+                })
+            }),
         (any::<u16>(), text(), proptest::option::of(tunnel())).prop_map(|(v, id, tunnel)| {
             ControlMsg::Welcome(Welcome {
                 version: v,
