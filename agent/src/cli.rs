@@ -49,6 +49,42 @@ pub struct Cli {
     /// `metrics.listen`) [env: BURROW_METRICS_LISTEN]
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_listen: Option<String>,
+    /// Time running streams get to finish at shutdown or when the edge goes away, default 10s
+    /// (key `drain_grace`) [env: BURROW_DRAIN_GRACE]
+    #[arg(long, value_name = "DURATION")]
+    pub drain_grace: Option<String>,
+    /// Time between heartbeats, default 5s (key `liveness.heartbeat_interval`) [env:
+    /// BURROW_LIVENESS_HEARTBEAT_INTERVAL]
+    #[arg(long, value_name = "DURATION")]
+    pub heartbeat_interval: Option<String>,
+    /// Time a heartbeat may take to be answered, default 3s (key
+    /// `liveness.heartbeat_timeout`) [env: BURROW_LIVENESS_HEARTBEAT_TIMEOUT]
+    #[arg(long, value_name = "DURATION")]
+    pub heartbeat_timeout: Option<String>,
+    /// QUIC idle timeout, default 20s (key `liveness.idle_timeout`) [env:
+    /// BURROW_LIVENESS_IDLE_TIMEOUT]
+    #[arg(long, value_name = "DURATION")]
+    pub idle_timeout: Option<String>,
+    /// Clock sampling period for resume detection, default 1s (key `liveness.resume_tick`)
+    /// [env: BURROW_LIVENESS_RESUME_TICK]
+    #[arg(long, value_name = "DURATION")]
+    pub resume_tick: Option<String>,
+    /// First reconnect backoff ceiling, default 100ms (key `reconnect.backoff_initial`) [env:
+    /// BURROW_RECONNECT_BACKOFF_INITIAL]
+    #[arg(long, value_name = "DURATION")]
+    pub backoff_initial: Option<String>,
+    /// Highest reconnect backoff, default 2s (key `reconnect.backoff_max`) [env:
+    /// BURROW_RECONNECT_BACKOFF_MAX]
+    #[arg(long, value_name = "DURATION")]
+    pub backoff_max: Option<String>,
+    /// A session up this long resets the backoff, default 30s (key `reconnect.healthy_after`)
+    /// [env: BURROW_RECONNECT_HEALTHY_AFTER]
+    #[arg(long, value_name = "DURATION")]
+    pub healthy_after: Option<String>,
+    /// Time one dial may take, default 3s (key `reconnect.dial_timeout`) [env:
+    /// BURROW_RECONNECT_DIAL_TIMEOUT]
+    #[arg(long, value_name = "DURATION")]
+    pub dial_timeout: Option<String>,
 }
 
 impl Cli {
@@ -62,6 +98,15 @@ impl Cli {
             ("forward.allow_ports", &self.allow_ports),
             ("forward.deny_ports", &self.deny_ports),
             ("metrics.listen", &self.metrics_listen),
+            ("drain_grace", &self.drain_grace),
+            ("liveness.heartbeat_interval", &self.heartbeat_interval),
+            ("liveness.heartbeat_timeout", &self.heartbeat_timeout),
+            ("liveness.idle_timeout", &self.idle_timeout),
+            ("liveness.resume_tick", &self.resume_tick),
+            ("reconnect.backoff_initial", &self.backoff_initial),
+            ("reconnect.backoff_max", &self.backoff_max),
+            ("reconnect.healthy_after", &self.healthy_after),
+            ("reconnect.dial_timeout", &self.dial_timeout),
         ]
         .into_iter()
         .filter_map(|(k, v)| v.clone().map(|v| (k, v)))

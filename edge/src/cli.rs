@@ -74,6 +74,18 @@ struct ServeArgs {
     /// Its private key (key `agents.key`) [env: BURROW_AGENTS_KEY]
     #[arg(long, value_name = "FILE")]
     agents_key: Option<String>,
+    /// How long a request waits for an absent agent before 503, default 5s (key
+    /// `agents.wait`) [env: BURROW_AGENTS_WAIT]
+    #[arg(long, value_name = "DURATION")]
+    agents_wait: Option<String>,
+    /// Requests that may wait per devbox, default 64 (key `agents.max_waiting`) [env:
+    /// BURROW_AGENTS_MAX_WAITING]
+    #[arg(long, value_name = "N")]
+    agents_max_waiting: Option<String>,
+    /// Time running requests get to finish at shutdown, default 10s (key `drain_grace`) [env:
+    /// BURROW_DRAIN_GRACE]
+    #[arg(long, value_name = "DURATION")]
+    drain_grace: Option<String>,
     /// Admin API listener (key `admin.listen`, default 127.0.0.1:7081) [env:
     /// BURROW_ADMIN_LISTEN]
     #[arg(long, value_name = "ADDR:PORT")]
@@ -110,6 +122,9 @@ impl ServeArgs {
             ("agents.server_name", &self.agents_server_name),
             ("agents.cert", &self.agents_cert),
             ("agents.key", &self.agents_key),
+            ("agents.wait", &self.agents_wait),
+            ("agents.max_waiting", &self.agents_max_waiting),
+            ("drain_grace", &self.drain_grace),
             ("admin.listen", &self.admin_listen),
             ("admin.token_file", &self.admin_token_file),
             ("metrics.listen", &self.metrics_listen),

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod relay;
 pub mod services;
 
 use std::collections::HashMap;
@@ -47,6 +48,9 @@ pub fn init_tracing() {
 pub struct EdgeBuilder {
     https: bool,
     state_dir: Option<PathBuf>,
+    http: Option<SocketAddr>,
+    agents: Option<SocketAddr>,
+    extra: String,
 }
 
 impl EdgeBuilder {
@@ -62,14 +66,40 @@ impl EdgeBuilder {
         self
     }
 
+    /// Listens for public HTTP on this address (a restart on the same port).
+    pub fn http(mut self, addr: SocketAddr) -> Self {
+        self.http = Some(addr);
+        self
+    }
+
+    /// Listens for agents on this address (a restart on the same port).
+    pub fn agents(mut self, addr: SocketAddr) -> Self {
+        self.agents = Some(addr);
+        self
+    }
+
+    /// Adds top-level TOML lines (before any table), e.g. `drain_grace = "1s"`.
+    pub fn toml(mut self, lines: &str) -> Self {
+        self.extra.push_str(lines);
+        self.extra.push('\n');
+        self
+    }
+
     /// Starts the edge.
     pub async fn start(self) -> TestEdge {
         init_tracing();
         let temp = tempfile::tempdir().expect("tempdir");
         let state_dir = self.state_dir.unwrap_or_else(|| temp.path().join("state"));
+        let http = self
+            .http
+            .map_or("127.0.0.1:0".to_owned(), |a| a.to_string());
+        let agents = self
+            .agents
+            .map_or("127.0.0.1:0".to_owned(), |a| a.to_string());
         let mut text = format!(
-            "domain = \"{DOMAIN}\"\nstate_dir = \"{}\"\n[public]\nhttp = \"127.0.0.1:0\"\n",
-            state_dir.display()
+            "domain = \"{DOMAIN}\"\nstate_dir = \"{}\"\n{}[public]\nhttp = \"{http}\"\n",
+            state_dir.display(),
+            self.extra,
         );
         let mut public_ca = None;
         if self.https {
@@ -81,10 +111,10 @@ impl EdgeBuilder {
             ));
             public_ca = Some(ca);
         }
-        text.push_str(
-            "[agents]\nlisten = \"127.0.0.1:0\"\nserver_name = \"localhost\"\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n",
-        );
+        text.push_str(&format!(
+            "[agents]\nlisten = \"{agents}\"\nserver_name = \"localhost\"\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n"
+        ));
         let file = burrow_agent::sources::File {
             path: Path::new("test-edge.toml"),
             text: &text,
@@ -219,15 +249,33 @@ impl TestEdge {
     }
 
     /// Stops and starts the edge again on the same state directory (new ports).
-    pub async fn restart(mut self) -> TestEdge {
+    pub async fn restart(self) -> TestEdge {
+        self.restart_with(EdgeBuilder::default()).await
+    }
+
+    /// Stops the edge and starts another with `builder` on the same state directory.
+    pub async fn restart_with(mut self, builder: EdgeBuilder) -> TestEdge {
         self.stop().await;
-        let mut next = EdgeBuilder::default()
-            .state_dir(&self.state_dir)
-            .start()
-            .await;
+        let mut next = builder.state_dir(&self.state_dir).start().await;
         // Keep the old temporary directory alive: it holds the state.
         std::mem::swap(&mut next._temp, &mut self._temp);
         next
+    }
+
+    /// The agents' QUIC address.
+    pub fn agents_addr(&self) -> SocketAddr {
+        self.edge().agents_addr
+    }
+
+    /// The agent config flags that point an agent at this edge (or at `via`, a relay).
+    pub fn agent_flags(&self, via: Option<SocketAddr>) -> Vec<(&'static str, String)> {
+        let e = self.edge();
+        let ca = e.agent_ca.as_ref().expect("generated CA");
+        vec![
+            ("edge", via.unwrap_or(e.agents_addr).to_string()),
+            ("server_name", e.server_name.clone()),
+            ("ca", ca.display().to_string()),
+        ]
     }
 }
 
@@ -260,30 +308,52 @@ impl TestAgent {
         agent
     }
 
-    /// Starts an agent without waiting for it to connect.
+    /// Starts an agent without waiting for it to connect. `flags` override the defaults
+    /// (`("edge", relay address)` dials through a relay).
     pub fn spawn(edge: &TestEdge, devbox: &Devbox, flags: &[(&'static str, &str)]) -> TestAgent {
-        let e = edge.edge();
-        let mut all: Vec<(&'static str, String)> = vec![
-            ("edge", e.agents_addr.to_string()),
-            ("server_name", e.server_name.clone()),
-            (
-                "ca",
-                e.agent_ca
-                    .as_ref()
-                    .expect("generated CA")
-                    .display()
-                    .to_string(),
-            ),
-        ];
+        Self::spawn_full(edge, devbox, flags, &[], None)
+    }
+
+    /// [`TestAgent::spawn`] with `BURROW_*` environment settings (such as
+    /// `BURROW_LIVENESS_HEARTBEAT_INTERVAL`) and, optionally, clocks of the test's.
+    pub fn spawn_full(
+        edge: &TestEdge,
+        devbox: &Devbox,
+        flags: &[(&'static str, &str)],
+        env: &[(&str, &str)],
+        clocks: Option<std::sync::Arc<dyn burrow_agent::clock::Clocks>>,
+    ) -> TestAgent {
+        let mut all = edge.agent_flags(None);
         all.extend(flags.iter().map(|(k, v)| (*k, (*v).to_owned())));
-        let env = HashMap::from([(
+        let mut vars: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        vars.insert(
             burrow_agent::config::TOKEN_ENV.to_owned(),
             devbox.agent_token.clone(),
-        )]);
-        let config = burrow_agent::Config::load(None, &env, &all).expect("agent config");
+        );
+        let config = burrow_agent::Config::load(None, &vars, &all).expect("agent config");
         let shutdown = CancellationToken::new();
-        let agent = Agent::spawn(config, shutdown.clone());
+        let agent = match clocks {
+            Some(clocks) => Agent::spawn_with_clocks(config, clocks, shutdown.clone()),
+            None => Agent::spawn(config, shutdown.clone()),
+        };
         TestAgent { agent, shutdown }
+    }
+
+    /// Waits (up to [`WAIT`]) until the agent's status satisfies `until`.
+    pub async fn wait_for(&self, what: &str, until: impl Fn(&burrow_agent::Status) -> bool) {
+        let mut status = self.agent.status.clone();
+        tokio::time::timeout(WAIT, status.wait_for(|s| until(s)))
+            .await
+            .unwrap_or_else(|_| panic!("agent: {what} within {WAIT:?}"))
+            .expect("agent running");
+    }
+
+    /// The agent's status now.
+    pub fn status(&self) -> burrow_agent::Status {
+        self.agent.status.borrow().clone()
     }
 
     /// Stops the agent and waits for it.
@@ -330,4 +400,53 @@ fn public_cert(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     std::fs::write(&paths.1, cert.pem()).expect("write");
     std::fs::write(&paths.2, key.serialize_pem()).expect("write");
     paths
+}
+
+/// Clocks a test can make jump: the system's, plus offsets the test adds.
+#[derive(Debug, Default)]
+pub struct TestClocks {
+    offsets: std::sync::Mutex<(std::time::Duration, std::time::Duration)>,
+}
+
+impl TestClocks {
+    /// Simulates a suspend of `slept`: CLOCK_BOOTTIME and CLOCK_REALTIME move ahead of
+    /// CLOCK_MONOTONIC.
+    pub fn suspend(&self, slept: Duration) {
+        let mut o = self.offsets.lock().expect("lock");
+        o.0 += slept;
+        o.1 += slept;
+    }
+
+    /// Simulates a stepped wall clock (NTP after a VM resume).
+    pub fn step_realtime(&self, by: Duration) {
+        self.offsets.lock().expect("lock").1 += by;
+    }
+}
+
+impl burrow_agent::clock::Clocks for TestClocks {
+    fn sample(&self) -> burrow_agent::clock::Sample {
+        let mut s = burrow_agent::clock::SystemClocks.sample();
+        let o = *self.offsets.lock().expect("lock");
+        s.boottime += o.0;
+        s.realtime += o.1;
+        s
+    }
+}
+
+/// The path of a workspace binary (`burrow-agent`, `burrow-edge`), built by `cargo test
+/// --workspace` (the agent's and the edge's own integration tests make cargo build them).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    // target/debug/deps/e2e-<hash> -> target/debug/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo test --workspace` (or `cargo build --bins` first)",
+        path.display()
+    );
+    path
 }
