@@ -290,6 +290,7 @@ impl Config {
         }
         let policy = PortPolicy::new(ports("forward.allow_ports", raw.forward.allow_ports)?, deny);
 
+        let liveness = liveness(raw.liveness)?;
         Ok(Config {
             edge,
             server_name,
@@ -297,29 +298,7 @@ impl Config {
             token: AgentToken::new(token),
             policy,
             metrics_listen,
-            liveness: Liveness {
-                heartbeat_interval: duration(
-                    "liveness.heartbeat_interval",
-                    raw.liveness.heartbeat_interval,
-                    Duration::from_secs(5),
-                )?,
-                heartbeat_timeout: duration(
-                    "liveness.heartbeat_timeout",
-                    raw.liveness.heartbeat_timeout,
-                    Duration::from_secs(3),
-                )?,
-                idle_timeout: duration(
-                    "liveness.idle_timeout",
-                    raw.liveness.idle_timeout,
-                    Duration::from_secs(20),
-                )?,
-                resume_tick: duration(
-                    "liveness.resume_tick",
-                    raw.liveness.resume_tick,
-                    Duration::from_secs(1),
-                )?,
-                resume_threshold: Duration::from_secs(2),
-            },
+            liveness,
             reconnect: Reconnect {
                 backoff: crate::backoff::Policy {
                     initial: duration(
@@ -349,6 +328,44 @@ impl Config {
             max_streams: 1024,
         })
     }
+}
+
+/// The liveness settings, checked against each other.
+fn liveness(raw: RawLiveness) -> Result<Liveness, ConfigError> {
+    let liveness = Liveness {
+        heartbeat_interval: duration(
+            "liveness.heartbeat_interval",
+            raw.heartbeat_interval,
+            Duration::from_secs(5),
+        )?,
+        heartbeat_timeout: duration(
+            "liveness.heartbeat_timeout",
+            raw.heartbeat_timeout,
+            Duration::from_secs(3),
+        )?,
+        idle_timeout: duration(
+            "liveness.idle_timeout",
+            raw.idle_timeout,
+            Duration::from_secs(20),
+        )?,
+        resume_tick: duration(
+            "liveness.resume_tick",
+            raw.resume_tick,
+            Duration::from_secs(1),
+        )?,
+        resume_threshold: Duration::from_secs(2),
+    };
+    if liveness.idle_timeout <= liveness.heartbeat_interval {
+        return Err(ConfigError::Invalid {
+            key: "liveness.idle_timeout",
+            message: format!(
+                "{:?} must be longer than heartbeat_interval ({:?}), or an idle connection \
+                 times out between heartbeats",
+                liveness.idle_timeout, liveness.heartbeat_interval
+            ),
+        });
+    }
+    Ok(liveness)
 }
 
 /// A duration key: its value parsed, or the default.
@@ -440,6 +457,12 @@ mod tests {
         assert!(err.to_string().contains("token_file"), "{err}");
         let err = load("edge = \"e:1\"\nedgee = 1", &[(TOKEN_ENV, "t")]).unwrap_err();
         assert!(err.to_string().contains("edgee"), "{err}");
+        let err = load(
+            "edge = \"e:1\"\n[liveness]\nidle_timeout = \"4s\"",
+            &[(TOKEN_ENV, "t")],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("liveness.idle_timeout"), "{err}");
         let err = load("edge = \"e:1\"\ntoken_file = \"missing.token\"", &[]).unwrap_err();
         assert!(
             err.to_string().contains("/etc/burrow/missing.token"),

@@ -59,6 +59,9 @@ pub async fn serve(
             .instrument(info_span!("agent", %remote)),
         );
     }
+    // New handshakes are refused from now on, so agents told to go away fail fast and find
+    // the next edge instead of waiting out a dial into this one.
+    endpoint.set_server_config(None);
     for session in registry.sessions() {
         let _ = session.control.try_send(ControlMsg::GoAway(GoAway {
             reason: GoAwayReason::Shutdown,
@@ -70,6 +73,9 @@ pub async fn serve(
     // Agents drain their running streams and then close; give them the grace period.
     let _ = tokio::time::timeout(drain_grace, endpoint.wait_idle()).await;
     endpoint.close(close::SHUTDOWN.into(), b"edge shutting down");
+    // Let the close frames go out and the socket be released before returning: a restart on
+    // the same address follows.
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
 }
 
 /// Sends a reject, gives it a moment to arrive, then closes the connection with its reason.

@@ -1,0 +1,698 @@
+//! Recovery from faults of whole processes: the agent frozen (SIGSTOP) past its idle timeout, a
+//! simulated suspend and a stepped wall clock, a second agent with the same token, the agent
+//! stopped with SIGTERM while a download runs, and a graceful restart of the edge with a
+//! WebSocket and an event stream open.
+//!
+//! The agent runs as the real `burrow-agent` binary where signals are the fault, and in process
+//! where the test needs its clocks or its status. Every wait is on an event with a deadline;
+//! the figures each test measures are printed (`-- --nocapture`).
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use burrow_agent::status::State;
+use burrow_tests::services::{http_service, ws_echo};
+use burrow_tests::{DOMAIN, Devbox, TestAgent, TestClocks, TestEdge, WAIT, binary, request};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
+use tokio::time::{Instant, timeout};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+/// The public host of `port` in the tunnel `key`.
+fn host(port: u16, key: &str) -> String {
+    format!("{port}-{key}.{DOMAIN}")
+}
+
+/// The `burrow-agent` binary running as a child process, its stderr collected line by line.
+struct AgentProcess {
+    child: tokio::process::Child,
+    pid: u32,
+    log: watch::Receiver<Vec<String>>,
+}
+
+impl AgentProcess {
+    /// Starts the agent for `devbox`, pointed at `edge` with flags, the token in
+    /// BURROW_AGENT_TOKEN, and `env` on top. Nothing else from the test's `BURROW_*`
+    /// environment reaches it.
+    fn spawn(edge: &TestEdge, devbox: &Devbox, env: &[(&str, &str)]) -> AgentProcess {
+        let mut cmd = tokio::process::Command::new(binary("burrow-agent"));
+        for (key, value) in edge.agent_flags(None) {
+            let flag = match key {
+                "edge" => "--edge",
+                "server_name" => "--server-name",
+                "ca" => "--ca",
+                other => panic!("no flag for agent setting `{other}`"),
+            };
+            cmd.arg(flag).arg(value);
+        }
+        for (name, _) in std::env::vars() {
+            if name.starts_with("BURROW_") {
+                cmd.env_remove(name);
+            }
+        }
+        cmd.env("BURROW_AGENT_TOKEN", &devbox.agent_token)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().expect("burrow-agent starts");
+        let pid = child.id().expect("a running child has a pid");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, log) = watch::channel(Vec::new());
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                tx.send_modify(|log| log.push(line));
+            }
+        });
+        AgentProcess { child, pid, log }
+    }
+
+    /// Lines logged so far.
+    fn lines(&self) -> usize {
+        self.log.borrow().len()
+    }
+
+    /// Waits up to `bound` for a line after the first `from` lines containing `what`.
+    async fn wait_log(&self, what: &str, from: usize, bound: Duration) -> String {
+        let mut log = self.log.clone();
+        let found = timeout(
+            bound,
+            log.wait_for(|lines| lines.iter().skip(from).any(|l| l.contains(what))),
+        )
+        .await;
+        match found {
+            Ok(Ok(lines)) => lines
+                .iter()
+                .skip(from)
+                .find(|l| l.contains(what))
+                .cloned()
+                .unwrap_or_default(),
+            _ => panic!(
+                "the agent did not log `{what}` within {bound:?}; its log:\n{}",
+                self.log.borrow().join("\n")
+            ),
+        }
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, `TERM`) with kill(1).
+    fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid.to_string())
+            .status()
+            .expect("kill(1) runs");
+        assert!(status.success(), "kill -{name} {} failed", self.pid);
+    }
+
+    /// Waits up to `bound` for the agent to exit; its exit code.
+    async fn exit_code(&mut self, bound: Duration) -> i32 {
+        match timeout(bound, self.child.wait()).await {
+            Ok(status) => {
+                let status = status.expect("wait for burrow-agent");
+                status
+                    .code()
+                    .unwrap_or_else(|| panic!("killed by a signal: {status}"))
+            }
+            Err(_) => panic!(
+                "the agent did not exit within {bound:?}; its log:\n{}",
+                self.log.borrow().join("\n")
+            ),
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- burrow-agent log ---\n{}", self.log.borrow().join("\n"));
+        }
+    }
+}
+
+/// GETs `url` with curl until it answers 200, each try bounded by 10 s; the time that took and
+/// the tries. Panics with the last answer after `bound`.
+async fn first_200(url: &str, bound: Duration) -> (Duration, u32) {
+    let start = Instant::now();
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let reply = burrow_tests::curl(&["--max-time", "10", "-o", "/dev/null", url]).await;
+        if reply.code == 200 {
+            return (start.elapsed(), tries);
+        }
+        assert!(
+            start.elapsed() < bound,
+            "no 200 from {url} within {bound:?} ({tries} tries); last: {} {}",
+            reply.code,
+            reply.stderr
+        );
+        // An immediate answer (a refused connection) is retried at a modest pace.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_process_stopped_longer_than_idle_timeout() {
+    // A short QUIC idle timeout (the default is 20 s) so that holding the process stopped
+    // past it takes seconds, not half a minute: the edge gives up on the connection while the
+    // agent cannot answer, and the agent must notice on waking and dial again. Heartbeats
+    // (which double as QUIC keep-alives) must come more often than the idle timeout, or an
+    // idle connection times out between two of them: every 1 s instead of 5 s.
+    const IDLE: &str = "4s";
+    const HOLD: Duration = Duration::from_secs(8);
+    let edge = TestEdge::start().await;
+    let devbox = edge.devbox(Some("open")).await;
+    let key = devbox.key.clone().expect("an open tunnel has a key");
+    let service = http_service("127.0.0.1:0").await;
+    let url = edge.url(service.addr.port(), &key, "/");
+
+    let mut agent = AgentProcess::spawn(
+        &edge,
+        &devbox,
+        &[
+            ("BURROW_LIVENESS_IDLE_TIMEOUT", IDLE),
+            ("BURROW_LIVENESS_HEARTBEAT_INTERVAL", "1s"),
+        ],
+    );
+    let (up, _) = first_200(&url, WAIT).await;
+    println!("agent process serving after {up:?}");
+
+    agent.signal("STOP");
+    tokio::time::sleep(HOLD).await;
+    let before = agent.lines();
+    agent.signal("CONT");
+    let (recovered, tries) = first_200(&url, WAIT).await;
+    println!(
+        "stopped {HOLD:?} (idle timeout {IDLE}): first 200 {recovered:?} after SIGCONT, {tries} tries"
+    );
+    // The late clock tick shows the stop, and the connection the edge dropped meanwhile is
+    // replaced by a new one.
+    agent.wait_log("resume detected", before, WAIT).await;
+    agent.wait_log(": connected", before, WAIT).await;
+    let log = agent.log.borrow().clone();
+    for line in log.iter().skip(before) {
+        println!("agent after SIGCONT: {line}");
+    }
+    assert!(
+        recovered < Duration::from_secs(10),
+        "the tunnel took {recovered:?} to serve again after SIGCONT"
+    );
+
+    agent.signal("TERM");
+    let code = agent.exit_code(WAIT).await;
+    assert_eq!(code, 0, "SIGTERM is a clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_resume_is_detected_and_requests_succeed() {
+    let edge = TestEdge::start().await;
+    let devbox = edge.devbox(Some("open")).await;
+    let key = devbox.key.clone().expect("an open tunnel has a key");
+    let service = http_service("127.0.0.1:0").await;
+    let target = host(service.addr.port(), &key);
+    let clocks = Arc::new(TestClocks::default());
+    let agent = TestAgent::spawn_full(&edge, &devbox, &[], &[], Some(clocks.clone()));
+    agent.wait_for("connected", |s| s.connected).await;
+    assert_eq!(
+        agent.status().resumes,
+        0,
+        "no resume before the test makes one"
+    );
+
+    // The resume tick is 1 s: a suspend shows at the next sample.
+    let detect_bound = Duration::from_secs(5);
+    for (n, what) in [(1, "suspend of 60 s"), (2, "wall clock stepped by 30 s")] {
+        let start = Instant::now();
+        if n == 1 {
+            clocks.suspend(Duration::from_secs(60));
+        } else {
+            clocks.step_realtime(Duration::from_secs(30));
+        }
+        let mut status = agent.agent.status.clone();
+        timeout(detect_bound, status.wait_for(|s| s.resumes >= n))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: not detected within {detect_bound:?}"))
+            .expect("agent running");
+        let detected = start.elapsed();
+        let reply = timeout(WAIT, request(edge.http(), "GET", &target, "/", &[], vec![]))
+            .await
+            .expect("an answer in time")
+            .expect("an answer");
+        assert_eq!(reply.status, 200, "{what}: {}", reply.text());
+        println!(
+            "{what}: detected after {detected:?}, a request answered 200 {:?} after the fault",
+            start.elapsed()
+        );
+        assert_eq!(agent.status().resumes, n, "{what}: counted once");
+    }
+
+    // Both probes went out on a live connection; once their deadline (the heartbeat timeout,
+    // 3 s) has passed, the answered probes must have kept the session.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let status = agent.status();
+    println!(
+        "after both probes: sessions {}, resumes {}, rtt {:?}",
+        status.sessions, status.resumes, status.rtt
+    );
+    assert!(status.connected, "still connected: {status:?}");
+    assert_eq!(
+        status.sessions, 1,
+        "an answered probe keeps the connection: {status:?}"
+    );
+    assert_eq!(status.resumes, 2, "no resume counted without a fault");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_with_one_token() {
+    let edge = TestEdge::start().await;
+    let devbox = edge.devbox(Some("open")).await;
+    let key = devbox.key.clone().expect("an open tunnel has a key");
+    let service = http_service("127.0.0.1:0").await;
+    let port = service.addr.port().to_string();
+    let target = host(service.addr.port(), &key);
+    let get = || async {
+        timeout(WAIT, request(edge.http(), "GET", &target, "/", &[], vec![]))
+            .await
+            .expect("an answer in time")
+            .expect("an answer")
+    };
+
+    // A refuses the service's port, B allows it: a 200 can only come from B.
+    let a = TestAgent::start_with(&edge, &devbox, &[("forward.deny_ports", &port)]).await;
+    let reply = get().await;
+    assert_eq!(reply.status, 403, "A serves and refuses: {}", reply.text());
+
+    let start = Instant::now();
+    let b = TestAgent::start(&edge, &devbox).await;
+    let b_connected = start.elapsed();
+    a.wait_for("standby", |s| s.state == State::Standby).await;
+    let a_standby = start.elapsed();
+    println!("B connected after {b_connected:?}, A in standby after {a_standby:?}");
+    let a_status = a.status();
+    let why = a_status.last_error.clone().unwrap_or_default();
+    println!("A's last error: {why}");
+    assert!(why.contains("another agent"), "A says why: {a_status:?}");
+    assert!(!a_status.connected, "A has no session: {a_status:?}");
+
+    for i in 0..5 {
+        let reply = get().await;
+        assert_eq!(
+            reply.status,
+            200,
+            "request {i} is served by B: {}",
+            reply.text()
+        );
+        let a_status = a.status();
+        assert_eq!(a_status.state, State::Standby, "A stays in standby");
+        assert_eq!(a_status.sessions, 1, "A does not take over: {a_status:?}");
+    }
+    let b_status = b.status();
+    assert!(b_status.connected, "{b_status:?}");
+    assert_eq!(b_status.state, State::Connected);
+    assert_eq!(b_status.sessions, 1, "B was never pushed out: {b_status:?}");
+    println!(
+        "after 5 requests: A {} sessions {}, B {} sessions {}",
+        a.status().state.as_str(),
+        a.status().sessions,
+        b_status.state.as_str(),
+        b_status.sessions
+    );
+}
+
+/// A one-shot slow service: answers the first request with `chunks` x `chunk` bytes
+/// (content-length), one chunk every `pause`, then closes. Chunk `i` is all `b'a' + i`. The
+/// receiver fires once the first chunk is written.
+async fn slow_download(
+    chunks: usize,
+    chunk: usize,
+    pause: Duration,
+) -> (u16, oneshot::Receiver<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (first_tx, first_rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.expect("accept");
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tcp.read(&mut buf).await.expect("read request");
+            assert!(n > 0, "the request ended before its head");
+            head.extend_from_slice(&buf[..n]);
+        }
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n",
+            chunks * chunk
+        );
+        tcp.write_all(response.as_bytes())
+            .await
+            .expect("write head");
+        let mut first = Some(first_tx);
+        for i in 0..chunks {
+            let fill = b'a' + u8::try_from(i % 26).expect("small");
+            tcp.write_all(&vec![fill; chunk])
+                .await
+                .expect("write chunk");
+            tcp.flush().await.expect("flush");
+            if let Some(tx) = first.take() {
+                let _ = tx.send(());
+            }
+            if i + 1 < chunks {
+                tokio::time::sleep(pause).await;
+            }
+        }
+        let _ = tcp.shutdown().await;
+    });
+    (port, first_rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_sigterm_lets_running_streams_finish() {
+    const CHUNKS: usize = 10;
+    const CHUNK: usize = 100 * 1024;
+    const DRAIN_GRACE: Duration = Duration::from_secs(10);
+    let edge = TestEdge::start().await;
+    let devbox = edge.devbox(Some("open")).await;
+    let key = devbox.key.clone().expect("an open tunnel has a key");
+    let service = http_service("127.0.0.1:0").await;
+    let mut agent = AgentProcess::spawn(&edge, &devbox, &[]);
+    first_200(&edge.url(service.addr.port(), &key, "/"), WAIT).await;
+
+    let (port, first_chunk) = slow_download(CHUNKS, CHUNK, Duration::from_millis(300)).await;
+    let url = edge.url(port, &key, "/download");
+    let download = tokio::spawn(async move {
+        let out = tokio::process::Command::new("curl")
+            .args(["-sS", "--max-time", "60", &url])
+            .output()
+            .await
+            .expect("curl runs");
+        (out, Instant::now())
+    });
+    timeout(WAIT, first_chunk)
+        .await
+        .expect("the service starts sending in time")
+        .expect("the service sent its first chunk");
+
+    let before = agent.lines();
+    let term = Instant::now();
+    agent.signal("TERM");
+    agent.wait_log("shutting down", before, WAIT).await;
+    let code = agent.exit_code(DRAIN_GRACE + Duration::from_secs(5)).await;
+    let exited = term.elapsed();
+    let (out, done) = timeout(WAIT, download)
+        .await
+        .expect("curl finishes in time")
+        .expect("curl task");
+    let body = out.stdout;
+    println!(
+        "SIGTERM mid-download: curl done {:?} after it ({} of {} bytes, {}), agent exited {code} after {exited:?}",
+        done.duration_since(term),
+        body.len(),
+        CHUNKS * CHUNK,
+        out.status
+    );
+    assert!(
+        out.status.success(),
+        "curl: {} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(body.len(), CHUNKS * CHUNK, "the whole body arrived");
+    for (i, chunk) in body.chunks(CHUNK).enumerate() {
+        let fill = b'a' + u8::try_from(i % 26).expect("small");
+        assert!(chunk.iter().all(|b| *b == fill), "chunk {i} arrived intact");
+    }
+    assert_eq!(code, 0, "a drained stop exits 0");
+    assert!(
+        exited < DRAIN_GRACE + Duration::from_secs(5),
+        "exited {exited:?} after SIGTERM"
+    );
+
+    // No agent now: a request waits the edge's `agents.wait` (5 s), then 503.
+    let start = Instant::now();
+    let reply = burrow_tests::curl(&[
+        "--max-time",
+        "30",
+        &edge.url(service.addr.port(), &key, "/"),
+    ])
+    .await;
+    let waited = start.elapsed();
+    println!(
+        "request with the agent gone: {} after {waited:?}",
+        reply.code
+    );
+    assert_eq!(reply.code, 503, "{} {}", reply.body, reply.stderr);
+    assert!(
+        waited >= Duration::from_millis(4500),
+        "the request waited for an agent first ({waited:?})"
+    );
+}
+
+/// An endless event stream: one `id: {i}\ndata: event {i}\n\n` event every 100 ms, each
+/// written whole as one HTTP/1.1 chunk, for every connection.
+async fn endless_sse() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                            cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n";
+                if tcp.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                for i in 0u64.. {
+                    let event = format!("id: {i}\ndata: event {i}\n\n");
+                    let chunk = format!("{:x}\r\n{event}\r\n", event.len());
+                    if tcp.write_all(chunk.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_graceful_restart_keeps_the_url_and_queued_requests_succeed() {
+    const DRAIN_GRACE: Duration = Duration::from_secs(2);
+    let grace = "drain_grace = \"2s\"";
+    let edge = TestEdge::builder().toml(grace).start().await;
+    let (http, agents) = (edge.http(), edge.agents_addr());
+    let devbox = edge.devbox(Some("open")).await;
+    let agent = TestAgent::start(&edge, &devbox).await;
+    let key = agent
+        .status()
+        .tunnel
+        .map(|t| t.key.to_string())
+        .expect("the agent knows its tunnel");
+    assert_eq!(Some(&key), devbox.key.as_ref());
+    let service = http_service("127.0.0.1:0").await;
+    let sse_port = endless_sse().await;
+    let ws_port = ws_echo().await.port();
+
+    // An event stream, read as it arrives until it ends.
+    let tcp = TcpStream::connect(http).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let req = http::Request::get("/events")
+        .header("host", host(sse_port, &key))
+        .header("accept", "text/event-stream")
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let response = timeout(WAIT, sender.send_request(req))
+        .await
+        .expect("SSE headers in time")
+        .expect("SSE response");
+    assert_eq!(response.status(), 200);
+    let (first_tx, first_rx) = oneshot::channel();
+    let sse = tokio::spawn(async move {
+        let mut body = response.into_body();
+        let mut text = String::new();
+        let mut first = Some(first_tx);
+        let end = loop {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        text.push_str(&String::from_utf8_lossy(data));
+                        if text.contains("\n\n") {
+                            if let Some(tx) = first.take() {
+                                let _ = tx.send(());
+                            }
+                        }
+                    }
+                }
+                Some(Err(e)) => break format!("error: {e}"),
+                None => break "end of body".to_owned(),
+            }
+        };
+        (text, end, Instant::now())
+    });
+    timeout(WAIT, first_rx)
+        .await
+        .expect("a first event in time")
+        .expect("SSE reader");
+
+    // A WebSocket, echoing once, then read until it ends.
+    let ws_url = format!("ws://{}:{}/", host(ws_port, &key), http.port());
+    let tcp = TcpStream::connect(http).await.expect("connect");
+    let (mut ws, _) = timeout(
+        WAIT,
+        tokio_tungstenite::client_async(ws_url.into_client_request().expect("ws request"), tcp),
+    )
+    .await
+    .expect("WebSocket handshake in time")
+    .expect("WebSocket handshake");
+    ws.send(Message::text("before the restart"))
+        .await
+        .expect("send");
+    let echo = timeout(WAIT, ws.next())
+        .await
+        .expect("echo in time")
+        .expect("open")
+        .expect("a message");
+    assert_eq!(echo, Message::text("before the restart"));
+    let ws_task = tokio::spawn(async move {
+        let end = loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => break format!("close {frame:?}"),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => break format!("error: {e}"),
+                None => break "end of stream".to_owned(),
+            }
+        };
+        (end, Instant::now())
+    });
+
+    let sessions = agent.status().sessions;
+    let stop = Instant::now();
+    let mut edge = edge;
+    edge.stop().await;
+    let stopped = stop.elapsed();
+    // `Edge::stop` returns while quinn's endpoint driver still holds the agents' UDP port (it
+    // lingers until closed connections have drained), so binding it again at once fails with
+    // AddrInUse. A new process would not meet this (the old one's exit frees the port); wait
+    // until the port is free.
+    let free = Instant::now();
+    loop {
+        match std::net::UdpSocket::bind(agents) {
+            Ok(socket) => break drop(socket),
+            Err(e) => assert!(
+                free.elapsed() < WAIT,
+                "the agents' port {agents} is still bound {:?} after the edge stopped: {e}",
+                free.elapsed()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let port_free = free.elapsed();
+    let builder = TestEdge::builder().http(http).agents(agents).toml(grace);
+    let edge = edge.restart_with(builder).await;
+    let restarted = stop.elapsed();
+    println!("edge stopped in {stopped:?}; its UDP port was free {port_free:?} later");
+    // Right away, before the agent is back: this request waits for it.
+    let agent_back_at_send = agent.status().connected;
+    let sent = Instant::now();
+    let reply = timeout(
+        WAIT,
+        request(
+            http,
+            "GET",
+            &host(service.addr.port(), &key),
+            "/",
+            &[],
+            vec![],
+        ),
+    )
+    .await
+    .expect("an answer in time")
+    .expect("an answer");
+    let answered = sent.elapsed();
+    println!(
+        "edge restarted in {restarted:?}; a request sent right after waited {answered:?} for {}: {}",
+        if agent_back_at_send {
+            "nothing (the agent was already back)"
+        } else {
+            "the agent"
+        },
+        reply.status
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(edge.http(), http, "the same public address");
+
+    let margin = Duration::from_secs(5);
+    let (text, sse_end, sse_at) = timeout(WAIT, sse)
+        .await
+        .expect("the event stream ends")
+        .expect("SSE reader");
+    let (ws_end, ws_at) = timeout(WAIT, ws_task)
+        .await
+        .expect("the WebSocket ends")
+        .expect("WebSocket reader");
+    let events = text.matches("\n\n").count();
+    println!(
+        "SSE ended {:?} after the stop began ({sse_end}), {events} events, {} bytes; \
+         WebSocket ended {:?} after ({ws_end})",
+        sse_at.duration_since(stop),
+        text.len(),
+        ws_at.duration_since(stop)
+    );
+    assert!(
+        sse_at.duration_since(stop) < DRAIN_GRACE + margin,
+        "the event stream ended {:?} after the stop began",
+        sse_at.duration_since(stop)
+    );
+    assert!(
+        ws_at.duration_since(stop) < DRAIN_GRACE + margin,
+        "the WebSocket ended {:?} after the stop began",
+        ws_at.duration_since(stop)
+    );
+    assert!(
+        text.ends_with("\n\n"),
+        "the last event arrived whole: {:?}",
+        &text[text.len().saturating_sub(60)..]
+    );
+
+    agent
+        .wait_for("connected to the new edge", |s| {
+            s.connected && s.sessions > sessions
+        })
+        .await;
+    let status = agent.status();
+    let key_after = status.tunnel.as_ref().map(|t| t.key.to_string());
+    println!(
+        "agent sessions {} -> {}, tunnel key {key} -> {key_after:?}",
+        sessions, status.sessions
+    );
+    assert_eq!(key_after.as_deref(), Some(key.as_str()), "the same URL");
+    assert!(
+        !agent_back_at_send,
+        "the agent was back before the request was sent: the queue was not exercised"
+    );
+}
