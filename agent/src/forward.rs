@@ -4,7 +4,6 @@
 //! Only loopback is ever dialed, whatever the header says: `127.0.0.1` first, then `::1`, so
 //! services bound to `0.0.0.0`, `127.0.0.1` or `::1` are all reached.
 
-use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
@@ -44,18 +43,27 @@ pub enum ForwardError {
     /// The header could not be read.
     #[error("stream header: {0}")]
     Wire(#[from] WireError),
-    /// Copying failed (a peer reset its side).
-    #[error("copy: {0}")]
-    Copy(io::Error),
+}
+
+/// How a stream ended, for the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Accepted and copied until both sides finished: bytes to and from the service.
+    Copied(u64, u64),
+    /// Refused with a reason.
+    Refused(RefuseReason),
+    /// Accepted, then reset by one side.
+    Reset,
 }
 
 /// Serves one stream from the edge. `refuse` short-circuits with a reason (stream cap reached).
+/// Returns the port and how the stream ended; an error means no usable header arrived.
 pub async fn serve(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     limits: &Limits,
     refuse: Option<RefuseReason>,
-) -> Result<(), ForwardError> {
+) -> Result<(Port, Outcome), ForwardError> {
     let header = tokio::time::timeout(
         HEADER_TIMEOUT,
         wire::read_msg(&mut recv, StreamHeader::decode),
@@ -79,7 +87,7 @@ pub async fn serve(
             debug!(%port, reason = reason.as_str(), "refused stream");
             wire::write_frame(&mut send, StreamAnswer::Refuse(reason).encoded()).await?;
             let _ = send.finish();
-            return Ok(());
+            return Ok((port, Outcome::Refused(reason)));
         }
     };
     wire::write_frame(&mut send, StreamAnswer::Accept.encoded()).await?;
@@ -89,15 +97,16 @@ pub async fn serve(
     let copied =
         tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut quic, COPY_BUF, COPY_BUF).await;
     match copied {
-        Ok((up, down)) => {
-            debug!(%port, up, down, "stream done");
-            Ok(())
+        Ok((from_service, to_service)) => {
+            debug!(%port, to_service, from_service, "stream done");
+            Ok((port, Outcome::Copied(to_service, from_service)))
         }
         Err(e) => {
+            debug!(%port, error = %e, "stream reset");
             let (mut recv, mut send) = quic.into_inner();
             let _ = send.reset(RESET_CODE.into());
             let _ = recv.stop(RESET_CODE.into());
-            Err(ForwardError::Copy(e))
+            Ok((port, Outcome::Reset))
         }
     }
 }

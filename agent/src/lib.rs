@@ -15,6 +15,9 @@
 //! - [`policy`]: the allow/deny port lists.
 //! - [`wire`]: reading and writing protocol frames on QUIC streams (the edge uses it too).
 //! - [`status`]: what the agent reports about itself.
+//! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` listener.
+//! - [`sidecar`]: `burrow-agent -- CMD`: the devbox's entrypoint run next to the tunnel, its
+//!   signals forwarded, orphans reaped, its exit code passed on.
 //! - [`cli`]: the `burrow-agent` command line.
 
 #![forbid(unsafe_code)]
@@ -24,6 +27,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod forward;
+pub mod metrics;
 pub mod policy;
 pub mod reconnect;
 pub mod resume;
@@ -47,6 +51,8 @@ pub struct Agent {
     pub status: watch::Receiver<Status>,
     /// The agent's task; ends after `shutdown` fires.
     pub task: JoinHandle<Result<(), tls::TlsError>>,
+    /// The agent's metrics.
+    pub metrics: std::sync::Arc<metrics::Metrics>,
 }
 
 impl Agent {
@@ -62,7 +68,18 @@ impl Agent {
         shutdown: CancellationToken,
     ) -> Agent {
         let (tx, status) = watch::channel(Status::default());
-        let task = tokio::spawn(reconnect::run_with_clocks(config, clocks, tx, shutdown));
-        Agent { status, task }
+        let metrics = metrics::Metrics::new();
+        let task = tokio::spawn(reconnect::run_with_clocks(
+            config,
+            clocks,
+            tx,
+            metrics.clone(),
+            shutdown,
+        ));
+        Agent {
+            status,
+            task,
+            metrics,
+        }
     }
 }

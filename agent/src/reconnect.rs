@@ -25,6 +25,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::backoff::{Backoff, Policy};
 use crate::clock::{Clocks, SystemClocks};
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::session::{Ended, Identity, Session, SessionError};
 use crate::status::{State, Status};
 use crate::{resume, tls};
@@ -43,7 +44,8 @@ pub async fn run(
     status: watch::Sender<Status>,
     shutdown: CancellationToken,
 ) -> Result<(), tls::TlsError> {
-    run_with_clocks(config, Arc::new(SystemClocks), status, shutdown).await
+    let metrics = Metrics::new();
+    run_with_clocks(config, Arc::new(SystemClocks), status, metrics, shutdown).await
 }
 
 /// Runs the agent with the given clocks (tests make them jump). Fails only on a configuration
@@ -52,6 +54,7 @@ pub async fn run_with_clocks(
     config: Config,
     clocks: Arc<dyn Clocks>,
     status: watch::Sender<Status>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<(), tls::TlsError> {
     let client = tls::client_config(config.ca.as_deref(), &config.liveness)?;
@@ -62,8 +65,22 @@ pub async fn run_with_clocks(
         config.liveness.resume_tick,
         config.liveness.resume_threshold,
         resume_tx,
+        metrics.clone(),
         shutdown.clone(),
     ));
+    if let Some(addr) = config.metrics_listen {
+        match crate::metrics::bind(addr).await {
+            Ok(listener) => {
+                background.spawn(crate::metrics::serve(
+                    listener,
+                    metrics.clone(),
+                    status.subscribe(),
+                    shutdown.clone(),
+                ));
+            }
+            Err(e) => warn!("{e}; metrics are not served"),
+        }
+    }
     let mut count_resumes = resumes.clone();
     let counter_status = status.clone();
     let counter_shutdown = shutdown.clone();
@@ -116,6 +133,7 @@ pub async fn run_with_clocks(
         let session = match attempt {
             Ok(session) => session,
             Err(SessionError::Rejected(reject)) if reject.reason == RejectReason::Replaced => {
+                metrics.dial_failures.with_label_values(&["standby"]).inc();
                 info!("another agent with this token is connected; standing by");
                 status.send_modify(|s| {
                     s.state = State::Standby;
@@ -125,12 +143,19 @@ pub async fn run_with_clocks(
                 continue;
             }
             Err(e @ SessionError::Rejected(_)) => {
+                metrics.dial_failures.with_label_values(&["refused"]).inc();
                 delay = refused.next_delay().max(REFUSED.initial);
                 error!(error = %e, retry_in = ?delay, "the edge refused this agent; check its token");
                 status.send_modify(|s| s.last_error = Some(e.to_string()));
                 continue;
             }
             Err(e) => {
+                let cause = match e {
+                    SessionError::Timeout(_) => "timeout",
+                    SessionError::Resolve(..) => "resolve",
+                    _ => "unreachable",
+                };
+                metrics.dial_failures.with_label_values(&[cause]).inc();
                 delay = backoff.next_delay();
                 warn!(edge = %config.edge, error = %e, retry_in = ?delay, "cannot reach the edge; retrying");
                 status.send_modify(|s| s.last_error = Some(e.to_string()));
@@ -155,12 +180,33 @@ pub async fn run_with_clocks(
             s.sessions += 1;
             s.last_error = None;
         });
+        metrics.connects.inc();
+        metrics.set_connection(Some(session.connection().clone()));
         let started = Instant::now();
         let ended = session
-            .serve(&config, &status, &mut resumes, &background, &shutdown)
+            .serve(
+                &config,
+                &status,
+                &mut resumes,
+                &background,
+                &metrics,
+                &shutdown,
+            )
             .instrument(span.clone())
             .await;
         status.send_modify(|s| s.connected = false);
+        metrics.set_connection(None);
+        let cause = match &ended {
+            Ended::Shutdown => "shutdown",
+            Ended::GoAway(g) => match g.reason {
+                GoAwayReason::Replaced => "replaced",
+                GoAwayReason::Revoked => "revoked",
+                _ => "edge_going_away",
+            },
+            Ended::Dead(_) => "dead_path",
+            Ended::Lost(_) => "connection_lost",
+        };
+        metrics.disconnects.with_label_values(&[cause]).inc();
         if started.elapsed() >= config.reconnect.healthy_after {
             backoff.reset();
         }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::clock::{Clocks, Sample};
+use crate::metrics::Metrics;
 
 /// What the detector concluded from two samples.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +79,7 @@ pub async fn watch(
     tick: Duration,
     threshold: Duration,
     resumes: watch::Sender<u64>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let mut detector = Detector::new(clocks.sample(), tick, threshold);
@@ -90,6 +92,12 @@ pub async fn watch(
         }
         if let Some(resume) = detector.observe(clocks.sample()) {
             info!(?resume, "resume detected; probing the connection");
+            let kind = match resume {
+                Resume::Suspended(_) => "suspended",
+                Resume::ClockStep(_) => "clock_step",
+                Resume::Stalled(_) => "stalled",
+            };
+            metrics.resumes.with_label_values(&[kind]).inc();
             resumes.send_modify(|n| *n += 1);
         }
     }

@@ -22,6 +22,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::Config;
 use crate::forward::{self, Limits};
+use crate::metrics::Metrics;
 use crate::status::Status;
 use crate::wire::{self, WireError};
 
@@ -175,6 +176,11 @@ impl Session {
         &self.welcome.devbox_id
     }
 
+    /// The QUIC connection (for its stats).
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
     /// The tunnel as the edge announced it.
     pub fn tunnel(&self) -> Option<&TunnelState> {
         self.welcome.tunnel.as_ref()
@@ -188,6 +194,7 @@ impl Session {
         status: &watch::Sender<Status>,
         resumes: &mut watch::Receiver<u64>,
         drains: &TaskTracker,
+        metrics: &Arc<Metrics>,
         shutdown: &CancellationToken,
     ) -> Ended {
         let Session {
@@ -225,11 +232,16 @@ impl Session {
                     let limits = limits.clone();
                     let span = info_span!("stream", stream_id = %send.id());
                     let status = status.clone();
+                    let metrics = metrics.clone();
                     status.send_modify(|s| s.streams += 1);
+                    metrics.streams_open.inc();
                     tasks.spawn(async move {
-                        if let Err(e) = forward::serve(send, recv, &limits, refuse).await {
-                            debug!(error = %e, "stream ended early");
+                        let started = Instant::now();
+                        match forward::serve(send, recv, &limits, refuse).await {
+                            Ok((port, outcome)) => metrics.stream(port, outcome, started.elapsed()),
+                            Err(e) => debug!(error = %e, "stream ended early"),
                         }
+                        metrics.streams_open.dec();
                         status.send_modify(|s| s.streams = s.streams.saturating_sub(1));
                         drop(permit);
                     }.instrument(span));
@@ -247,6 +259,7 @@ impl Session {
                                 info!(rtt_ms = rtt.as_millis() as u64, "the connection answered the probe");
                             }
                             status.send_modify(|s| s.rtt = Some(rtt));
+                            metrics.pong(rtt);
                         }
                     }
                     Ok(Some(ControlMsg::TunnelUpdate(update))) => {

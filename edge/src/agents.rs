@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::metrics::Metrics;
 use crate::registry::{AgentSession, AttachError, Attached, Registry};
 
 /// How long an agent has to complete the handshake and send its hello.
@@ -35,6 +36,7 @@ pub mod close {
 pub async fn serve(
     endpoint: quinn::Endpoint,
     registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
     drain_grace: Duration,
     shutdown: CancellationToken,
 ) {
@@ -48,11 +50,12 @@ pub async fn serve(
             },
         };
         let registry = registry.clone();
+        let metrics = metrics.clone();
         let remote = incoming.remote_address();
         let shutdown = shutdown.clone();
         tasks.spawn(
             async move {
-                if let Err(e) = session(incoming, registry, shutdown).await {
+                if let Err(e) = session(incoming, registry, metrics, shutdown).await {
                     debug!(error = %e, "agent session ended");
                 }
             }
@@ -114,6 +117,7 @@ enum SessionError {
 async fn session(
     incoming: quinn::Incoming,
     registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<(), SessionError> {
     let setup = async {
@@ -137,6 +141,10 @@ async fn session(
         }
     };
     if !(hello.min_version..=hello.max_version).contains(&VERSION) {
+        metrics
+            .agent_hellos
+            .with_label_values(&["bad_version"])
+            .inc();
         let message = format!("this edge speaks protocol version {VERSION}");
         reject(&conn, &mut send, RejectReason::UnsupportedVersion, &message).await;
         return Err(SessionError::Refused("unsupported version"));
@@ -159,18 +167,21 @@ async fn session(
     } = match attached {
         Ok(attached) => attached,
         Err(AttachError::BadToken) => {
+            metrics.agent_hellos.with_label_values(&["bad_token"]).inc();
             warn!(agent = %hello.agent, "agent presented an unknown or revoked token");
             let message = "unknown or revoked agent token";
             reject(&conn, &mut send, RejectReason::BadToken, message).await;
             return Err(SessionError::Refused("bad token"));
         }
         Err(AttachError::Busy) => {
+            metrics.agent_hellos.with_label_values(&["busy"]).inc();
             let message = "another agent with this token is connected";
             reject(&conn, &mut send, RejectReason::Replaced, message).await;
             return Err(SessionError::Refused("another instance is connected"));
         }
     };
 
+    metrics.agent_hellos.with_label_values(&["accepted"]).inc();
     let span = info_span!("session", devbox = %devbox_id);
     if let Some(old) = replaced {
         if old.instance == hello.instance {

@@ -10,6 +10,7 @@
 //! - [`agents`]: the QUIC listener: hello, token check, welcome, control stream.
 //! - [`route`]: parsing `{port}-{key}.{domain}`.
 //! - [`proxy`]: a public request: access check, data stream, HTTP/1.1 to the service, upgrades.
+//! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` listener.
 //! - [`pages`]: the edge's own answers (HTML for browsers, text for others).
 //! - [`admin`]: the admin API.
 //! - [`registry`]: devboxes, tunnels and live sessions in memory, written through to the store.
@@ -26,6 +27,7 @@ pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod dev;
+pub mod metrics;
 pub mod pages;
 pub mod proxy;
 pub mod registry;

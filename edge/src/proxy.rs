@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
+use crate::metrics::{CountedBody, GaugeGuard, Metrics};
 use crate::pages;
 use crate::registry::Registry;
 use crate::route;
@@ -45,6 +46,7 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 #[derive(Debug)]
 pub struct Proxy {
     registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
     domain: String,
     agent_wait: Duration,
     max_waiting: usize,
@@ -73,12 +75,14 @@ impl Proxy {
     /// agent, at most `max_waiting` of them per devbox.
     pub fn new(
         registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
         domain: String,
         agent_wait: Duration,
         max_waiting: usize,
     ) -> Proxy {
         Proxy {
             registry,
+            metrics,
             domain,
             agent_wait,
             max_waiting,
@@ -117,6 +121,7 @@ impl Proxy {
                 _ => false,
             };
             if !ok {
+                self.metrics.auth_failures.inc();
                 let detail = if presented.is_some() {
                     "the bearer token is not this tunnel's token"
                 } else {
@@ -138,10 +143,11 @@ impl Proxy {
         };
 
         let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
-        let outbound = outbound_request(req, &host, client, scheme, upgrade.is_some());
+        let outbound = outbound_request(req, &host, client, scheme, upgrade.is_some())
+            .map(|body| self.metrics.count_body(body, "from_client", None));
         let io = TokioIo::new(tokio::io::join(recv, send));
         let (mut sender, connection) = match hyper::client::conn::http1::Builder::new()
-            .handshake::<_, Incoming>(io)
+            .handshake::<_, CountedBody<Incoming>>(io)
             .await
         {
             Ok(pair) => pair,
@@ -177,7 +183,9 @@ impl Proxy {
                 );
             };
             let service_side = hyper::upgrade::on(&mut response);
+            let open = GaugeGuard::new(&self.metrics.upgrades_open);
             tokio::spawn(async move {
+                let _open = open;
                 match tokio::try_join!(client_side, service_side) {
                     Ok((client_io, service_io)) => {
                         let mut client_io = TokioIo::new(client_io);
@@ -193,7 +201,13 @@ impl Proxy {
         }
 
         strip_hop_by_hop(response.headers_mut());
-        response.map(|body| body.boxed())
+        let sse = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let guard = sse.then(|| GaugeGuard::new(&self.metrics.sse_open));
+        response.map(|body| self.metrics.count_body(body, "to_client", guard).boxed())
     }
 }
 
@@ -213,6 +227,7 @@ impl Proxy {
         let deadline = Instant::now() + self.agent_wait;
         let mut place = None;
         let mut failed = None;
+        let mut waiting_since: Option<Instant> = None;
         loop {
             // Register for the next attach before looking, so one in between is not missed.
             let next_attach = self.registry.next_attach();
@@ -225,7 +240,10 @@ impl Proxy {
                 let answer =
                     tokio::time::timeout(ANSWER_TIMEOUT, open_stream(&conn, header.clone()));
                 match answer.await {
-                    Ok(Ok(Ok(pair))) => return Ok(pair),
+                    Ok(Ok(Ok(pair))) => {
+                        self.waited(waiting_since, "served");
+                        return Ok(pair);
+                    }
                     Ok(Ok(Err(reason))) => return Err(refusal(reason, port)),
                     Ok(Err(e)) if connection_lost(&e) => {
                         debug!(error = %e, "agent connection failed under a request; waiting for the next");
@@ -249,7 +267,9 @@ impl Proxy {
             }
             if place.is_none() {
                 place = self.registry.queue(devbox_id, self.max_waiting);
+                waiting_since.get_or_insert_with(Instant::now);
                 if place.is_none() {
+                    self.metrics.waits.with_label_values(&["queue_full"]).inc();
                     return Err((
                         StatusCode::SERVICE_UNAVAILABLE,
                         "too many requests are waiting for this devbox's agent; try again in a few seconds".to_owned(),
@@ -265,6 +285,18 @@ impl Proxy {
                     "the devbox's agent is not connected; try again in a few seconds".to_owned(),
                 ));
             }
+        }
+    }
+}
+
+impl Proxy {
+    /// Records a wait for an agent, if the request waited.
+    fn waited(&self, since: Option<Instant>, result: &str) {
+        if let Some(since) = since {
+            self.metrics.waits.with_label_values(&[result]).inc();
+            self.metrics
+                .wait_duration
+                .observe(since.elapsed().as_secs_f64());
         }
     }
 }

@@ -424,6 +424,11 @@ impl Registry {
         Ok(entry.session)
     }
 
+    /// Whether the store answers (for `/readyz`).
+    pub fn store_ok(&self) -> Result<(), StoreError> {
+        self.store.ping()
+    }
+
     /// Every live session, for a go-away at shutdown.
     pub fn sessions(&self) -> Vec<AgentSession> {
         self.read()

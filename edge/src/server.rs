@@ -25,6 +25,7 @@ use crate::admin::Admin;
 use crate::agents;
 use crate::certs::{self, CertError, Identity};
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::proxy::{Body, Proxy, Scheme};
 use crate::registry::{Registry, UrlBase};
 use crate::secret::Secret;
@@ -85,6 +86,10 @@ pub struct Edge {
     pub agents_addr: SocketAddr,
     /// The admin API's address.
     pub admin_addr: SocketAddr,
+    /// The metrics listener's address.
+    pub metrics_addr: Option<SocketAddr>,
+    /// The edge's metrics.
+    pub metrics: Arc<Metrics>,
     /// The admin token.
     pub admin_token: Secret,
     /// The generated CA agents should trust, when no agents certificate is configured.
@@ -125,6 +130,10 @@ impl Edge {
             None => None,
         };
         let admin = bind("admin.listen", config.admin_listen).await?;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(bind("metrics.listen", addr).await?),
+            None => None,
+        };
         let local = |l: &TcpListener| l.local_addr().ok();
         let http_addr = http.as_ref().and_then(local);
         let https_addr = https.as_ref().and_then(|(l, _)| local(l));
@@ -149,24 +158,34 @@ impl Edge {
 
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let metrics = Metrics::new();
         tasks.spawn(agents::serve(
             endpoint,
             registry.clone(),
+            metrics.clone(),
             config.drain_grace,
             shutdown.clone(),
         ));
 
         let proxy = Arc::new(Proxy::new(
             registry.clone(),
+            metrics.clone(),
             config.domain.clone(),
             config.agent_wait,
             config.max_waiting,
         ));
         let public = |scheme: Scheme| -> Handler {
             let proxy = proxy.clone();
+            let metrics = metrics.clone();
             Arc::new(move |req, peer| {
                 let proxy = proxy.clone();
-                Box::pin(async move { proxy.handle(req, peer, scheme).await })
+                let metrics = metrics.clone();
+                Box::pin(async move {
+                    let started = std::time::Instant::now();
+                    let response = proxy.handle(req, peer, scheme).await;
+                    metrics.answered(response.status(), started.elapsed());
+                    response
+                })
             })
         };
         if let Some(listener) = http {
@@ -199,6 +218,25 @@ impl Edge {
             config.clone(),
             shutdown.clone(),
         ));
+        let metrics_addr = match metrics_listener {
+            Some(listener) => {
+                let addr = local(&listener);
+                let (metrics, registry) = (metrics.clone(), registry.clone());
+                let handler: Handler = Arc::new(move |req, _peer| {
+                    let response = metrics.handle(req.uri().path(), &registry);
+                    Box::pin(async move { response })
+                });
+                tasks.spawn(serve(
+                    listener,
+                    None,
+                    handler,
+                    config.clone(),
+                    shutdown.clone(),
+                ));
+                addr
+            }
+            None => None,
+        };
         tasks.close();
 
         info!(
@@ -210,6 +248,8 @@ impl Edge {
             https_addr,
             agents_addr,
             admin_addr,
+            metrics_addr,
+            metrics,
             admin_token,
             agent_ca,
             server_name: config.agents_server_name.clone(),

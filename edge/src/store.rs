@@ -147,6 +147,14 @@ impl Store {
         self.with(|c| Ok(c.execute("DELETE FROM devboxes WHERE id = ?1", params![id])? > 0))
     }
 
+    /// Checks that the database answers.
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.with(|c| {
+            Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+                .map(|_| ())?)
+        })
+    }
+
     /// One devbox.
     pub fn get(&self, id: &str) -> Result<Option<DevboxRecord>, StoreError> {
         self.with(|c| {

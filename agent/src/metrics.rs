@@ -1,0 +1,361 @@
+//! The agent's Prometheus metrics, registered once here, and its small HTTP listener for
+//! `/metrics`, `/healthz` (the process is alive) and `/readyz` (connected to the edge).
+//!
+//! Labels are bounded: causes, outcomes, port classes and directions, never ports, devbox ids,
+//! tunnel keys or addresses. The listener is hand-written HTTP/1.1 (one request per connection)
+//! so the agent, which runs in every devbox, carries no HTTP server library.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use burrow_protocol::{Port, RefuseReason};
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::forward::Outcome;
+use crate::status::Status;
+
+/// Every metric of the agent.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// 1 while a session with the edge is up.
+    pub connected: IntGauge,
+    /// Sessions established.
+    pub connects: IntCounter,
+    /// Sessions ended, by cause.
+    pub disconnects: IntCounterVec,
+    /// Dials that failed, by cause.
+    pub dial_failures: IntCounterVec,
+    /// Resumes detected, by kind.
+    pub resumes: IntCounterVec,
+    /// Last heartbeat round trip.
+    pub rtt: Gauge,
+    /// Data streams open now.
+    pub streams_open: IntGauge,
+    /// Data streams by port class and outcome.
+    pub streams: IntCounterVec,
+    /// Bytes copied, by direction.
+    pub bytes: IntCounterVec,
+    /// How long accepted streams lasted.
+    pub stream_duration: Histogram,
+    heartbeat_age: Gauge,
+    quic_lost_packets: IntGauge,
+    quic_cwnd: IntGauge,
+    quic_path_rtt: Gauge,
+    last_pong: Mutex<Option<Instant>>,
+    conn: Mutex<Option<quinn::Connection>>,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Arc<Metrics> {
+        let registry = Registry::new();
+        let m = Metrics {
+            connected: IntGauge::new(
+                "burrow_agent_connected",
+                "1 while a session with the edge is up",
+            )
+            .expect("valid metric"),
+            connects: IntCounter::new("burrow_agent_connects_total", "Sessions established")
+                .expect("valid metric"),
+            disconnects: IntCounterVec::new(
+                Opts::new("burrow_agent_disconnects_total", "Sessions ended, by cause"),
+                &["cause"],
+            )
+            .expect("valid metric"),
+            dial_failures: IntCounterVec::new(
+                Opts::new(
+                    "burrow_agent_dial_failures_total",
+                    "Dials that failed, by cause",
+                ),
+                &["cause"],
+            )
+            .expect("valid metric"),
+            resumes: IntCounterVec::new(
+                Opts::new("burrow_agent_resumes_total", "Resumes detected, by kind"),
+                &["kind"],
+            )
+            .expect("valid metric"),
+            rtt: Gauge::new(
+                "burrow_agent_rtt_seconds",
+                "Round trip of the last heartbeat answered by the edge",
+            )
+            .expect("valid metric"),
+            streams_open: IntGauge::new("burrow_agent_streams_open", "Data streams open now")
+                .expect("valid metric"),
+            streams: IntCounterVec::new(
+                Opts::new(
+                    "burrow_agent_streams_total",
+                    "Data streams, by port class (system, user, dynamic) and outcome",
+                ),
+                &["port_class", "outcome"],
+            )
+            .expect("valid metric"),
+            bytes: IntCounterVec::new(
+                Opts::new(
+                    "burrow_agent_bytes_total",
+                    "Bytes copied between edge and local services, by direction",
+                ),
+                &["direction"],
+            )
+            .expect("valid metric"),
+            stream_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "burrow_agent_stream_duration_seconds",
+                    "How long accepted data streams lasted",
+                )
+                .buckets(vec![
+                    0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 60.0, 300.0, 1800.0,
+                ]),
+            )
+            .expect("valid metric"),
+            heartbeat_age: Gauge::new(
+                "burrow_agent_heartbeat_age_seconds",
+                "Time since the edge last answered a heartbeat (absent before the first)",
+            )
+            .expect("valid metric"),
+            quic_lost_packets: IntGauge::new(
+                "burrow_agent_quic_lost_packets",
+                "Packets lost on the current connection",
+            )
+            .expect("valid metric"),
+            quic_cwnd: IntGauge::new(
+                "burrow_agent_quic_congestion_window_bytes",
+                "Congestion window of the current connection",
+            )
+            .expect("valid metric"),
+            quic_path_rtt: Gauge::new(
+                "burrow_agent_quic_path_rtt_seconds",
+                "QUIC's smoothed RTT estimate of the current connection",
+            )
+            .expect("valid metric"),
+            last_pong: Mutex::new(None),
+            conn: Mutex::new(None),
+            registry,
+        };
+        let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
+            Box::new(m.connected.clone()),
+            Box::new(m.connects.clone()),
+            Box::new(m.disconnects.clone()),
+            Box::new(m.dial_failures.clone()),
+            Box::new(m.resumes.clone()),
+            Box::new(m.rtt.clone()),
+            Box::new(m.streams_open.clone()),
+            Box::new(m.streams.clone()),
+            Box::new(m.bytes.clone()),
+            Box::new(m.stream_duration.clone()),
+            Box::new(m.heartbeat_age.clone()),
+            Box::new(m.quic_lost_packets.clone()),
+            Box::new(m.quic_cwnd.clone()),
+            Box::new(m.quic_path_rtt.clone()),
+        ];
+        for c in collectors {
+            // Invariant: the names above are distinct and valid.
+            m.registry.register(c).expect("metric registers once");
+        }
+        Arc::new(m)
+    }
+
+    /// A heartbeat was answered.
+    pub fn pong(&self, rtt: Duration) {
+        self.rtt.set(rtt.as_secs_f64());
+        *self.last_pong.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// The connection whose QUIC stats are reported (`None` while disconnected).
+    pub fn set_connection(&self, conn: Option<quinn::Connection>) {
+        self.connected.set(i64::from(conn.is_some()));
+        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = conn;
+    }
+
+    /// Counts a finished stream.
+    pub fn stream(&self, port: Port, outcome: Outcome, took: Duration) {
+        let class = match port.get() {
+            0..=1023 => "system",
+            1024..=49151 => "user",
+            _ => "dynamic",
+        };
+        let outcome_label = match outcome {
+            Outcome::Copied(to_service, from_service) => {
+                self.bytes
+                    .with_label_values(&["to_service"])
+                    .inc_by(to_service);
+                self.bytes
+                    .with_label_values(&["from_service"])
+                    .inc_by(from_service);
+                self.stream_duration.observe(took.as_secs_f64());
+                "accepted"
+            }
+            Outcome::Reset => {
+                self.stream_duration.observe(took.as_secs_f64());
+                "reset"
+            }
+            Outcome::Refused(RefuseReason::NotListening) => "not_listening",
+            Outcome::Refused(RefuseReason::PortNotAllowed) => "port_not_allowed",
+            Outcome::Refused(RefuseReason::ConnectTimeout) => "connect_timeout",
+            Outcome::Refused(RefuseReason::TooManyStreams) => "too_many_streams",
+            Outcome::Refused(_) => "refused_other",
+        };
+        self.streams
+            .with_label_values(&[class, outcome_label])
+            .inc();
+    }
+
+    /// The Prometheus text exposition, with the scrape-time gauges refreshed.
+    pub fn render(&self) -> String {
+        if let Some(at) = *self.last_pong.lock().unwrap_or_else(|p| p.into_inner()) {
+            self.heartbeat_age.set(at.elapsed().as_secs_f64());
+        }
+        if let Some(conn) = &*self.conn.lock().unwrap_or_else(|p| p.into_inner()) {
+            let stats = conn.stats();
+            self.quic_lost_packets
+                .set(i64::try_from(stats.path.lost_packets).unwrap_or(i64::MAX));
+            self.quic_cwnd
+                .set(i64::try_from(stats.path.cwnd).unwrap_or(i64::MAX));
+            self.quic_path_rtt.set(stats.path.rtt.as_secs_f64());
+        }
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            warn!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    status: watch::Receiver<Status>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        let status = status.clone();
+        tokio::spawn(async move {
+            let answer =
+                tokio::time::timeout(Duration::from_secs(10), respond(tcp, &metrics, &status));
+            if !matches!(answer.await, Ok(Ok(()))) {
+                debug!(%peer, "metrics request failed or timed out");
+            }
+        });
+    }
+}
+
+/// Binds the metrics listener, naming the key on failure.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("`metrics.listen`: cannot listen on {addr}: {e}"))
+}
+
+async fn respond(
+    mut tcp: TcpStream,
+    metrics: &Metrics,
+    status: &watch::Receiver<Status>,
+) -> std::io::Result<()> {
+    // Read the request head (bounded); only the request line matters.
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tcp.read(&mut buf).await?;
+        if n == 0 || head.len() + n > 16 * 1024 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split(' ');
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (code, content_type, body) = match (method, path) {
+        ("GET", "/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics.render(),
+        ),
+        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
+        ("GET", "/readyz") => {
+            let s = status.borrow().clone();
+            if s.connected {
+                ("200 OK", "text/plain", "connected to the edge\n".to_owned())
+            } else {
+                let why = s.last_error.unwrap_or_else(|| "not connected yet".into());
+                (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    format!("not connected to the edge: {why}\n"),
+                )
+            }
+        }
+        ("GET", _) => (
+            "404 Not Found",
+            "text/plain",
+            "try /metrics, /healthz or /readyz\n".to_owned(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_owned(),
+        ),
+    };
+    let response = format!(
+        "HTTP/1.1 {code}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(response.as_bytes()).await?;
+    tcp.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_lists_every_family_with_bounded_labels() {
+        let m = Metrics::new();
+        m.connects.inc();
+        m.stream(
+            Port::new(3000).unwrap(),
+            Outcome::Copied(10, 20),
+            Duration::from_millis(5),
+        );
+        let refused = Outcome::Refused(RefuseReason::PortNotAllowed);
+        m.stream(Port::new(22).unwrap(), refused, Duration::ZERO);
+        m.pong(Duration::from_millis(3));
+        let text = m.render();
+        for needle in [
+            "burrow_agent_connects_total 1",
+            "burrow_agent_streams_total{outcome=\"accepted\",port_class=\"user\"} 1",
+            "burrow_agent_streams_total{outcome=\"port_not_allowed\",port_class=\"system\"} 1",
+            "burrow_agent_bytes_total{direction=\"from_service\"} 20",
+            "burrow_agent_stream_duration_seconds_count 1",
+            "burrow_agent_rtt_seconds 0.003",
+            "burrow_agent_heartbeat_age_seconds",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+        assert!(!text.contains("3000"), "no port numbers as labels");
+    }
+}

@@ -1,0 +1,237 @@
+//! The edge's Prometheus metrics, registered once here, and the handler of its metrics
+//! listener: `/metrics`, `/healthz` (alive) and `/readyz` (listeners up and store open).
+//!
+//! Labels are bounded (status classes, directions, results); never tunnel keys, devbox ids or
+//! client addresses.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Response, StatusCode, header};
+use http_body_util::BodyExt;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+use tracing::warn;
+
+use crate::pages;
+use crate::proxy::Body;
+use crate::registry::Registry as Devboxes;
+
+/// Every metric of the edge.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    agents_connected: IntGauge,
+    devboxes: IntGauge,
+    /// Public requests answered, by status class.
+    pub requests: IntCounterVec,
+    /// Time from request to response head.
+    pub request_duration: Histogram,
+    /// Body bytes, by direction.
+    pub bytes: IntCounterVec,
+    /// Upgraded connections (WebSocket) open now.
+    pub upgrades_open: IntGauge,
+    /// Server-Sent Events responses open now.
+    pub sse_open: IntGauge,
+    /// Requests that waited for an absent agent, by result.
+    pub waits: IntCounterVec,
+    /// How long requests waited for an agent.
+    pub wait_duration: Histogram,
+    /// Requests refused for a missing or wrong tunnel token.
+    pub auth_failures: IntCounter,
+    /// Agent hellos, by result.
+    pub agent_hellos: IntCounterVec,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Arc<Metrics> {
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid metric")
+        };
+        let m = Metrics {
+            registry: Registry::new(),
+            agents_connected: IntGauge::new("burrow_edge_agents_connected", "Agents connected now")
+                .expect("valid metric"),
+            devboxes: IntGauge::new("burrow_edge_devboxes", "Devboxes registered")
+                .expect("valid metric"),
+            requests: counter_vec(
+                "burrow_edge_requests_total",
+                "Public requests answered, by status class (1xx..5xx)",
+                &["class"],
+            ),
+            request_duration: histogram(
+                "burrow_edge_request_duration_seconds",
+                "Time from a public request to its response head (time to first byte)",
+                vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0,
+                ],
+            ),
+            bytes: counter_vec(
+                "burrow_edge_bytes_total",
+                "HTTP body bytes through the edge, by direction (from_client, to_client)",
+                &["direction"],
+            ),
+            upgrades_open: IntGauge::new(
+                "burrow_edge_upgrades_open",
+                "Upgraded connections (WebSocket) open now",
+            )
+            .expect("valid metric"),
+            sse_open: IntGauge::new(
+                "burrow_edge_sse_open",
+                "Server-Sent Events responses streaming now",
+            )
+            .expect("valid metric"),
+            waits: counter_vec(
+                "burrow_edge_agent_waits_total",
+                "Requests that waited for an absent agent, by result (served, timed_out, queue_full)",
+                &["result"],
+            ),
+            wait_duration: histogram(
+                "burrow_edge_agent_wait_seconds",
+                "How long requests waited for an absent agent",
+                vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0],
+            ),
+            auth_failures: IntCounter::new(
+                "burrow_edge_auth_failures_total",
+                "Requests refused for a missing or wrong tunnel token",
+            )
+            .expect("valid metric"),
+            agent_hellos: counter_vec(
+                "burrow_edge_agent_hellos_total",
+                "Agent hellos, by result (accepted, bad_token, busy, bad_version)",
+                &["result"],
+            ),
+        };
+        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
+            Box::new(m.agents_connected.clone()),
+            Box::new(m.devboxes.clone()),
+            Box::new(m.requests.clone()),
+            Box::new(m.request_duration.clone()),
+            Box::new(m.bytes.clone()),
+            Box::new(m.upgrades_open.clone()),
+            Box::new(m.sse_open.clone()),
+            Box::new(m.waits.clone()),
+            Box::new(m.wait_duration.clone()),
+            Box::new(m.auth_failures.clone()),
+            Box::new(m.agent_hellos.clone()),
+        ];
+        for c in collectors {
+            // Invariant: the names above are distinct and valid.
+            m.registry.register(c).expect("metric registers once");
+        }
+        Arc::new(m)
+    }
+
+    /// Counts an answered request.
+    pub fn answered(&self, status: StatusCode, took: Duration) {
+        let class = match status.as_u16() {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.requests.with_label_values(&[class]).inc();
+        self.request_duration.observe(took.as_secs_f64());
+    }
+
+    /// Wraps a body so its bytes are counted in `direction`; `guard` lives as long as the
+    /// body (an open-SSE gauge).
+    pub fn count_body<B>(
+        &self,
+        body: B,
+        direction: &'static str,
+        guard: Option<GaugeGuard>,
+    ) -> CountedBody<B>
+    where
+        B: hyper::body::Body<Data = Bytes>,
+    {
+        let counter = self.bytes.with_label_values(&[direction]);
+        body.map_frame(Box::new(move |frame: hyper::body::Frame<Bytes>| {
+            let _alive = &guard;
+            if let Some(data) = frame.data_ref() {
+                counter.inc_by(data.len() as u64);
+            }
+            frame
+        }))
+    }
+
+    /// The text exposition, with the scrape-time gauges refreshed from `devboxes`.
+    pub fn render(&self, devboxes: &Devboxes) -> String {
+        let list = devboxes.list();
+        self.devboxes
+            .set(i64::try_from(list.len()).unwrap_or(i64::MAX));
+        let connected = list.iter().filter(|d| d.connected_since.is_some()).count();
+        self.agents_connected
+            .set(i64::try_from(connected).unwrap_or(i64::MAX));
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            warn!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Answers a request on the metrics listener.
+    pub fn handle(&self, path: &str, devboxes: &Devboxes) -> Response<Body> {
+        let (status, content_type, body) = match path {
+            "/metrics" => (
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.render(devboxes),
+            ),
+            "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+            "/readyz" => match devboxes.store_ok() {
+                Ok(()) => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
+                Err(e) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("not ready: {e}\n"),
+                ),
+            },
+            _ => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "try /metrics, /healthz or /readyz\n".to_owned(),
+            ),
+        };
+        let mut r = Response::new(pages::full(body));
+        *r.status_mut() = status;
+        if let Ok(v) = header::HeaderValue::from_str(content_type) {
+            r.headers_mut().insert(header::CONTENT_TYPE, v);
+        }
+        r
+    }
+}
+
+/// A body whose data frames are counted.
+pub type CountedBody<B> = http_body_util::combinators::MapFrame<
+    B,
+    Box<dyn FnMut(hyper::body::Frame<Bytes>) -> hyper::body::Frame<Bytes> + Send + Sync>,
+>;
+
+/// Decrements a gauge when dropped (an open SSE response, an upgraded connection).
+#[derive(Debug)]
+pub struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    /// Increments `gauge` now and decrements it on drop.
+    pub fn new(gauge: &IntGauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
