@@ -5,6 +5,7 @@
 //! tunnel keys or addresses. The listener is hand-written HTTP/1.1 (one request per connection)
 //! so the agent, which runs in every devbox, carries no HTTP server library.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -53,7 +54,21 @@ pub struct Metrics {
     quic_path_rtt: Gauge,
     last_pong: Mutex<Option<Instant>>,
     conn: Mutex<Option<quinn::Connection>>,
+    /// Streams and bytes per port, for `burrow-agent status` (not a label: unbounded).
+    ports: Mutex<HashMap<u16, PortStats>>,
+    started: Instant,
 }
+
+/// Per-port totals shown by `burrow-agent status`.
+#[derive(Debug, Clone, Copy, Default)]
+struct PortStats {
+    streams: u64,
+    refused: u64,
+    bytes: u64,
+}
+
+/// Ports remembered for the status view; past this, new ports are not tracked.
+const MAX_TRACKED_PORTS: usize = 4096;
 
 impl Metrics {
     /// Creates and registers every metric.
@@ -140,6 +155,8 @@ impl Metrics {
             .expect("valid metric"),
             last_pong: Mutex::new(None),
             conn: Mutex::new(None),
+            ports: Mutex::new(HashMap::new()),
+            started: Instant::now(),
             registry,
         };
         let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
@@ -208,6 +225,59 @@ impl Metrics {
         self.streams
             .with_label_values(&[class, outcome_label])
             .inc();
+        let mut ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+        if ports.len() < MAX_TRACKED_PORTS || ports.contains_key(&port.get()) {
+            let entry = ports.entry(port.get()).or_default();
+            entry.streams += 1;
+            match outcome {
+                Outcome::Copied(a, b) => entry.bytes += a + b,
+                Outcome::Refused(_) => entry.refused += 1,
+                Outcome::Reset => {}
+            }
+        }
+    }
+
+    /// What `burrow-agent status` shows, as JSON.
+    pub fn status_json(&self, status: &Status, edge: &str) -> serde_json::Value {
+        let mut ports: Vec<(u16, PortStats)> = self
+            .ports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(p, s)| (*p, *s))
+            .collect();
+        ports.sort_by(|a, b| b.1.streams.cmp(&a.1.streams).then(a.0.cmp(&b.0)));
+        let busiest: Vec<serde_json::Value> = ports
+            .iter()
+            .take(5)
+            .map(|(port, s)| {
+                serde_json::json!({
+                    "port": port, "streams": s.streams, "refused": s.refused, "bytes": s.bytes,
+                })
+            })
+            .collect();
+        let heartbeat_age = self
+            .last_pong
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|t| t.elapsed().as_secs_f64());
+        serde_json::json!({
+            "edge": edge,
+            "state": status.state.as_str(),
+            "connected": status.connected,
+            "devbox": status.devbox_id,
+            "tunnel": status.tunnel.as_ref().map(|t| serde_json::json!({
+                "key": t.key, "url_template": t.url_template, "auth_mode": t.auth_mode.as_str(),
+            })),
+            "uptime_secs": self.started.elapsed().as_secs(),
+            "rtt_ms": status.rtt.map(|r| r.as_secs_f64() * 1000.0),
+            "heartbeat_age_secs": heartbeat_age,
+            "sessions": status.sessions,
+            "resumes": status.resumes,
+            "streams_open": status.streams,
+            "last_error": status.last_error,
+            "busiest_ports": busiest,
+        })
     }
 
     /// The Prometheus text exposition, with the scrape-time gauges refreshed.
@@ -236,8 +306,10 @@ pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     status: watch::Receiver<Status>,
+    edge: String,
     shutdown: CancellationToken,
 ) {
+    let edge: Arc<str> = edge.into();
     loop {
         let (tcp, peer) = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -252,9 +324,12 @@ pub async fn serve(
         };
         let metrics = metrics.clone();
         let status = status.clone();
+        let edge = edge.clone();
         tokio::spawn(async move {
-            let answer =
-                tokio::time::timeout(Duration::from_secs(10), respond(tcp, &metrics, &status));
+            let answer = tokio::time::timeout(
+                Duration::from_secs(10),
+                respond(tcp, &metrics, &status, &edge),
+            );
             if !matches!(answer.await, Ok(Ok(()))) {
                 debug!(%peer, "metrics request failed or timed out");
             }
@@ -273,6 +348,7 @@ async fn respond(
     mut tcp: TcpStream,
     metrics: &Metrics,
     status: &watch::Receiver<Status>,
+    edge: &str,
 ) -> std::io::Result<()> {
     // Read the request head (bounded); only the request line matters.
     let mut head = Vec::with_capacity(1024);
@@ -296,6 +372,12 @@ async fn respond(
             metrics.render(),
         ),
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
+        ("GET", "/status") => {
+            let s = status.borrow().clone();
+            let mut body = metrics.status_json(&s, edge).to_string();
+            body.push('\n');
+            ("200 OK", "application/json", body)
+        }
         ("GET", "/readyz") => {
             let s = status.borrow().clone();
             if s.connected {

@@ -75,6 +75,7 @@ pub async fn run_with_clocks(
                     listener,
                     metrics.clone(),
                     status.subscribe(),
+                    config.edge.clone(),
                     shutdown.clone(),
                 ));
             }

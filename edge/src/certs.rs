@@ -190,8 +190,60 @@ pub fn agents_server_config(identity: Identity) -> Result<quinn::ServerConfig, C
     Ok(config)
 }
 
-/// The rustls configuration for the public HTTPS listener.
-pub fn public_tls_config(identity: Identity) -> Result<rustls::ServerConfig, CertError> {
+/// The public certificate, swappable while the listener runs (SIGHUP reloads it).
+#[derive(Debug)]
+pub struct PublicCert {
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl PublicCert {
+    /// A certificate from an identity.
+    pub fn new(identity: Identity) -> Result<PublicCert, CertError> {
+        Ok(PublicCert {
+            current: std::sync::RwLock::new(certified(identity)?),
+        })
+    }
+
+    /// Replaces the certificate; connections from now on get the new one.
+    pub fn replace(&self, identity: Identity) -> Result<(), CertError> {
+        let next = certified(identity)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = next;
+        Ok(())
+    }
+}
+
+impl rustls::server::ResolvesServerCert for PublicCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+    }
+}
+
+fn certified(identity: Identity) -> Result<Arc<rustls::sign::CertifiedKey>, CertError> {
+    let key = provider()
+        .key_provider
+        .load_private_key(identity.key)
+        .map_err(|e| CertError::Tls {
+            what: "public",
+            message: e.to_string(),
+        })?;
+    let certified = rustls::sign::CertifiedKey::new(identity.chain, key);
+    certified.keys_match().map_err(|e| CertError::Tls {
+        what: "public",
+        message: format!("the key does not match the certificate: {e}"),
+    })?;
+    Ok(Arc::new(certified))
+}
+
+/// The rustls configuration for the public HTTPS listener, serving `cert`.
+pub fn public_tls_config(cert: Arc<PublicCert>) -> Result<rustls::ServerConfig, CertError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| CertError::Tls {
@@ -199,11 +251,7 @@ pub fn public_tls_config(identity: Identity) -> Result<rustls::ServerConfig, Cer
             message: e.to_string(),
         })?
         .with_no_client_auth()
-        .with_single_cert(identity.chain, identity.key)
-        .map_err(|e| CertError::Tls {
-            what: "public",
-            message: e.to_string(),
-        })?;
+        .with_cert_resolver(cert);
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tls)
 }

@@ -172,7 +172,7 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            runtime.block_on(serve(config))
+            runtime.block_on(serve(config, &args, &env))
         }
         Command::Dev(args) => runtime.block_on(async {
             let shutdown = CancellationToken::new();
@@ -196,7 +196,7 @@ pub fn main() -> ExitCode {
     }
 }
 
-async fn serve(config: Config) -> ExitCode {
+async fn serve(config: Config, args: &ServeArgs, env: &HashMap<String, String>) -> ExitCode {
     let edge = match Edge::start(config).await {
         Ok(edge) => edge,
         Err(e) => {
@@ -211,7 +211,31 @@ async fn serve(config: Config) -> ExitCode {
     if let Some(ca) = &edge.agent_ca {
         tracing::info!(ca = %ca.display(), "agents trust the generated CA in this file");
     }
-    shutdown_signal().await;
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGHUP; certificates will not reload");
+            None
+        }
+    };
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(()) = async { match hangups.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                // Reload from the same sources; a bad new config is refused and the old kept.
+                match args.load(env) {
+                    Ok(next) => {
+                        if let Err(e) = edge.reload_certs(&next) {
+                            tracing::error!(error = %e, "reload refused; keeping the current certificates");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "reload refused: bad config; keeping the current one"),
+                }
+            }
+        }
+    }
     tracing::info!("shutting down");
     edge.stop().await;
     ExitCode::SUCCESS

@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::admin::Admin;
 use crate::agents;
-use crate::certs::{self, CertError, Identity};
+use crate::certs::{self, CertError, Identity, PublicCert};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::{Body, Proxy, Scheme};
@@ -98,6 +98,8 @@ pub struct Edge {
     pub server_name: String,
     /// Devboxes, tunnels and sessions.
     pub registry: Arc<Registry>,
+    public_cert: Option<Arc<PublicCert>>,
+    agents_endpoint: quinn::Endpoint,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -119,15 +121,19 @@ impl Edge {
             Some(addr) => Some(bind("public.http", addr).await?),
             None => None,
         };
-        let https = match &config.https {
-            Some(h) => {
-                let tls = certs::public_tls_config(Identity::load(&h.tls)?)?;
+        let public_cert = match &config.https {
+            Some(h) => Some(Arc::new(PublicCert::new(Identity::load(&h.tls)?)?)),
+            None => None,
+        };
+        let https = match (&config.https, &public_cert) {
+            (Some(h), Some(cert)) => {
+                let tls = certs::public_tls_config(cert.clone())?;
                 Some((
                     bind("public.https", h.listen).await?,
                     TlsAcceptor::from(Arc::new(tls)),
                 ))
             }
-            None => None,
+            _ => None,
         };
         let admin = bind("admin.listen", config.admin_listen).await?;
         let metrics_listener = match config.metrics_listen {
@@ -153,6 +159,7 @@ impl Edge {
             }
         };
         let endpoint = agents_endpoint(&config, certs::agents_server_config(identity)?)?;
+        let agents_endpoint = endpoint.clone();
         let agents_addr = endpoint.local_addr().unwrap_or(config.agents_listen);
         let admin_addr = local(&admin).unwrap_or(config.admin_listen);
 
@@ -254,9 +261,37 @@ impl Edge {
             agent_ca,
             server_name: config.agents_server_name.clone(),
             registry,
+            public_cert,
+            agents_endpoint,
             shutdown,
             tasks,
         })
+    }
+
+    /// Reloads the certificates (SIGHUP): the public HTTPS certificate and the agents'
+    /// certificate (or a fresh leaf from the generated CA). Running connections keep theirs;
+    /// new ones get the new certificates. On error nothing changes.
+    pub fn reload_certs(&self, config: &Config) -> Result<(), StartError> {
+        if self.shutdown.is_cancelled() {
+            return Ok(());
+        }
+        let agents = match &config.agents_tls {
+            Some(files) => Identity::load(files)?,
+            None => {
+                certs::generated_agent_identity(&config.state_dir, &config.agents_server_name)?.0
+            }
+        };
+        let public = match (&config.https, &self.public_cert) {
+            (Some(h), Some(_)) => Some(Identity::load(&h.tls)?),
+            _ => None,
+        };
+        let agents = certs::agents_server_config(agents)?;
+        if let (Some(identity), Some(cert)) = (public, &self.public_cert) {
+            cert.replace(identity)?;
+        }
+        self.agents_endpoint.set_server_config(Some(agents));
+        info!("certificates reloaded");
+        Ok(())
     }
 
     /// A token that stops the edge when cancelled.
