@@ -15,6 +15,8 @@
 //! - [`policy`]: the allow/deny port lists.
 //! - [`wire`]: reading and writing protocol frames on QUIC streams (the edge uses it too).
 //! - [`status`]: what the agent reports about itself.
+//! - [`notify`]: systemd's notify protocol: ready, status line, watchdog, stopping (the edge uses
+//!   it too).
 //! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` listener.
 //! - [`sidecar`]: `burrow-agent -- CMD`: the devbox's entrypoint run next to the tunnel, its
 //!   signals forwarded, orphans reaped, its exit code passed on.
@@ -28,6 +30,7 @@ pub mod clock;
 pub mod config;
 pub mod forward;
 pub mod metrics;
+pub mod notify;
 pub mod policy;
 pub mod reconnect;
 pub mod resume;
@@ -53,6 +56,8 @@ pub struct Agent {
     pub task: JoinHandle<Result<(), tls::TlsError>>,
     /// The agent's metrics.
     pub metrics: std::sync::Arc<metrics::Metrics>,
+    /// The port policy in force; `replace` it to reload.
+    pub policy: policy::PortPolicy,
 }
 
 impl Agent {
@@ -69,6 +74,7 @@ impl Agent {
     ) -> Agent {
         let (tx, status) = watch::channel(Status::default());
         let metrics = metrics::Metrics::new();
+        let policy = config.policy.clone();
         let task = tokio::spawn(reconnect::run_with_clocks(
             config,
             clocks,
@@ -80,6 +86,7 @@ impl Agent {
             status,
             task,
             metrics,
+            policy,
         }
     }
 }

@@ -53,4 +53,13 @@ mod tests {
         assert!(policy.allows(p(80)));
         assert!(!policy.allows(p(81)));
     }
+
+    #[test]
+    fn replace_reaches_every_clone() {
+        let policy = PortPolicy::default();
+        let held_by_a_session = policy.clone();
+        assert!(held_by_a_session.allows(p(22)));
+        policy.replace(&PortPolicy::new([], [p(22)]));
+        assert!(!held_by_a_session.allows(p(22)));
+    }
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use burrow_agent::cli::{init_logging, shutdown_signal};
+use burrow_agent::notify;
 use burrow_agent::sources::{self, File};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -211,6 +212,19 @@ async fn serve(config: Config, args: &ServeArgs, env: &HashMap<String, String>) 
     if let Some(ca) = &edge.agent_ca {
         tracing::info!(ca = %ca.display(), "agents trust the generated CA in this file");
     }
+    // systemd: ready now that every listener is bound; the watchdog from here.
+    let stopping = CancellationToken::new();
+    let notify = notify::Notifier::from_env(env).map(|notifier| {
+        notifier.ready();
+        let mut listening: Vec<String> = [("http", edge.http_addr), ("https", edge.https_addr)]
+            .into_iter()
+            .filter_map(|(name, addr)| Some(format!("{name} {}", addr?)))
+            .collect();
+        listening.push(format!("agents {} (QUIC)", edge.agents_addr));
+        listening.push(format!("admin {}", edge.admin_addr));
+        notifier.status(&format!("listening: {}", listening.join(", ")));
+        tokio::spawn(notify::keepalive(notifier, stopping.clone()))
+    });
     let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
@@ -237,6 +251,10 @@ async fn serve(config: Config, args: &ServeArgs, env: &HashMap<String, String>) 
         }
     }
     tracing::info!("shutting down");
+    stopping.cancel();
+    if let Some(notify) = notify {
+        let _ = notify.await; // STOPPING=1 sent
+    }
     edge.stop().await;
     ExitCode::SUCCESS
 }

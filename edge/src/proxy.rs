@@ -280,6 +280,7 @@ impl Proxy {
                 .await
                 .is_err()
             {
+                self.waited(waiting_since, "timed_out");
                 return Err((
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the devbox's agent is not connected; try again in a few seconds".to_owned(),

@@ -329,7 +329,16 @@ fn agents_endpoint(
         }
     };
     let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
-    let endpoint_config = quinn::EndpointConfig::new(Arc::new(hmac));
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(hmac));
+    // Connection IDs are signed so the edge can tell its own from garbage; the signing key
+    // must survive a restart too, or the new process drops an old connection's packets as
+    // invalid instead of answering them with the reset.
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&key[32..40]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
     let bind_err = |source| StartError::Bind {
         key: "agents.listen",
         addr: config.agents_listen,
