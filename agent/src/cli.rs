@@ -1,6 +1,7 @@
 //! The `burrow-agent` command line: flags, loading, logging, signals.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -8,6 +9,8 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::notify;
+use crate::sidecar::{self, Entrypoint};
 use crate::sources::{self, File};
 use crate::{Agent, tls};
 
@@ -17,6 +20,13 @@ use crate::{Agent, tls};
 /// variable; flags win over the environment, which wins over the file. The agent token is read
 /// from `token_file` or from BURROW_AGENT_TOKEN. Exit codes: 0 clean stop, 2 bad usage or
 /// config, 1 runtime failure.
+///
+/// With `-- CMD ARGS...` the agent runs CMD, the devbox's entrypoint, next to the tunnel: CMD
+/// gets the agent's environment (without NOTIFY_SOCKET), directory and stdio; SIGTERM, SIGINT,
+/// SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 and SIGWINCH are passed on to it, and SIGTERM or SIGINT
+/// also drain the tunnel; orphaned processes are reaped (as PID 1, or as a child subreaper).
+/// When CMD exits, the tunnel drains and the agent exits with CMD's exit code (128+N if signal
+/// N killed it); 127 if CMD is not found, 126 if it cannot be executed.
 #[derive(Debug, Parser)]
 #[command(name = "burrow-agent", version)]
 pub struct Cli {
@@ -85,6 +95,19 @@ pub struct Cli {
     /// BURROW_RECONNECT_DIAL_TIMEOUT]
     #[arg(long, value_name = "DURATION")]
     pub dial_timeout: Option<String>,
+    /// With an entrypoint: when it exits, keep the tunnel up until SIGTERM or SIGINT (for a
+    /// one-shot setup script); the agent then exits with the entrypoint's code (key
+    /// `entrypoint.keep_running`) [env: BURROW_KEEP_RUNNING]
+    #[arg(long, requires = "entrypoint")]
+    pub keep_running: bool,
+    /// With an entrypoint: run it in a process group of its own and send forwarded signals to
+    /// the whole group (key `entrypoint.signal_group`) [env: BURROW_SIGNAL_GROUP]
+    #[arg(long, requires = "entrypoint")]
+    pub signal_group: bool,
+    /// The devbox's entrypoint to run next to the tunnel, after `--`, e.g. `-- python3 -m
+    /// http.server 8080`
+    #[arg(last = true, value_name = "CMD")]
+    pub entrypoint: Vec<OsString>,
 }
 
 impl Cli {
@@ -125,6 +148,31 @@ impl Cli {
             .zip(text.as_deref())
             .map(|(path, text)| File { path, text });
         Config::load(file, env, &self.flags())
+    }
+
+    /// The entrypoint after `--`, if any, with its settings from the environment and flags.
+    pub fn entrypoint(
+        &self,
+        env: &HashMap<String, String>,
+    ) -> Result<Option<Entrypoint>, sources::ConfigError> {
+        let flags: Vec<(&'static str, String)> = [
+            ("entrypoint.keep_running", self.keep_running),
+            ("entrypoint.signal_group", self.signal_group),
+        ]
+        .into_iter()
+        .filter(|(_, given)| *given)
+        .map(|(key, _)| (key, "true".to_owned()))
+        .collect();
+        let path = self
+            .config
+            .clone()
+            .or_else(|| env.get("BURROW_CONFIG").map(PathBuf::from));
+        let text = path.as_deref().map(sources::read_file).transpose()?;
+        let file = path
+            .as_deref()
+            .zip(text.as_deref())
+            .map(|(path, text)| File { path, text });
+        Entrypoint::load(self.entrypoint.clone(), file, env, &flags)
     }
 }
 
@@ -173,6 +221,13 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let entrypoint = match cli.entrypoint(&env) {
+        Ok(entrypoint) => entrypoint,
+        Err(e) => {
+            eprintln!("burrow-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -183,9 +238,27 @@ pub fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Some(entrypoint) = entrypoint {
+        let notifier = notify::Notifier::from_env(&env);
+        let code = match runtime.block_on(sidecar::run(config, entrypoint, notifier)) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("burrow-agent: {e}");
+                e.exit_code()
+            }
+        };
+        // Tasks still running (a dial, a DNS lookup) must not hold up the exit.
+        runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+        return ExitCode::from(code);
+    }
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         let agent = Agent::spawn(config, shutdown.clone());
+        // systemd: ready once the config is loaded; the watchdog and the status line from here.
+        let notify = notify::Notifier::from_env(&env).map(|notifier| {
+            notifier.ready();
+            tokio::spawn(notify::run(notifier, agent.status.clone(), shutdown.clone()))
+        });
         let mut task = agent.task;
         let ended = tokio::select! {
             () = shutdown_signal() => {
@@ -201,6 +274,11 @@ pub fn main() -> ExitCode {
             }
             ended = &mut task => ended,
         };
+        // Sends STOPPING=1 (at once on a signal: the task wakes on the cancel) and ends.
+        shutdown.cancel();
+        if let Some(notify) = notify {
+            let _ = notify.await;
+        }
         match ended {
             Ok(Ok(())) => ExitCode::SUCCESS,
             Ok(Err(e @ tls::TlsError::Ca { .. })) | Ok(Err(e @ tls::TlsError::NoSystemRoots)) => {

@@ -115,6 +115,18 @@ struct RawConfig {
     liveness: RawLiveness,
     #[serde(default)]
     reconnect: RawReconnect,
+    /// Read by the sidecar (`crate::sidecar`), accepted here so the file may carry it.
+    #[serde(default, rename = "entrypoint")]
+    _entrypoint: RawEntrypoint,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEntrypoint {
+    #[serde(rename = "keep_running")]
+    _keep_running: Option<bool>,
+    #[serde(rename = "signal_group")]
+    _signal_group: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -433,6 +445,15 @@ mod tests {
         assert!(cfg.policy.allows(Port::new(3000).unwrap()));
         assert!(!cfg.policy.allows(Port::new(3001).unwrap()));
         assert!(!format!("{cfg:?}").contains("secret"));
+    }
+
+    #[test]
+    fn the_entrypoint_table_is_accepted() {
+        let cfg = load(
+            "edge = \"e:1\"\n[entrypoint]\nkeep_running = true",
+            &[(TOKEN_ENV, "t")],
+        );
+        assert!(cfg.is_ok(), "{cfg:?}");
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub mod policy;
 pub mod reconnect;
 pub mod resume;
 pub mod session;
+pub mod sidecar;
 pub mod sources;
 pub mod status;
 pub mod tls;

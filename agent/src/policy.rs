@@ -1,12 +1,21 @@
 //! Which local ports the agent forwards to.
+//!
+//! A [`PortPolicy`] is a shared handle: its clones see the same lists, so a reload (SIGHUP)
+//! that [`PortPolicy::replace`]s them applies to every stream from then on, without a restart.
 
 use std::collections::BTreeSet;
+use std::sync::{Arc, RwLock};
 
 use burrow_protocol::Port;
 
 /// An allow list (empty: every port) and a deny list; deny wins.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct PortPolicy {
+    lists: Arc<RwLock<Lists>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Lists {
     allow: BTreeSet<Port>,
     deny: BTreeSet<Port>,
 }
@@ -18,19 +27,36 @@ impl PortPolicy {
         deny: impl IntoIterator<Item = Port>,
     ) -> Self {
         PortPolicy {
-            allow: allow.into_iter().collect(),
-            deny: deny.into_iter().collect(),
+            lists: Arc::new(RwLock::new(Lists {
+                allow: allow.into_iter().collect(),
+                deny: deny.into_iter().collect(),
+            })),
         }
     }
 
     /// Whether a stream to `port` may be forwarded.
     pub fn allows(&self, port: Port) -> bool {
-        !self.deny.contains(&port) && (self.allow.is_empty() || self.allow.contains(&port))
+        let lists = self.lists.read().unwrap_or_else(|p| p.into_inner());
+        !lists.deny.contains(&port) && (lists.allow.is_empty() || lists.allow.contains(&port))
     }
 
     /// Adds a port to the deny list (the agent's own listeners).
     pub fn deny(&mut self, port: Port) {
-        self.deny.insert(port);
+        self.lists
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .deny
+            .insert(port);
+    }
+
+    /// Takes the lists of `other` (a reloaded configuration) for every holder of this handle.
+    pub fn replace(&self, other: &PortPolicy) {
+        let next = other
+            .lists
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        *self.lists.write().unwrap_or_else(|p| p.into_inner()) = next;
     }
 }
 
