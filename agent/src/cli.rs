@@ -27,9 +27,11 @@ use crate::{Agent, tls};
 /// also drain the tunnel; orphaned processes are reaped (as PID 1, or as a child subreaper).
 /// When CMD exits, the tunnel drains and the agent exits with CMD's exit code (128+N if signal
 /// N killed it); 127 if CMD is not found, 126 if it cannot be executed.
-#[derive(Debug, Parser)]
-#[command(name = "burrow-agent", version)]
+#[derive(Debug, Clone, Parser)]
+#[command(name = "burrow-agent", version, args_conflicts_with_subcommands = true)]
 pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML config file [env: BURROW_CONFIG]
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -104,6 +106,13 @@ pub struct Cli {
     /// the whole group (key `entrypoint.signal_group`) [env: BURROW_SIGNAL_GROUP]
     #[arg(long, requires = "entrypoint")]
     pub signal_group: bool,
+    /// Log level or filter, e.g. info, debug, burrow_agent=debug; default: RUST_LOG, then info
+    /// (key `log.level`; SIGHUP reloads it) [env: BURROW_LOG_LEVEL]
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    /// Log lines as `text` (default) or `json` (key `log.format`) [env: BURROW_LOG_FORMAT]
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
     /// The devbox's entrypoint to run next to the tunnel, after `--`, e.g. `-- python3 -m
     /// http.server 8080`
     #[arg(last = true, value_name = "CMD")]
@@ -130,6 +139,8 @@ impl Cli {
             ("reconnect.backoff_max", &self.backoff_max),
             ("reconnect.healthy_after", &self.healthy_after),
             ("reconnect.dial_timeout", &self.dial_timeout),
+            ("log.level", &self.log_level),
+            ("log.format", &self.log_format),
         ]
         .into_iter()
         .filter_map(|(k, v)| v.clone().map(|v| (k, v)))
@@ -176,14 +187,58 @@ impl Cli {
     }
 }
 
-/// Installs the log subscriber: `RUST_LOG` or info.
+/// Other things `burrow-agent` does besides running the agent.
+#[derive(Debug, Clone, clap::Subcommand)]
+enum Command {
+    /// Show a running agent's state: edge, connection, RTT, uptime, tunnel URL, busiest ports.
+    ///
+    /// Reads the agent's local metrics listener (`metrics.listen` from the same config file,
+    /// environment or `--metrics`), so the agent must run with one.
+    Status {
+        /// The agent's metrics listener; default: `metrics.listen` of the config
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics: Option<String>,
+        /// TOML config file to read `metrics.listen` from [env: BURROW_CONFIG]
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Print the raw JSON
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Installs a plain logger (`RUST_LOG` or info), for callers without a configuration.
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let settings = crate::logging::LogSettings::parse(None, None, &env).unwrap_or_default();
+    crate::logging::init(&settings);
+}
+
+/// Reloads the port policy and the log level on SIGHUP, from the same sources as at start; a
+/// bad configuration is refused with a log line and the running one kept.
+async fn reload_on_hangup(
+    cli: Cli,
+    env: HashMap<String, String>,
+    policy: crate::policy::PortPolicy,
+    level: crate::logging::LevelHandle,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot watch SIGHUP; the configuration will not reload");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match cli.load(&env) {
+            Ok(next) => {
+                policy.replace(&next.policy);
+                level.set(&next.log.level);
+                tracing::info!(level = %next.log.level, "reloaded the port policy and log level");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused: bad configuration; keeping the current one")
+            }
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -212,8 +267,15 @@ pub async fn shutdown_signal() {
 /// The binary's main.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
     let env: HashMap<String, String> = std::env::vars().collect();
+    if let Some(Command::Status {
+        metrics,
+        config,
+        json,
+    }) = &cli.command
+    {
+        return crate::status::command(metrics.as_deref(), config.as_deref(), *json, &env);
+    }
     let config = match cli.load(&env) {
         Ok(config) => config,
         Err(e) => {
@@ -221,6 +283,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let level = crate::logging::init(&config.log);
     let entrypoint = match cli.entrypoint(&env) {
         Ok(entrypoint) => entrypoint,
         Err(e) => {
@@ -238,6 +301,12 @@ pub fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    runtime.spawn(reload_on_hangup(
+        cli.clone(),
+        env.clone(),
+        config.policy.clone(),
+        level,
+    ));
     if let Some(entrypoint) = entrypoint {
         let notifier = notify::Notifier::from_env(&env);
         let code = match runtime.block_on(sidecar::run(config, entrypoint, notifier)) {

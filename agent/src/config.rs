@@ -55,6 +55,16 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Str,
     },
     Setting {
+        key: "log.level",
+        env: "BURROW_LOG_LEVEL",
+        kind: Kind::Str,
+    },
+    Setting {
+        key: "log.format",
+        env: "BURROW_LOG_FORMAT",
+        kind: Kind::Str,
+    },
+    Setting {
         key: "liveness.heartbeat_interval",
         env: "BURROW_LIVENESS_HEARTBEAT_INTERVAL",
         kind: Kind::Str,
@@ -118,6 +128,16 @@ struct RawConfig {
     /// Read by the sidecar (`crate::sidecar`), accepted here so the file may carry it.
     #[serde(default, rename = "entrypoint")]
     _entrypoint: RawEntrypoint,
+    #[serde(default)]
+    log: RawLog,
+}
+
+/// `[log]`, shared by both binaries.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLog {
+    pub(crate) level: Option<String>,
+    pub(crate) format: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -220,6 +240,8 @@ pub struct Config {
     pub reconnect: Reconnect,
     /// How long running streams may take to finish at shutdown or after a go-away.
     pub drain_grace: Duration,
+    /// Log level and format.
+    pub log: crate::logging::LogSettings,
     /// How long a local service may take to accept a connection.
     pub connect_timeout: Duration,
     /// How many data streams may be open at once.
@@ -303,6 +325,7 @@ impl Config {
         let policy = PortPolicy::new(ports("forward.allow_ports", raw.forward.allow_ports)?, deny);
 
         let liveness = liveness(raw.liveness)?;
+        let log = crate::logging::LogSettings::parse(raw.log.level, raw.log.format, env)?;
         Ok(Config {
             edge,
             server_name,
@@ -336,6 +359,7 @@ impl Config {
                 )?,
             },
             drain_grace: duration("drain_grace", raw.drain_grace, Duration::from_secs(10))?,
+            log,
             connect_timeout: Duration::from_secs(5),
             max_streams: 1024,
         })

@@ -15,6 +15,7 @@
 //! - [`policy`]: the allow/deny port lists.
 //! - [`wire`]: reading and writing protocol frames on QUIC streams (the edge uses it too).
 //! - [`status`]: what the agent reports about itself.
+//! - [`logging`]: text or JSON log lines, with a level a reload can change (the edge uses it too).
 //! - [`notify`]: systemd's notify protocol: ready, status line, watchdog, stopping (the edge uses
 //!   it too).
 //! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` listener.
@@ -29,6 +30,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod forward;
+pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod policy;

@@ -87,6 +87,13 @@ struct ServeArgs {
     /// BURROW_DRAIN_GRACE]
     #[arg(long, value_name = "DURATION")]
     drain_grace: Option<String>,
+    /// Log level or filter, e.g. info, debug; default: RUST_LOG, then info (key `log.level`)
+    /// [env: BURROW_LOG_LEVEL]
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// Log lines as `text` (default) or `json` (key `log.format`) [env: BURROW_LOG_FORMAT]
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<String>,
     /// Admin API listener (key `admin.listen`, default 127.0.0.1:7081) [env:
     /// BURROW_ADMIN_LISTEN]
     #[arg(long, value_name = "ADDR:PORT")]
@@ -126,6 +133,8 @@ impl ServeArgs {
             ("agents.wait", &self.agents_wait),
             ("agents.max_waiting", &self.agents_max_waiting),
             ("drain_grace", &self.drain_grace),
+            ("log.level", &self.log_level),
+            ("log.format", &self.log_format),
             ("admin.listen", &self.admin_listen),
             ("admin.token_file", &self.admin_token_file),
             ("metrics.listen", &self.metrics_listen),
@@ -152,7 +161,6 @@ impl ServeArgs {
 /// The binary's main.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -173,9 +181,11 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            burrow_agent::logging::init(&config.log);
             runtime.block_on(serve(config, &args, &env))
         }
         Command::Dev(args) => runtime.block_on(async {
+            init_logging();
             let shutdown = CancellationToken::new();
             let signal = shutdown.clone();
             tokio::spawn(async move {

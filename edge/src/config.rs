@@ -32,6 +32,8 @@ pub const SETTINGS: &[Setting] = settings! {
     "agents.wait" => "BURROW_AGENTS_WAIT",
     "agents.max_waiting" => "BURROW_AGENTS_MAX_WAITING" as Int,
     "drain_grace" => "BURROW_DRAIN_GRACE",
+    "log.level" => "BURROW_LOG_LEVEL",
+    "log.format" => "BURROW_LOG_FORMAT",
     "admin.listen" => "BURROW_ADMIN_LISTEN",
     "admin.token_file" => "BURROW_ADMIN_TOKEN_FILE",
     "metrics.listen" => "BURROW_METRICS_LISTEN",
@@ -51,6 +53,15 @@ struct RawConfig {
     #[serde(default)]
     metrics: RawMetrics,
     drain_grace: Option<String>,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<String>,
+    format: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -135,6 +146,8 @@ pub struct Config {
     pub header_timeout: Duration,
     /// Grace period for running requests at shutdown.
     pub drain_grace: Duration,
+    /// Log level and format.
+    pub log: burrow_agent::logging::LogSettings,
 }
 
 impl Config {
@@ -247,6 +260,7 @@ impl Config {
                 None => Duration::from_secs(5),
             },
             max_waiting: raw.agents.max_waiting.unwrap_or(64),
+            log: burrow_agent::logging::LogSettings::parse(raw.log.level, raw.log.format, env)?,
             header_timeout: Duration::from_secs(20),
             drain_grace: match raw.drain_grace {
                 Some(g) => sources::parse_duration("drain_grace", &g)?,
