@@ -7,9 +7,15 @@
 //! | `GET /v1/devboxes` | 200 `[{...}]` |
 //! | `GET /v1/devboxes/{id}` | 200 `{"id", "agent": {...}, "tunnel": {...} or null}` |
 //! | `POST /v1/devboxes/{id}/tunnel` `{"auth_mode"}` | 200 `{"tunnel_key", "auth_mode", "auth_token"?, "url_template"}` |
+//! | `POST /v1/devboxes/{id}/tunnel/rotate-token` | 200 `{"tunnel_key", "auth_mode", "auth_token", "url_template"}` |
+//! | `POST /v1/devboxes/{id}/rotate-agent-token` | 200 `{"id", "agent_token"}` |
 //! | `DELETE /v1/devboxes/{id}/tunnel` | 204 |
 //! | `DELETE /v1/devboxes/{id}` | 204 |
+//!
+//! A client whose calls keep failing authentication is refused with 429 for a while
+//! (`limits.admin_failures` a minute), before its token is even looked at.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -24,10 +30,15 @@ use serde_json::{Value, json};
 use tracing::{info, warn};
 
 use crate::agents::close;
+use crate::limits::{self, Rate};
+use crate::metrics::Metrics;
 use crate::pages;
 use crate::proxy::Body;
 use crate::registry::{DevboxView, IssuedTunnel, Registry, RegistryError};
 use crate::secret::TokenHash;
+
+/// Seconds a throttled admin client is told to wait.
+const RETRY_AFTER_SECS: u32 = 10;
 
 /// Largest request body the admin API reads.
 const MAX_BODY: usize = 64 * 1024;
@@ -37,6 +48,9 @@ const MAX_BODY: usize = 64 * 1024;
 pub struct Admin {
     registry: Arc<Registry>,
     token: TokenHash,
+    metrics: Arc<Metrics>,
+    /// Failed authentications per client address.
+    failures: Rate<IpAddr>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -58,7 +72,10 @@ struct ApiError(StatusCode, String);
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         match e {
-            RegistryError::NotFound(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
+            RegistryError::NotFound(_) | RegistryError::NoTunnel(_) => {
+                ApiError(StatusCode::NOT_FOUND, e.to_string())
+            }
+            RegistryError::OpenTunnel(_) => ApiError(StatusCode::CONFLICT, e.to_string()),
             RegistryError::Store(crate::store::StoreError::Exists(_)) => {
                 ApiError(StatusCode::CONFLICT, e.to_string())
             }
@@ -74,14 +91,26 @@ impl From<RegistryError> for ApiError {
 }
 
 impl Admin {
-    /// An admin API guarded by the token with this hash.
-    pub fn new(registry: Arc<Registry>, token: TokenHash) -> Admin {
-        Admin { registry, token }
+    /// An admin API guarded by the token with this hash; a client gets `max_failures` failed
+    /// authentications a minute.
+    pub fn new(
+        registry: Arc<Registry>,
+        token: TokenHash,
+        metrics: Arc<Metrics>,
+        max_failures: u32,
+    ) -> Admin {
+        let per_minute = f64::from(max_failures);
+        Admin {
+            registry,
+            token,
+            metrics,
+            failures: Rate::new(per_minute / 60.0, per_minute),
+        }
     }
 
-    /// Answers one admin request.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
-        match self.route(req).await {
+    /// Answers one admin request from `client`.
+    pub async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> Response<Body> {
+        match self.route(req, limits::client_key(client.ip())).await {
             Ok((status, body)) => json_response(status, body),
             Err(ApiError(status, message)) => {
                 let mut r = json_response(status, Some(json!({ "error": message })));
@@ -91,12 +120,32 @@ impl Admin {
                         HeaderValue::from_static("Bearer realm=\"burrow-admin\""),
                     );
                 }
+                if status == StatusCode::TOO_MANY_REQUESTS {
+                    r.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+                }
                 r
             }
         }
     }
 
-    async fn route(&self, req: Request<Incoming>) -> Result<(StatusCode, Option<Value>), ApiError> {
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        client: IpAddr,
+    ) -> Result<(StatusCode, Option<Value>), ApiError> {
+        // Guessing is throttled before the token is looked at, so a guess made while
+        // throttled tells nothing even when it is right.
+        if !self.failures.has(&client) {
+            self.metrics
+                .limited
+                .with_label_values(&["admin_failures"])
+                .inc();
+            return Err(ApiError(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many failed admin calls from this address; wait a minute".into(),
+            ));
+        }
         let authorized = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -104,6 +153,7 @@ impl Admin {
             .and_then(|v| v.strip_prefix("Bearer "))
             .is_some_and(|t| self.token.matches(t.trim()));
         if !authorized {
+            let _ = self.failures.take(&client);
             return Err(ApiError(
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong admin token: send `Authorization: Bearer <admin token>`".into(),
@@ -158,11 +208,32 @@ impl Admin {
             (Method::POST, ["v1", "devboxes", id, "tunnel"]) => {
                 let id = (*id).to_owned();
                 let body: EnableTunnel = read_json(req).await?;
+                let mode = auth_mode(&body.auth_mode)?;
+                let target = id.clone();
                 let issued = self
-                    .registry
-                    .enable_tunnel(&id, auth_mode(&body.auth_mode)?)?;
+                    .blocking(move |r| r.enable_tunnel(&target, mode))
+                    .await?;
                 info!(devbox = %id, mode = issued.record.auth_mode.as_str(), "tunnel enabled");
                 Ok((StatusCode::OK, Some(self.issued_json(&issued))))
+            }
+            (Method::POST, ["v1", "devboxes", id, "tunnel", "rotate-token"]) => {
+                let target = (*id).to_owned();
+                let issued = self
+                    .blocking(move |r| r.rotate_tunnel_token(&target))
+                    .await?;
+                info!(devbox = %id, "tunnel token rotated");
+                Ok((StatusCode::OK, Some(self.issued_json(&issued))))
+            }
+            (Method::POST, ["v1", "devboxes", id, "rotate-agent-token"]) => {
+                let target = (*id).to_owned();
+                let token = self
+                    .blocking(move |r| r.rotate_agent_token(&target))
+                    .await?;
+                info!(devbox = %id, "agent token rotated");
+                Ok((
+                    StatusCode::OK,
+                    Some(json!({ "id": id, "agent_token": token.expose() })),
+                ))
             }
             (Method::DELETE, ["v1", "devboxes", id, "tunnel"]) => {
                 let target = (*id).to_owned();
@@ -170,12 +241,17 @@ impl Admin {
                 info!(devbox = %id, "tunnel disabled");
                 Ok((StatusCode::NO_CONTENT, None))
             }
-            (_, ["v1", "devboxes"] | ["v1", "devboxes", _] | ["v1", "devboxes", _, "tunnel"]) => {
-                Err(ApiError(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    format!("{method_name} is not supported on {path}"),
-                ))
-            }
+            (
+                _,
+                ["v1", "devboxes"]
+                | ["v1", "devboxes", _]
+                | ["v1", "devboxes", _, "tunnel"]
+                | ["v1", "devboxes", _, "tunnel", "rotate-token"]
+                | ["v1", "devboxes", _, "rotate-agent-token"],
+            ) => Err(ApiError(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method_name} is not supported on {path}"),
+            )),
             _ => Err(ApiError(
                 StatusCode::NOT_FOUND,
                 format!("no such API path: {path}"),

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use burrow_agent::sources::{self, ConfigError, File, Kind, Setting};
+
+use crate::limits::Limits;
 use serde::Deserialize;
 
 macro_rules! settings {
@@ -37,6 +39,15 @@ pub const SETTINGS: &[Setting] = settings! {
     "admin.listen" => "BURROW_ADMIN_LISTEN",
     "admin.token_file" => "BURROW_ADMIN_TOKEN_FILE",
     "metrics.listen" => "BURROW_METRICS_LISTEN",
+    "limits.max_head_bytes" => "BURROW_LIMITS_MAX_HEAD_BYTES" as Int,
+    "limits.max_headers" => "BURROW_LIMITS_MAX_HEADERS" as Int,
+    "limits.head_timeout" => "BURROW_LIMITS_HEAD_TIMEOUT",
+    "limits.upgrade_idle" => "BURROW_LIMITS_UPGRADE_IDLE",
+    "limits.connections_per_client" => "BURROW_LIMITS_CONNECTIONS_PER_CLIENT" as Int,
+    "limits.streams_per_devbox" => "BURROW_LIMITS_STREAMS_PER_DEVBOX" as Int,
+    "limits.rate" => "BURROW_LIMITS_RATE" as Int,
+    "limits.burst" => "BURROW_LIMITS_BURST" as Int,
+    "limits.admin_failures" => "BURROW_LIMITS_ADMIN_FAILURES" as Int,
 };
 
 #[derive(Debug, Deserialize)]
@@ -55,6 +66,22 @@ struct RawConfig {
     drain_grace: Option<String>,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_head_bytes: Option<i64>,
+    max_headers: Option<i64>,
+    head_timeout: Option<String>,
+    upgrade_idle: Option<String>,
+    connections_per_client: Option<i64>,
+    streams_per_devbox: Option<i64>,
+    rate: Option<i64>,
+    burst: Option<i64>,
+    admin_failures: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -142,8 +169,8 @@ pub struct Config {
     pub agent_wait: Duration,
     /// Requests that may wait per devbox; more get 503 at once.
     pub max_waiting: usize,
-    /// Time a client has to send a request head.
-    pub header_timeout: Duration,
+    /// Bounds on public clients, tunnels and devboxes.
+    pub limits: Limits,
     /// Grace period for running requests at shutdown.
     pub drain_grace: Duration,
     /// Log level and format.
@@ -261,13 +288,91 @@ impl Config {
             },
             max_waiting: raw.agents.max_waiting.unwrap_or(64),
             log: burrow_agent::logging::LogSettings::parse(raw.log.level, raw.log.format, env)?,
-            header_timeout: Duration::from_secs(20),
+            limits: limits(raw.limits)?,
             drain_grace: match raw.drain_grace {
                 Some(g) => sources::parse_duration("drain_grace", &g)?,
                 None => Duration::from_secs(10),
             },
         })
     }
+}
+
+fn limits(raw: RawLimits) -> Result<Limits, ConfigError> {
+    let d = Limits::default();
+    let duration = |key, value: Option<String>, default| match value {
+        Some(v) => sources::parse_duration(key, &v),
+        None => Ok(default),
+    };
+    let limits = Limits {
+        max_head_bytes: int(
+            "limits.max_head_bytes",
+            raw.max_head_bytes,
+            d.max_head_bytes,
+            8192..=1024 * 1024,
+        )?,
+        max_headers: int(
+            "limits.max_headers",
+            raw.max_headers,
+            d.max_headers,
+            8..=1000,
+        )?,
+        head_timeout: duration("limits.head_timeout", raw.head_timeout, d.head_timeout)?,
+        upgrade_idle: duration("limits.upgrade_idle", raw.upgrade_idle, d.upgrade_idle)?,
+        connections_per_client: int(
+            "limits.connections_per_client",
+            raw.connections_per_client,
+            d.connections_per_client,
+            1..=1_000_000,
+        )?,
+        streams_per_devbox: int(
+            "limits.streams_per_devbox",
+            raw.streams_per_devbox,
+            d.streams_per_devbox,
+            1..=1_000_000,
+        )?,
+        rate: int("limits.rate", raw.rate, d.rate, 0..=10_000_000)?,
+        burst: int("limits.burst", raw.burst, d.burst, 1..=10_000_000)?,
+        admin_failures: int(
+            "limits.admin_failures",
+            raw.admin_failures,
+            d.admin_failures,
+            1..=1_000_000,
+        )?,
+    };
+    for (key, value) in [
+        ("limits.head_timeout", limits.head_timeout),
+        ("limits.upgrade_idle", limits.upgrade_idle),
+    ] {
+        if value.is_zero() {
+            return Err(ConfigError::Invalid {
+                key,
+                message: "must be longer than 0, e.g. 10s".into(),
+            });
+        }
+    }
+    Ok(limits)
+}
+
+/// An integer setting within `range`, or its default.
+fn int<T: TryFrom<i64> + Copy>(
+    key: &'static str,
+    value: Option<i64>,
+    default: T,
+    range: std::ops::RangeInclusive<i64>,
+) -> Result<T, ConfigError> {
+    let Some(v) = value else { return Ok(default) };
+    range
+        .contains(&v)
+        .then(|| T::try_from(v).ok())
+        .flatten()
+        .ok_or_else(|| ConfigError::Invalid {
+            key,
+            message: format!(
+                "{v} is out of range: use {}..={}",
+                range.start(),
+                range.end()
+            ),
+        })
 }
 
 fn addr(key: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {

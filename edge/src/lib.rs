@@ -27,6 +27,8 @@ pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod dev;
+pub mod idle;
+pub mod limits;
 pub mod metrics;
 pub mod pages;
 pub mod proxy;

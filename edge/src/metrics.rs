@@ -44,6 +44,8 @@ pub struct Metrics {
     pub auth_failures: IntCounter,
     /// Agent hellos, by result.
     pub agent_hellos: IntCounterVec,
+    /// Requests and connections refused by a limit, by limit.
+    pub limited: IntCounterVec,
 }
 
 impl Metrics {
@@ -110,8 +112,13 @@ impl Metrics {
                 "Agent hellos, by result (accepted, bad_token, busy, bad_version)",
                 &["result"],
             ),
+            limited: counter_vec(
+                "burrow_edge_limited_total",
+                "Requests and connections refused by a limit, by limit (rate, streams, connections, admin_failures)",
+                &["limit"],
+            ),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 12] = [
             Box::new(m.agents_connected.clone()),
             Box::new(m.devboxes.clone()),
             Box::new(m.requests.clone()),
@@ -123,6 +130,7 @@ impl Metrics {
             Box::new(m.wait_duration.clone()),
             Box::new(m.auth_failures.clone()),
             Box::new(m.agent_hellos.clone()),
+            Box::new(m.limited.clone()),
         ];
         for c in collectors {
             // Invariant: the names above are distinct and valid.
@@ -145,12 +153,12 @@ impl Metrics {
     }
 
     /// Wraps a body so its bytes are counted in `direction`; `guard` lives as long as the
-    /// body (an open-SSE gauge).
+    /// body (an open-SSE gauge, a devbox's stream slot).
     pub fn count_body<B>(
         &self,
         body: B,
         direction: &'static str,
-        guard: Option<GaugeGuard>,
+        guard: impl Send + Sync + 'static,
     ) -> CountedBody<B>
     where
         B: hyper::body::Body<Data = Bytes>,

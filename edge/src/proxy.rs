@@ -18,10 +18,13 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
+use crate::idle;
+use crate::limits::{Limits, PerKey, Rate};
 use crate::metrics::{CountedBody, GaugeGuard, Metrics};
 use crate::pages;
 use crate::registry::Registry;
 use crate::route;
+use crate::server::ConnInfo;
 
 /// The body type of every response the edge sends.
 pub type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
@@ -50,6 +53,9 @@ pub struct Proxy {
     domain: String,
     agent_wait: Duration,
     max_waiting: usize,
+    limits: Limits,
+    rates: Rate<String>,
+    in_flight: PerKey<String>,
 }
 
 /// How the client reached the edge.
@@ -72,13 +78,14 @@ impl Scheme {
 
 impl Proxy {
     /// A proxy for tunnels under `domain`; requests wait up to `agent_wait` for an absent
-    /// agent, at most `max_waiting` of them per devbox.
+    /// agent, at most `max_waiting` of them per devbox; `limits` bound rates and streams.
     pub fn new(
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         domain: String,
         agent_wait: Duration,
         max_waiting: usize,
+        limits: Limits,
     ) -> Proxy {
         Proxy {
             registry,
@@ -86,6 +93,9 @@ impl Proxy {
             domain,
             agent_wait,
             max_waiting,
+            rates: Rate::new(f64::from(limits.rate), f64::from(limits.burst)),
+            in_flight: PerKey::new(limits.streams_per_devbox),
+            limits,
         }
     }
 
@@ -93,9 +103,10 @@ impl Proxy {
     pub async fn handle(
         &self,
         mut req: Request<Incoming>,
-        client: SocketAddr,
+        conn: ConnInfo,
         scheme: Scheme,
     ) -> Response<Body> {
+        let client = conn.peer;
         let html = pages::wants_html(req.headers());
         let host = match request_host(&req) {
             Some(host) => host,
@@ -107,12 +118,18 @@ impl Proxy {
             Ok(target) => target,
             Err(e) => return pages::error(StatusCode::BAD_REQUEST, &e.to_string(), html),
         };
-        let Some(route) = self.registry.route(&target.key) else {
+        if scheme == Scheme::Https && !route::same_name(&host, conn.sni.as_deref()) {
+            // A connection made for one name and reused for another (HTTP/2 coalescing, or a
+            // forged Host): 421 tells a browser to retry on a connection of its own.
             return pages::error(
-                StatusCode::NOT_FOUND,
-                &format!("no tunnel is enabled at {host}; check the URL"),
+                StatusCode::MISDIRECTED_REQUEST,
+                "the request's host is not the name this TLS connection was made for (SNI)",
                 html,
             );
+        }
+        // An unknown key and a disabled tunnel get the same answer, so keys cannot be probed.
+        let Some(route) = self.registry.route(&target.key) else {
+            return not_found(html);
         };
         if route.auth_mode == AuthMode::Authenticated {
             let presented = bearer(req.headers());
@@ -132,6 +149,43 @@ impl Proxy {
             // The tunnel's own token never reaches the service.
             req.headers_mut().remove(header::AUTHORIZATION);
         }
+        if let Err(wait) = self.rates.take(&target.key) {
+            self.metrics.limited.with_label_values(&["rate"]).inc();
+            let mut response = pages::error(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!(
+                    "this tunnel is over its request rate ({} a second); slow down",
+                    self.limits.rate
+                ),
+                html,
+            );
+            let secs = wait.as_secs().max(1);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            return response;
+        }
+        let upgrade_wanted = match websocket_upgrade(req.method(), req.version(), req.headers()) {
+            Ok(wanted) => wanted,
+            Err((status, detail)) => {
+                let mut response = pages::error(status, detail, html);
+                if status == StatusCode::UPGRADE_REQUIRED {
+                    response.headers_mut().insert(
+                        HeaderName::from_static("sec-websocket-version"),
+                        HeaderValue::from_static("13"),
+                    );
+                }
+                return response;
+            }
+        };
+        let Some(slot) = self.in_flight.acquire(&route.devbox_id) else {
+            self.metrics.limited.with_label_values(&["streams"]).inc();
+            return pages::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this devbox has too many requests in flight; try again shortly",
+                html,
+            );
+        };
         let port = target.port;
         let header = StreamHeader::new(port, StreamKind::Http, Some(client));
         let (send, recv) = match self
@@ -142,9 +196,9 @@ impl Proxy {
             Err((status, detail)) => return pages::error(status, &detail, html),
         };
 
-        let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+        let upgrade = upgrade_wanted.then(|| hyper::upgrade::on(&mut req));
         let outbound = outbound_request(req, &host, client, scheme, upgrade.is_some())
-            .map(|body| self.metrics.count_body(body, "from_client", None));
+            .map(|body| self.metrics.count_body(body, "from_client", ()));
         let io = TokioIo::new(tokio::io::join(recv, send));
         let (mut sender, connection) = match hyper::client::conn::http1::Builder::new()
             .handshake::<_, CountedBody<Incoming>>(io)
@@ -184,14 +238,16 @@ impl Proxy {
             };
             let service_side = hyper::upgrade::on(&mut response);
             let open = GaugeGuard::new(&self.metrics.upgrades_open);
+            let idle = self.limits.upgrade_idle;
             tokio::spawn(async move {
-                let _open = open;
+                let _open = (open, slot);
                 match tokio::try_join!(client_side, service_side) {
                     Ok((client_io, service_io)) => {
-                        let mut client_io = TokioIo::new(client_io);
-                        let mut service_io = TokioIo::new(service_io);
-                        let _ =
-                            tokio::io::copy_bidirectional(&mut client_io, &mut service_io).await;
+                        let client_io = TokioIo::new(client_io);
+                        let service_io = TokioIo::new(service_io);
+                        if idle::copy_bidirectional(client_io, service_io, idle).await {
+                            debug!(%port, "upgraded connection idle; closed");
+                        }
                     }
                     Err(e) => debug!(error = %e, "upgrade failed"),
                 }
@@ -207,7 +263,11 @@ impl Proxy {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
         let guard = sse.then(|| GaugeGuard::new(&self.metrics.sse_open));
-        response.map(|body| self.metrics.count_body(body, "to_client", guard).boxed())
+        response.map(|body| {
+            self.metrics
+                .count_body(body, "to_client", (guard, slot))
+                .boxed()
+        })
     }
 }
 
@@ -234,7 +294,7 @@ impl Proxy {
             tokio::pin!(next_attach);
             next_attach.as_mut().enable();
             let Some(route) = self.registry.route(key) else {
-                return Err((StatusCode::NOT_FOUND, "the tunnel was disabled".to_owned()));
+                return Err((StatusCode::NOT_FOUND, NOT_FOUND.to_owned()));
             };
             if let Some(conn) = route.conn.filter(|c| Some(c.stable_id()) != failed) {
                 let answer =
@@ -371,6 +431,73 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
+/// The answer for an unknown key or a disabled tunnel: the same for both.
+const NOT_FOUND: &str = "no tunnel is enabled at this address; check the URL";
+
+fn not_found(html: bool) -> Response<Body> {
+    pages::error(StatusCode::NOT_FOUND, NOT_FOUND, html)
+}
+
+/// Whether the request is a WebSocket upgrade the edge will carry (`Ok(true)`), a plain request
+/// (`Ok(false)`; an `Upgrade` to anything else is ignored, as RFC 9110 allows), or a malformed
+/// WebSocket handshake, refused before anything is switched to raw bytes (RFC 6455, 4.2.1).
+fn websocket_upgrade(
+    method: &http::Method,
+    version: Version,
+    headers: &HeaderMap,
+) -> Result<bool, (StatusCode, &'static str)> {
+    if !is_upgrade(headers) || version != Version::HTTP_11 {
+        return Ok(false);
+    }
+    let websocket = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case("websocket"));
+    if !websocket {
+        return Ok(false);
+    }
+    if method != http::Method::GET {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "a WebSocket handshake must be a GET request",
+        ));
+    }
+    let key_ok = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|k| k.to_str().ok())
+        .is_some_and(|k| is_websocket_key(k.trim()));
+    if !key_ok {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "the WebSocket handshake needs a Sec-WebSocket-Key of 16 base64-encoded bytes",
+        ));
+    }
+    let version_ok = headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v.as_bytes() == b"13");
+    if !version_ok {
+        return Err((
+            StatusCode::UPGRADE_REQUIRED,
+            "only WebSocket version 13 is supported (Sec-WebSocket-Version: 13)",
+        ));
+    }
+    Ok(true)
+}
+
+/// 16 bytes in base64: 22 characters of the alphabet and `==`.
+fn is_websocket_key(key: &str) -> bool {
+    let b = key.as_bytes();
+    b.len() == 24
+        && b[22..] == *b"=="
+        && b[..22]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
+        // The last character carries 2 bits; the other 4 must be zero.
+        && b"AQgw".contains(&b[21])
+}
+
 /// Whether a request asks to switch protocols (HTTP/1.1 `Connection: upgrade`).
 fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
@@ -413,20 +540,11 @@ fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
-/// The request as the service sees it: HTTP/1.1, origin-form, no hop-by-hop headers, the public
-/// Host kept, and `X-Forwarded-*` set by the edge (client-sent values are replaced).
-fn outbound_request(
-    req: Request<Incoming>,
-    host: &str,
-    client: SocketAddr,
-    scheme: Scheme,
-    upgrade: bool,
-) -> Request<Incoming> {
-    let (mut parts, body) = req.into_parts();
-    let upgrade_to = parts.headers.get(header::UPGRADE).cloned();
-    strip_hop_by_hop(&mut parts.headers);
-    let headers = &mut parts.headers;
-    // Forwarding headers are the edge's to write: drop every client-sent one.
+/// The client's headers as the service may see them: no hop-by-hop header (nor any the
+/// `Connection` header names), no client-sent forwarding header (the edge writes its own), and
+/// cookies in one field.
+pub fn filter_headers(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
     let forged: Vec<HeaderName> = headers
         .keys()
         .filter(|name| {
@@ -439,6 +557,21 @@ fn outbound_request(
         headers.remove(name);
     }
     join_cookies(headers);
+}
+
+/// The request as the service sees it: HTTP/1.1, origin-form, no hop-by-hop headers, the public
+/// Host kept, and `X-Forwarded-*` set by the edge (client-sent values are replaced).
+fn outbound_request(
+    req: Request<Incoming>,
+    host: &str,
+    client: SocketAddr,
+    scheme: Scheme,
+    upgrade: bool,
+) -> Request<Incoming> {
+    let (mut parts, body) = req.into_parts();
+    let upgrade_to = parts.headers.get(header::UPGRADE).cloned();
+    filter_headers(&mut parts.headers);
+    let headers = &mut parts.headers;
     if let Ok(host) = HeaderValue::from_str(host) {
         headers.insert(header::HOST, host.clone());
         headers.insert(HeaderName::from_static("x-forwarded-host"), host);

@@ -143,6 +143,12 @@ pub enum RegistryError {
     /// The OS RNG failed.
     #[error("cannot generate a secret: {0}")]
     Random(#[from] getrandom::Error),
+    /// The devbox has no tunnel.
+    #[error("devbox `{0}` has no tunnel; enable one with POST /v1/devboxes/{0}/tunnel")]
+    NoTunnel(String),
+    /// The tunnel is open: it has no token.
+    #[error("the tunnel of devbox `{0}` is open and has no token; make it authenticated first")]
+    OpenTunnel(String),
 }
 
 #[derive(Debug, Default)]
@@ -373,27 +379,89 @@ impl Registry {
     }
 
     /// Enables a devbox's tunnel or changes its mode. The key stays the same for the life of
-    /// the tunnel; an authenticated tunnel gets a fresh token, returned here once.
+    /// the tunnel. Enabling it again in the mode it has changes nothing (no token is issued,
+    /// the current one keeps working); a tunnel that becomes authenticated gets a fresh
+    /// token, returned here once.
     pub fn enable_tunnel(&self, id: &str, mode: AuthMode) -> Result<IssuedTunnel, RegistryError> {
         let _writer = self.writer();
-        let existing = self
+        let existing = self.tunnel_record(id)?;
+        if let Some(existing) = existing.filter(|t| t.auth_mode == mode) {
+            return Ok(IssuedTunnel {
+                record: existing,
+                auth_token: None,
+            });
+        }
+        let mut issued = issue_tunnel(mode)?;
+        if let Some(existing) = self.tunnel_record(id)? {
+            issued.record.key = existing.key;
+        }
+        self.set_tunnel(id, &issued.record)?;
+        Ok(issued)
+    }
+
+    /// Issues a new bearer token for an authenticated tunnel; the previous one stops working
+    /// at once. The key, the agent's session and running requests are untouched.
+    pub fn rotate_tunnel_token(&self, id: &str) -> Result<IssuedTunnel, RegistryError> {
+        let _writer = self.writer();
+        let Some(existing) = self.tunnel_record(id)? else {
+            return Err(RegistryError::NoTunnel(id.to_owned()));
+        };
+        if existing.auth_mode != AuthMode::Authenticated {
+            return Err(RegistryError::OpenTunnel(id.to_owned()));
+        }
+        let token = Secret::generate()?;
+        let record = TunnelRecord {
+            auth_token: Some(token.hash()),
+            ..existing
+        };
+        self.set_tunnel(id, &record)?;
+        Ok(IssuedTunnel {
+            record,
+            auth_token: Some(token),
+        })
+    }
+
+    /// Issues a new agent token; the previous one is refused from now on. The agent's live
+    /// session stays connected (its tunnel keeps serving); its next connection needs the new
+    /// token.
+    pub fn rotate_agent_token(&self, id: &str) -> Result<Secret, RegistryError> {
+        let _writer = self.writer();
+        if !self.read().devboxes.contains_key(id) {
+            return Err(RegistryError::NotFound(id.to_owned()));
+        }
+        let token = Secret::generate()?;
+        let hash = token.hash();
+        self.store.set_agent_token(id, &hash)?;
+        let mut inner = self.write();
+        if let Some(mut entry) = inner.devboxes.remove(id) {
+            inner.unindex(&entry.record);
+            entry.record.agent_token = hash;
+            inner.index(&entry.record);
+            inner.devboxes.insert(id.to_owned(), entry);
+        }
+        Ok(token)
+    }
+
+    /// The devbox's tunnel as stored.
+    fn tunnel_record(&self, id: &str) -> Result<Option<TunnelRecord>, RegistryError> {
+        Ok(self
             .read()
             .devboxes
             .get(id)
             .ok_or_else(|| RegistryError::NotFound(id.to_owned()))?
             .record
             .tunnel
-            .clone();
-        let mut issued = issue_tunnel(mode)?;
-        if let Some(existing) = existing {
-            issued.record.key = existing.key;
-        }
-        self.store.set_tunnel(id, Some(&issued.record))?;
-        let state = self.tunnel_state(&issued.record);
+            .clone())
+    }
+
+    /// Stores a tunnel and tells the agent (the caller holds the writer lock).
+    fn set_tunnel(&self, id: &str, record: &TunnelRecord) -> Result<(), RegistryError> {
+        self.store.set_tunnel(id, Some(record))?;
+        let state = self.tunnel_state(record);
         let mut inner = self.write();
-        let entry = inner.set_tunnel(id, Some(issued.record.clone()));
+        let entry = inner.set_tunnel(id, Some(record.clone()));
         notify(entry, ControlMsg::TunnelUpdate(Some(state)));
-        Ok(issued)
+        Ok(())
     }
 
     /// Disables a devbox's tunnel: its URLs answer 404 from now on.

@@ -69,6 +69,17 @@ pub fn parse(host: &str, domain: &str) -> Result<Target, HostError> {
     })
 }
 
+/// Whether a Host value names the same host as a TLS server name (SNI): case and a trailing
+/// dot aside, with the Host's `:port` ignored. No server name never matches.
+pub fn same_name(host: &str, sni: Option<&str>) -> bool {
+    let Some(sni) = sni else { return false };
+    let Some(name) = strip_port(host) else {
+        return false;
+    };
+    let trim = |s: &str| s.strip_suffix('.').unwrap_or(s).to_owned();
+    trim(name).eq_ignore_ascii_case(&trim(sni))
+}
+
 /// Removes a `:port` suffix; `None` if the suffix is not a port.
 fn strip_port(host: &str) -> Option<&str> {
     match host.rsplit_once(':') {
@@ -103,6 +114,15 @@ mod tests {
         );
         assert_eq!(ok("1-a.tunnel.example.com:8080"), (1, "a".into()));
         assert_eq!(ok("65535-a.tunnel.example.com"), (65535, "a".into()));
+    }
+
+    #[test]
+    fn host_and_server_name_agree() {
+        let sni = Some("3000-k.tunnel.example.com");
+        assert!(same_name("3000-k.tunnel.example.com", sni));
+        assert!(same_name("3000-K.Tunnel.Example.com.:443", sni));
+        assert!(!same_name("3001-k.tunnel.example.com", sni));
+        assert!(!same_name("3000-k.tunnel.example.com", None));
     }
 
     #[test]

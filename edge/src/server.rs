@@ -25,6 +25,7 @@ use crate::admin::Admin;
 use crate::agents;
 use crate::certs::{self, CertError, Identity, PublicCert};
 use crate::config::Config;
+use crate::limits::{self, PerKey};
 use crate::metrics::Metrics;
 use crate::proxy::{Body, Proxy, Scheme};
 use crate::registry::{Registry, UrlBase};
@@ -104,8 +105,17 @@ pub struct Edge {
     tasks: TaskTracker,
 }
 
+/// What the edge knows about a client connection.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The TLS server name the client asked for (HTTPS only).
+    pub sni: Option<Arc<str>>,
+}
+
 type Handler = Arc<
-    dyn Fn(Request<Incoming>, SocketAddr) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>>
+    dyn Fn(Request<Incoming>, ConnInfo) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>>
         + Send
         + Sync,
 >;
@@ -180,16 +190,17 @@ impl Edge {
             config.domain.clone(),
             config.agent_wait,
             config.max_waiting,
+            config.limits.clone(),
         ));
         let public = |scheme: Scheme| -> Handler {
             let proxy = proxy.clone();
             let metrics = metrics.clone();
-            Arc::new(move |req, peer| {
+            Arc::new(move |req, conn| {
                 let proxy = proxy.clone();
                 let metrics = metrics.clone();
                 Box::pin(async move {
                     let started = std::time::Instant::now();
-                    let response = proxy.handle(req, peer, scheme).await;
+                    let response = proxy.handle(req, conn, scheme).await;
                     metrics.answered(response.status(), started.elapsed());
                     response
                 })
@@ -201,6 +212,7 @@ impl Edge {
                 None,
                 public(Scheme::Http),
                 config.clone(),
+                metrics.clone(),
                 shutdown.clone(),
             ));
         }
@@ -210,27 +222,34 @@ impl Edge {
                 Some(tls),
                 public(Scheme::Https),
                 config.clone(),
+                metrics.clone(),
                 shutdown.clone(),
             ));
         }
-        let admin_api = Arc::new(Admin::new(registry.clone(), admin_token.hash()));
-        let admin_handler: Handler = Arc::new(move |req, _peer| {
+        let admin_api = Arc::new(Admin::new(
+            registry.clone(),
+            admin_token.hash(),
+            metrics.clone(),
+            config.limits.admin_failures,
+        ));
+        let admin_handler: Handler = Arc::new(move |req, conn| {
             let admin_api = admin_api.clone();
-            Box::pin(async move { admin_api.handle(req).await })
+            Box::pin(async move { admin_api.handle(req, conn.peer).await })
         });
         tasks.spawn(serve(
             admin,
             None,
             admin_handler,
             config.clone(),
+            metrics.clone(),
             shutdown.clone(),
         ));
         let metrics_addr = match metrics_listener {
             Some(listener) => {
                 let addr = local(&listener);
-                let (metrics, registry) = (metrics.clone(), registry.clone());
-                let handler: Handler = Arc::new(move |req, _peer| {
-                    let response = metrics.handle(req.uri().path(), &registry);
+                let (scraped, registry) = (metrics.clone(), registry.clone());
+                let handler: Handler = Arc::new(move |req, _conn| {
+                    let response = scraped.handle(req.uri().path(), &registry);
                     Box::pin(async move { response })
                 });
                 tasks.spawn(serve(
@@ -238,6 +257,7 @@ impl Edge {
                     None,
                     handler,
                     config.clone(),
+                    metrics.clone(),
                     shutdown.clone(),
                 ));
                 addr
@@ -411,14 +431,24 @@ async fn serve(
     tls: Option<TlsAcceptor>,
     handler: Handler,
     config: Config,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
+    let limits = &config.limits;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(config.header_timeout);
-    builder.http2().timer(TokioTimer::new());
+        .header_read_timeout(limits.head_timeout)
+        .max_headers(limits.max_headers)
+        .max_buf_size(limits.max_head_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_head_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(TCP_KEEPALIVE))
+        .keep_alive_timeout(TCP_KEEPALIVE_INTERVAL * 2);
+    let per_client = PerKey::new(limits.connections_per_client);
     let graceful = GracefulShutdown::new();
     loop {
         let (tcp, peer) = tokio::select! {
@@ -433,6 +463,11 @@ async fn serve(
                 }
             },
         };
+        let Some(slot) = per_client.acquire(&limits::client_key(peer.ip())) else {
+            debug!(%peer, "too many connections from this client; closing");
+            metrics.limited.with_label_values(&["connections"]).inc();
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         // A client that vanished (a laptop asleep) must not hold an upgraded stream forever.
         let keepalive = socket2::TcpKeepalive::new()
@@ -443,33 +478,41 @@ async fn serve(
         let builder = builder.clone();
         let tls = tls.clone();
         let watcher = graceful.watcher();
+        let head_timeout = limits.head_timeout;
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let handler = handler.clone();
-                async move { Ok::<_, Infallible>(handler(req, peer).await) }
-            });
+            let _slot = slot;
+            let service = |sni: Option<Arc<str>>| {
+                let info = ConnInfo { peer, sni };
+                service_fn(move |req| {
+                    let handler = handler.clone();
+                    let info = info.clone();
+                    async move { Ok::<_, Infallible>(handler(req, info).await) }
+                })
+            };
             let result = match tls {
                 None => {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(tcp), service(None));
                     watcher.watch(conn.into_owned()).await
                 }
                 Some(acceptor) => {
-                    let stream =
-                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-                            .await
-                        {
-                            Ok(Ok(stream)) => stream,
-                            Ok(Err(e)) => {
-                                debug!(%peer, error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                debug!(%peer, "TLS handshake timed out");
-                                return;
-                            }
-                        };
+                    // The handshake shares the head's deadline: a client that trickles its
+                    // ClientHello is as slow as one that trickles its headers.
+                    let handshake = TLS_HANDSHAKE_TIMEOUT.min(head_timeout);
+                    let stream = match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let sni = stream.get_ref().1.server_name().map(Arc::from);
                     let conn =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service(sni));
                     watcher.watch(conn.into_owned()).await
                 }
             };

@@ -142,6 +142,17 @@ impl Store {
         })
     }
 
+    /// Replaces a devbox's agent token hash. `false`: no such devbox.
+    pub fn set_agent_token(&self, id: &str, token: &TokenHash) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE devboxes SET agent_token_hash = ?2 WHERE id = ?1",
+                params![id, token.to_hex()],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
     /// Removes a devbox. `false`: no such devbox.
     pub fn delete(&self, id: &str) -> Result<bool, StoreError> {
         self.with(|c| Ok(c.execute("DELETE FROM devboxes WHERE id = ?1", params![id])? > 0))
