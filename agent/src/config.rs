@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use burrow_protocol::{AgentToken, Port};
@@ -228,8 +228,11 @@ pub struct Config {
     pub server_name: String,
     /// Roots to trust instead of the system's.
     pub ca: Option<PathBuf>,
-    /// The agent token.
+    /// The agent token, as loaded.
     pub token: AgentToken,
+    /// The file the token came from, read again on every dial so a rotated token is picked
+    /// up without a restart.
+    pub token_file: Option<PathBuf>,
     /// Which ports may be forwarded.
     pub policy: PortPolicy,
     /// Where `/metrics` is served, if anywhere; its port is never forwarded.
@@ -249,6 +252,25 @@ pub struct Config {
 }
 
 impl Config {
+    /// The token to present now: `token_file` read afresh (an operator who rotated the token
+    /// wrote the new one there), or the loaded token if the file is unreadable or empty.
+    pub fn current_token(&self) -> AgentToken {
+        match &self.token_file {
+            None => self.token.clone(),
+            Some(path) => match read_token(path) {
+                Ok(token) if !token.is_empty() => AgentToken::new(token),
+                Ok(_) => {
+                    tracing::warn!(path = %path.display(), "token_file is empty; using the token read at start");
+                    self.token.clone()
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot read token_file; using the token read at start");
+                    self.token.clone()
+                }
+            },
+        }
+    }
+
     /// Loads the configuration from a file (optional), the environment and flags.
     pub fn load(
         file: Option<File<'_>>,
@@ -273,17 +295,17 @@ impl Config {
         })?;
         let server_name = raw.server_name.unwrap_or_else(|| host.to_owned());
 
+        let mut token_file = None;
         let token = match (env.get(TOKEN_ENV), raw.token_file) {
             (Some(token), _) => token.trim().to_owned(),
             (None, Some(path)) => {
                 let path = relative(path);
-                std::fs::read_to_string(&path)
-                    .map_err(|e| ConfigError::Invalid {
-                        key: "token_file",
-                        message: format!("cannot read {}: {e}", path.display()),
-                    })?
-                    .trim()
-                    .to_owned()
+                let token = read_token(&path).map_err(|e| ConfigError::Invalid {
+                    key: "token_file",
+                    message: format!("cannot read {}: {e}", path.display()),
+                })?;
+                token_file = Some(path);
+                token
             }
             (None, None) => {
                 return Err(ConfigError::Missing {
@@ -331,6 +353,7 @@ impl Config {
             server_name,
             ca: raw.ca.map(relative),
             token: AgentToken::new(token),
+            token_file,
             policy,
             metrics_listen,
             liveness,
@@ -431,6 +454,11 @@ fn edge_host(edge: &str) -> Option<&str> {
     (!host.is_empty()).then_some(host)
 }
 
+/// A token file's content, trimmed.
+fn read_token(path: &Path) -> std::io::Result<String> {
+    std::fs::read_to_string(path).map(|t| t.trim().to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -478,6 +506,24 @@ mod tests {
             &[(TOKEN_ENV, "t")],
         );
         assert!(cfg.is_ok(), "{cfg:?}");
+    }
+
+    #[test]
+    fn a_rotated_token_file_is_read_on_the_next_dial() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.token");
+        std::fs::write(&path, "first\n").unwrap();
+        let text = format!("edge = \"e:1\"\ntoken_file = \"{}\"", path.display());
+        let cfg = load(&text, &[]).unwrap();
+        assert_eq!(cfg.current_token().expose(), "first");
+        std::fs::write(&path, "second\n").unwrap();
+        assert_eq!(cfg.current_token().expose(), "second");
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            cfg.current_token().expose(),
+            "first",
+            "unreadable: the token read at start"
+        );
     }
 
     #[test]

@@ -146,7 +146,7 @@ impl Session {
         let hello = ControlMsg::Hello(Hello {
             min_version: VERSION,
             max_version: VERSION,
-            token: config.token.clone(),
+            token: config.current_token(),
             agent: concat!("burrow-agent/", env!("CARGO_PKG_VERSION")).to_owned(),
             instance: identity.instance,
             takeover: identity.takeover,
