@@ -57,6 +57,14 @@ pub struct Cli {
     /// BURROW_FORWARD_DENY_PORTS]
     #[arg(long, value_name = "PORTS")]
     pub deny_ports: Option<String>,
+    /// Streams in flight at once; more are refused, default 1024 (key `forward.max_streams`)
+    /// [env: BURROW_FORWARD_MAX_STREAMS]
+    #[arg(long, value_name = "N")]
+    pub max_streams: Option<String>,
+    /// Time the local service has to accept a connection, default 5s (key
+    /// `forward.connect_timeout`) [env: BURROW_FORWARD_CONNECT_TIMEOUT]
+    #[arg(long, value_name = "DURATION")]
+    pub connect_timeout: Option<String>,
     /// Address for the agent's metrics listener; its port is never forwarded (key
     /// `metrics.listen`) [env: BURROW_METRICS_LISTEN]
     #[arg(long, value_name = "ADDR:PORT")]
@@ -129,6 +137,8 @@ impl Cli {
             ("token_file", &self.token_file),
             ("forward.allow_ports", &self.allow_ports),
             ("forward.deny_ports", &self.deny_ports),
+            ("forward.max_streams", &self.max_streams),
+            ("forward.connect_timeout", &self.connect_timeout),
             ("metrics.listen", &self.metrics_listen),
             ("drain_grace", &self.drain_grace),
             ("liveness.heartbeat_interval", &self.heartbeat_interval),

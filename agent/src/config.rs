@@ -45,6 +45,16 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Ports,
     },
     Setting {
+        key: "forward.max_streams",
+        env: "BURROW_FORWARD_MAX_STREAMS",
+        kind: Kind::Int,
+    },
+    Setting {
+        key: "forward.connect_timeout",
+        env: "BURROW_FORWARD_CONNECT_TIMEOUT",
+        kind: Kind::Str,
+    },
+    Setting {
         key: "metrics.listen",
         env: "BURROW_METRICS_LISTEN",
         kind: Kind::Str,
@@ -211,6 +221,8 @@ struct RawForward {
     allow_ports: Vec<u16>,
     #[serde(default)]
     deny_ports: Vec<u16>,
+    max_streams: Option<i64>,
+    connect_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -383,8 +395,21 @@ impl Config {
             },
             drain_grace: duration("drain_grace", raw.drain_grace, Duration::from_secs(10))?,
             log,
-            connect_timeout: Duration::from_secs(5),
-            max_streams: 1024,
+            connect_timeout: duration(
+                "forward.connect_timeout",
+                raw.forward.connect_timeout,
+                Duration::from_secs(5),
+            )?,
+            max_streams: match raw.forward.max_streams {
+                None => 1024,
+                Some(n) => usize::try_from(n)
+                    .ok()
+                    .filter(|n| (1..=1_000_000).contains(n))
+                    .ok_or_else(|| ConfigError::Invalid {
+                        key: "forward.max_streams",
+                        message: format!("{n} is out of range: use 1..=1000000"),
+                    })?,
+            },
         })
     }
 }

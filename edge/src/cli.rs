@@ -105,6 +105,33 @@ struct ServeArgs {
     /// Metrics listener (key `metrics.listen`) [env: BURROW_METRICS_LISTEN]
     #[arg(long, value_name = "ADDR:PORT")]
     metrics_listen: Option<String>,
+    /// Request line and headers in bytes; 431 past it, default 32768 (key `limits.max_head_bytes`) [env: BURROW_LIMITS_MAX_HEAD_BYTES]
+    #[arg(long = "limits-max-head-bytes", value_name = "N")]
+    limits_max_head_bytes: Option<String>,
+    /// Header lines in a request; 431 past it, default 100 (key `limits.max_headers`) [env: BURROW_LIMITS_MAX_HEADERS]
+    #[arg(long = "limits-max-headers", value_name = "N")]
+    limits_max_headers: Option<String>,
+    /// Time to receive a request head, default 10s (key `limits.head_timeout`) [env: BURROW_LIMITS_HEAD_TIMEOUT]
+    #[arg(long = "limits-head-timeout", value_name = "DURATION")]
+    limits_head_timeout: Option<String>,
+    /// A WebSocket idle this long either way is closed, default 1h (key `limits.upgrade_idle`) [env: BURROW_LIMITS_UPGRADE_IDLE]
+    #[arg(long = "limits-upgrade-idle", value_name = "DURATION")]
+    limits_upgrade_idle: Option<String>,
+    /// Open connections per client address, default 256 (key `limits.connections_per_client`) [env: BURROW_LIMITS_CONNECTIONS_PER_CLIENT]
+    #[arg(long = "limits-connections-per-client", value_name = "N")]
+    limits_connections_per_client: Option<String>,
+    /// Requests in flight per devbox; 503 past it, default 1024 (key `limits.streams_per_devbox`) [env: BURROW_LIMITS_STREAMS_PER_DEVBOX]
+    #[arg(long = "limits-streams-per-devbox", value_name = "N")]
+    limits_streams_per_devbox: Option<String>,
+    /// Requests a second per tunnel, 0 unlimited; 429 past it, default 1000 (key `limits.rate`) [env: BURROW_LIMITS_RATE]
+    #[arg(long = "limits-rate", value_name = "N")]
+    limits_rate: Option<String>,
+    /// Requests a tunnel may make at once above the rate, default 2000 (key `limits.burst`) [env: BURROW_LIMITS_BURST]
+    #[arg(long = "limits-burst", value_name = "N")]
+    limits_burst: Option<String>,
+    /// Failed admin authentications per client a minute, default 10 (key `limits.admin_failures`) [env: BURROW_LIMITS_ADMIN_FAILURES]
+    #[arg(long = "limits-admin-failures", value_name = "N")]
+    limits_admin_failures: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -138,6 +165,18 @@ impl ServeArgs {
             ("admin.listen", &self.admin_listen),
             ("admin.token_file", &self.admin_token_file),
             ("metrics.listen", &self.metrics_listen),
+            ("limits.max_head_bytes", &self.limits_max_head_bytes),
+            ("limits.max_headers", &self.limits_max_headers),
+            ("limits.head_timeout", &self.limits_head_timeout),
+            ("limits.upgrade_idle", &self.limits_upgrade_idle),
+            (
+                "limits.connections_per_client",
+                &self.limits_connections_per_client,
+            ),
+            ("limits.streams_per_devbox", &self.limits_streams_per_devbox),
+            ("limits.rate", &self.limits_rate),
+            ("limits.burst", &self.limits_burst),
+            ("limits.admin_failures", &self.limits_admin_failures),
         ]
         .into_iter()
         .filter_map(|(k, v)| v.clone().map(|v| (k, v)))
