@@ -157,8 +157,12 @@ async fn blackhole(setup: &mut Setup, hold: Duration, s: &mut Samples) {
     setup.relay.set_blackhole(true);
     // A user keeps using the tunnel during a short blip: requests wait at the edge.
     let mut status = setup.agent.agent.status.clone();
-    let noticed = tokio::time::timeout(hold, status.wait_for(|st| !st.connected)).await;
-    if noticed.is_ok() {
+    // `wait_for` answers with a read guard on the status; holding it would block the agent's
+    // next status update, so only whether it fired is kept.
+    let noticed = tokio::time::timeout(hold, status.wait_for(|st| !st.connected))
+        .await
+        .is_ok();
+    if noticed {
         s.detect.push(start.elapsed());
     }
     tokio::time::sleep_until(start + hold).await;
