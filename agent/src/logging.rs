@@ -40,7 +40,7 @@ impl LogSettings {
         let level = level
             .or_else(|| env.get("RUST_LOG").cloned())
             .unwrap_or_else(|| "info".to_owned());
-        EnvFilter::try_new(&level).map_err(|e| ConfigError::Invalid {
+        filter(&level).map_err(|e| ConfigError::Invalid {
             key: "log.level",
             message: format!("`{level}` is not a log level or filter (e.g. info, debug): {e}"),
         })?;
@@ -74,7 +74,7 @@ pub struct LevelHandle(Option<reload::Handle<EnvFilter, Registry>>);
 impl LevelHandle {
     /// Sets a new level (already checked by [`LogSettings::parse`]).
     pub fn set(&self, level: &str) {
-        if let (Some(handle), Ok(filter)) = (&self.0, EnvFilter::try_new(level)) {
+        if let (Some(handle), Ok(filter)) = (&self.0, filter(level)) {
             let _ = handle.reload(filter);
         }
     }
@@ -82,7 +82,7 @@ impl LevelHandle {
 
 /// Installs the process's logger, to stderr. A second call (tests) keeps the first logger.
 pub fn init(settings: &LogSettings) -> LevelHandle {
-    let filter = EnvFilter::try_new(&settings.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = filter(&settings.level).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     let installed = match settings.format {
@@ -102,9 +102,34 @@ pub fn init(settings: &LogSettings) -> LevelHandle {
     LevelHandle(installed.is_ok().then_some(handle))
 }
 
+/// Parses a level or filter. Field values match literally, not as regular expressions (a
+/// crafted regex takes exponential time to build), and each directive is trimmed first
+/// (tracing-subscriber 0.3 panics on whitespace before a non-ASCII directive).
+fn filter(level: &str) -> Result<EnvFilter, tracing_subscriber::filter::ParseError> {
+    let directives = level
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect::<Vec<_>>()
+        .join(",");
+    EnvFilter::builder().with_regex(false).parse(directives)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `agent_config` and `edge_config` fuzz targets.
+    #[test]
+    fn hostile_levels_are_answered_quickly_and_without_panics() {
+        let started = std::time::Instant::now();
+        let _ = filter("[{=x........................oc}]");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        for level in [" é=info", "info, é=debug", " , ,info"] {
+            let _ = filter(level);
+        }
+        assert!(filter("info, burrow_agent=debug").is_ok());
+    }
 
     #[test]
     fn bad_values_name_their_key() {

@@ -20,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use burrow_protocol::machine::{AgentAction, AgentControl};
+
 use crate::config::Config;
 use crate::forward::{self, Limits};
 use crate::metrics::Metrics;
@@ -104,6 +106,7 @@ pub struct Session {
     control_send: quinn::SendStream,
     control: mpsc::Receiver<Result<ControlMsg, WireError>>,
     welcome: Welcome,
+    machine: AgentControl,
 }
 
 /// Where a heartbeat stands.
@@ -143,31 +146,38 @@ impl Session {
             .await
             .map_err(|source| SessionError::Connect { addr, source })?;
         let (mut control_send, mut control_recv) = conn.open_bi().await?;
-        let hello = ControlMsg::Hello(Hello {
+        let hello = Hello {
             min_version: VERSION,
             max_version: VERSION,
             token: config.current_token(),
             agent: concat!("burrow-agent/", env!("CARGO_PKG_VERSION")).to_owned(),
             instance: identity.instance,
             takeover: identity.takeover,
-        });
-        wire::write_frame(&mut control_send, hello.encoded()).await?;
-        match wire::read_msg(&mut control_recv, ControlMsg::decode).await? {
-            Some(ControlMsg::Welcome(welcome)) => Ok(Session {
+        };
+        let mut machine = AgentControl::new(&hello);
+        wire::write_frame(&mut control_send, ControlMsg::Hello(hello).encoded()).await?;
+        let step = match wire::read_msg(&mut control_recv, ControlMsg::decode).await? {
+            Some(msg) => machine.on_message(msg),
+            None => machine.on_end_of_stream().map(|()| AgentAction::Nothing),
+        };
+        match step {
+            Ok(AgentAction::Welcomed(welcome)) => Ok(Session {
                 endpoint,
                 conn,
                 control_send,
                 control: wire::spawn_control_reader(control_recv),
                 welcome,
+                machine,
             }),
-            Some(ControlMsg::Reject(reject)) => Err(SessionError::Rejected(reject)),
-            Some(other) => Err(SessionError::Protocol(format!(
-                "expected welcome, got {}",
-                other.name()
-            ))),
-            None => Err(SessionError::Protocol(
-                "control stream closed before welcome".into(),
+            Ok(AgentAction::Rejected(reject)) => Err(SessionError::Rejected(reject)),
+            Ok(_) => Err(SessionError::Protocol(
+                "the edge answered the hello with neither welcome nor reject".into(),
             )),
+            Err(violation) => {
+                let what = violation.to_string();
+                conn.close(close::PROTOCOL.into(), what.as_bytes());
+                Err(SessionError::Protocol(what))
+            }
         }
     }
 
@@ -203,6 +213,7 @@ impl Session {
             mut control_send,
             mut control,
             welcome: _,
+            mut machine,
         } = self;
         let limits = Arc::new(Limits {
             policy: config.policy.clone(),
@@ -246,46 +257,52 @@ impl Session {
                         drop(permit);
                     }.instrument(span));
                 }
-                msg = control.recv() => match msg.transpose() {
-                    Ok(Some(ControlMsg::Ping { seq })) => {
-                        if let Err(e) = wire::write_frame(&mut control_send, ControlMsg::Pong { seq }.encoded()).await {
+                msg = control.recv() => {
+                    let step = match msg.transpose() {
+                        Ok(Some(msg)) => machine.on_message(msg),
+                        Ok(None) => machine.on_end_of_stream().map(|()| AgentAction::Nothing),
+                        Err(e) => {
+                            if matches!(e, WireError::Decode(_) | WireError::Truncated) {
+                                conn.close(close::PROTOCOL.into(), b"bad control frame");
+                            }
                             break Ended::Lost(e.into());
                         }
-                    }
-                    Ok(Some(ControlMsg::Pong { seq: answered })) => {
-                        if let Some(o) = outstanding.take_if(|o| o.seq == answered) {
-                            let rtt = o.sent.elapsed();
-                            if o.probe != Probe::Heartbeat {
-                                info!(rtt_ms = rtt.as_millis() as u64, "the connection answered the probe");
+                    };
+                    match step {
+                        Ok(AgentAction::Reply(reply)) => {
+                            if let Err(e) = wire::write_frame(&mut control_send, reply.encoded()).await {
+                                break Ended::Lost(e.into());
                             }
-                            status.send_modify(|s| s.rtt = Some(rtt));
-                            metrics.pong(rtt);
+                        }
+                        Ok(AgentAction::Answered { seq: answered }) => {
+                            if let Some(o) = outstanding.take_if(|o| o.seq == answered) {
+                                let rtt = o.sent.elapsed();
+                                if o.probe != Probe::Heartbeat {
+                                    info!(rtt_ms = rtt.as_millis() as u64, "the connection answered the probe");
+                                }
+                                status.send_modify(|s| s.rtt = Some(rtt));
+                                metrics.pong(rtt);
+                            }
+                        }
+                        Ok(AgentAction::TunnelChanged(update)) => {
+                            match &update {
+                                Some(t) => info!(key = %t.key, mode = t.auth_mode.as_str(), url = %t.url_template, "tunnel updated"),
+                                None => info!("tunnel disabled"),
+                            }
+                            status.send_modify(|s| s.tunnel = update);
+                        }
+                        Ok(AgentAction::PeerGoingAway(go_away)) => break Ended::GoAway(go_away),
+                        Ok(AgentAction::Nothing | AgentAction::Welcomed(_) | AgentAction::Rejected(_)) => {}
+                        Err(violation) => {
+                            let what = violation.to_string();
+                            conn.close(close::PROTOCOL.into(), what.as_bytes());
+                            break Ended::Lost(SessionError::Protocol(what));
                         }
                     }
-                    Ok(Some(ControlMsg::TunnelUpdate(update))) => {
-                        match &update {
-                            Some(t) => info!(key = %t.key, mode = t.auth_mode.as_str(), url = %t.url_template, "tunnel updated"),
-                            None => info!("tunnel disabled"),
-                        }
-                        status.send_modify(|s| s.tunnel = update);
-                    }
-                    Ok(Some(ControlMsg::GoAway(go_away))) => break Ended::GoAway(go_away),
-                    Ok(Some(other)) => {
-                        let what = format!("unexpected {} on the control stream", other.name());
-                        conn.close(close::PROTOCOL.into(), what.as_bytes());
-                        break Ended::Lost(SessionError::Protocol(what));
-                    }
-                    Ok(None) => break Ended::Lost(SessionError::Protocol("the edge closed the control stream".into())),
-                    Err(e) => {
-                        if matches!(e, WireError::Decode(_) | WireError::Truncated) {
-                            conn.close(close::PROTOCOL.into(), b"bad control frame");
-                        }
-                        break Ended::Lost(e.into());
-                    }
-                },
+                }
                 _ = heartbeat.tick(), if outstanding.is_none() => {
                     seq += 1;
-                    outstanding = Some(ping(&mut control_send, seq, Probe::Heartbeat, liveness.heartbeat_timeout).await);
+                    outstanding = Some(ping(&mut control_send, &mut machine, seq, Probe::Heartbeat, liveness.heartbeat_timeout).await);
                 }
                 changed = resumes.changed(), if resumes_open => {
                     if changed.is_err() {
@@ -293,7 +310,7 @@ impl Session {
                         continue;
                     }
                     seq += 1;
-                    outstanding = Some(ping(&mut control_send, seq, Probe::Resume, liveness.heartbeat_timeout).await);
+                    outstanding = Some(ping(&mut control_send, &mut machine, seq, Probe::Resume, liveness.heartbeat_timeout).await);
                 }
                 () = sleep_until(deadline) => {
                     let Some(missed) = outstanding.take() else { continue };
@@ -309,7 +326,7 @@ impl Session {
                                 Err(e) => debug!(error = %e, "no fresh UDP socket"),
                             }
                             seq += 1;
-                            outstanding = Some(ping(&mut control_send, seq, Probe::Rebound, liveness.heartbeat_timeout).await);
+                            outstanding = Some(ping(&mut control_send, &mut machine, seq, Probe::Rebound, liveness.heartbeat_timeout).await);
                         }
                         Probe::Rebound => break Ended::Dead("heartbeats unanswered"),
                         Probe::Resume => break Ended::Dead("no answer after resume"),
@@ -360,12 +377,15 @@ impl Session {
 /// Sends a ping and returns what to wait for.
 async fn ping(
     control: &mut quinn::SendStream,
+    machine: &mut AgentControl,
     seq: u64,
     probe: Probe,
     timeout: Duration,
 ) -> Outstanding {
+    let msg = ControlMsg::Ping { seq };
+    machine.sent(&msg);
     // A failed write shows up as a missed pong.
-    let _ = wire::write_frame(control, ControlMsg::Ping { seq }.encoded()).await;
+    let _ = wire::write_frame(control, msg.encoded()).await;
     let sent = Instant::now();
     Outstanding {
         seq,

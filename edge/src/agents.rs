@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use burrow_agent::wire::{self, WireError};
+use burrow_protocol::machine::{EdgeAction, EdgeControl};
 use burrow_protocol::{ControlMsg, GoAway, GoAwayReason, Reject, RejectReason, VERSION, Welcome};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -129,13 +130,20 @@ async fn session(
     let (conn, mut send, recv, hello) = tokio::time::timeout(HELLO_TIMEOUT, setup)
         .await
         .map_err(|_| SessionError::Timeout(HELLO_TIMEOUT))??;
-    let hello = match hello {
-        Some(ControlMsg::Hello(hello)) => hello,
-        other => {
-            let what = format!(
-                "expected hello, got {}",
-                other.as_ref().map_or("end of stream", ControlMsg::name)
-            );
+    let mut machine = EdgeControl::new();
+    let step = match hello {
+        Some(msg) => machine.on_message(msg),
+        None => machine.on_end_of_stream().map(|()| EdgeAction::Nothing),
+    };
+    let hello = match step {
+        Ok(EdgeAction::Hello(hello)) => hello,
+        Ok(_) => {
+            let what = "the agent did not start with a hello".to_owned();
+            conn.close(close::PROTOCOL.into(), what.as_bytes());
+            return Err(SessionError::Protocol(what));
+        }
+        Err(violation) => {
+            let what = violation.to_string();
             conn.close(close::PROTOCOL.into(), what.as_bytes());
             return Err(SessionError::Protocol(what));
         }
@@ -216,32 +224,39 @@ async fn session(
                 () = shutdown.cancelled() => {
                     // The listener sends the go-away; keep serving the control stream.
                     if let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(1), control_rx.recv()).await {
+                        machine.sent(&msg);
                         let _ = wire::write_frame(&mut send, msg.encoded()).await;
                     }
                     return Ok(());
                 }
                 msg = control_rx.recv() => {
                     let Some(msg) = msg else { return Ok(()) };
+                    machine.sent(&msg);
                     wire::write_frame(&mut send, msg.encoded()).await?;
                 }
-                msg = control.recv() => match msg.transpose()? {
-                    Some(ControlMsg::Ping { seq }) => {
-                        wire::write_frame(&mut send, ControlMsg::Pong { seq }.encoded()).await?;
+                msg = control.recv() => {
+                    let step = match msg.transpose()? {
+                        Some(msg) => machine.on_message(msg),
+                        None => return Ok(()),
+                    };
+                    match step {
+                        Ok(EdgeAction::Reply(reply)) => {
+                            wire::write_frame(&mut send, reply.encoded()).await?;
+                        }
+                        Ok(EdgeAction::PeerGoingAway(go_away)) => {
+                            // The agent is leaving: no new requests for it; running streams
+                            // finish on this connection until the agent closes it.
+                            info!(message = %go_away.message, "agent going away");
+                            registry.detach(&devbox_id, generation);
+                        }
+                        Ok(EdgeAction::Nothing | EdgeAction::Answered { .. } | EdgeAction::Hello(_)) => {}
+                        Err(violation) => {
+                            let what = violation.to_string();
+                            conn.close(close::PROTOCOL.into(), what.as_bytes());
+                            return Err(SessionError::Protocol(what));
+                        }
                     }
-                    Some(ControlMsg::Pong { .. }) => {}
-                    Some(ControlMsg::GoAway(go_away)) => {
-                        // The agent is leaving: no new requests for it; running streams finish
-                        // on this connection until the agent closes it.
-                        info!(message = %go_away.message, "agent going away");
-                        registry.detach(&devbox_id, generation);
-                    }
-                    Some(other) => {
-                        let what = format!("unexpected {} on the control stream", other.name());
-                        conn.close(close::PROTOCOL.into(), what.as_bytes());
-                        return Err(SessionError::Protocol(what));
-                    }
-                    None => return Ok(()),
-                },
+                }
                 reason = conn.closed() => {
                     debug!(%reason, "connection closed");
                     return Ok(());

@@ -18,9 +18,17 @@ fuzz_target!(|data: &[u8]| {
         };
         let consumed = before.len() - buf.len();
         let encoded = msg.encoded();
-        assert_eq!(encoded, before.slice(..consumed), "re-encoding gives the same bytes");
+        assert_eq!(
+            encoded,
+            before.slice(..consumed),
+            "re-encoding gives the same bytes"
+        );
         let mut again = encoded.clone();
-        assert_eq!(ControlMsg::decode(&mut again), Ok(msg), "own encoding decodes");
+        assert_eq!(
+            ControlMsg::decode(&mut again),
+            Ok(msg),
+            "own encoding decodes"
+        );
         assert!(again.is_empty(), "own encoding is one whole frame");
     }
 });

@@ -25,7 +25,11 @@ fn check<M: PartialEq + Debug>(
         };
         let consumed = before.len() - buf.len();
         let bytes = encoded(&msg);
-        assert_eq!(bytes, before.slice(..consumed), "re-encoding gives the same bytes");
+        assert_eq!(
+            bytes,
+            before.slice(..consumed),
+            "re-encoding gives the same bytes"
+        );
         let mut again = bytes.clone();
         assert_eq!(decode(&mut again), Ok(msg), "own encoding decodes");
         assert!(again.is_empty(), "own encoding is one whole frame");

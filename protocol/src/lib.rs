@@ -21,6 +21,8 @@
 //! - `tunnel`: values the control stream carries: [`TunnelState`], [`AuthMode`], [`AgentToken`]
 //!   (re-exported from [`control`]).
 //! - [`control`]: messages of the control stream ([`ControlMsg`]).
+//! - [`machine`]: the control stream's rules for each side ([`machine::AgentControl`],
+//!   [`machine::EdgeControl`]): which message may come when, and what it asks for.
 //! - `port`: [`Port`], a non-zero TCP port (re-exported from [`stream`]).
 //! - [`stream`]: the header and answer that open each data stream ([`StreamHeader`],
 //!   [`StreamAnswer`]).
@@ -38,6 +40,7 @@
 pub mod control;
 mod error;
 pub mod frame;
+pub mod machine;
 mod port;
 pub mod stream;
 mod tunnel;
