@@ -108,11 +108,16 @@ impl Proxy {
     ) -> Response<Body> {
         let client = conn.peer;
         let html = pages::wants_html(req.headers());
+        if req.method() == http::Method::CONNECT {
+            return pages::error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT is not supported: the edge forwards HTTP requests to the devbox",
+                html,
+            );
+        }
         let host = match request_host(&req) {
-            Some(host) => host,
-            None => {
-                return pages::error(StatusCode::BAD_REQUEST, "the request names no host", html);
-            }
+            Ok(host) => host,
+            Err(detail) => return pages::error(StatusCode::BAD_REQUEST, detail, html),
         };
         let target = match route::parse(&host, &self.domain) {
             Ok(target) => target,
@@ -415,13 +420,26 @@ async fn open_stream(
     }
 }
 
-/// The public host: the Host header, or the authority of an HTTP/2 request.
-fn request_host<B>(req: &Request<B>) -> Option<String> {
-    req.headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()))
+/// The public host, from the one place the request names it. The target's authority (an
+/// absolute-form HTTP/1.1 target, HTTP/2's `:authority`) wins over `Host` (RFC 9112, 3.2.2),
+/// and a request whose two disagree is refused (RFC 9113, 8.3.1), as is one with several
+/// `Host` lines (RFC 9112, 3.2): a proxy in front might read the other one.
+fn request_host<B>(req: &Request<B>) -> Result<String, &'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err("the request has more than one Host header");
+    }
+    let host = host
+        .map(|h| h.to_str().map_err(|_| "the Host header is not ASCII"))
+        .transpose()?;
+    match (req.uri().authority().map(|a| a.as_str()), host) {
+        (Some(authority), Some(host)) if !authority.eq_ignore_ascii_case(host) => {
+            Err("the request's target and its Host header name different hosts")
+        }
+        (Some(name), _) | (None, Some(name)) => Ok(name.to_owned()),
+        (None, None) => Err("the request names no host"),
+    }
 }
 
 /// The token of an `Authorization: Bearer` header.
