@@ -7,7 +7,7 @@ use burrow_tests::services::{HttpService, http_service, sha256_hex};
 use burrow_tests::{TestEdge, WAIT, request};
 use serde_json::Value;
 
-use crate::raw::{Answer, Raw, RawBackend};
+use crate::raw::{Raw, RawBackend};
 use crate::shared::{Tunnel, assert_serves, shared};
 use crate::{assert_bad_or_closed, assert_status};
 
