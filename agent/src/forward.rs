@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use burrow_protocol::{Port, RefuseReason, StreamAnswer, StreamHeader, VERSION};
 use tokio::net::TcpStream;
-use tracing::debug;
+use tracing::{debug, info};
 
 use crate::policy::PortPolicy;
 use crate::wire::{self, WireError};
@@ -63,6 +63,7 @@ pub async fn serve(
     mut recv: quinn::RecvStream,
     limits: &Limits,
     refuse: Option<RefuseReason>,
+    on_answer: impl FnOnce(Port, Result<(), RefuseReason>),
 ) -> Result<(Port, Outcome), ForwardError> {
     let header = tokio::time::timeout(
         HEADER_TIMEOUT,
@@ -81,6 +82,7 @@ pub async fn serve(
     } else {
         dial(port, limits.connect_timeout).await
     };
+    on_answer(port, reason.as_ref().map(|_| ()).map_err(|r| *r));
     let mut tcp = match reason {
         Ok(tcp) => tcp,
         Err(reason) => {
@@ -94,8 +96,13 @@ pub async fn serve(
     debug!(%port, client = ?header.client, "stream accepted");
 
     let mut quic = tokio::io::join(recv, send);
-    let copied =
-        tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut quic, COPY_BUF, COPY_BUF).await;
+    let copied = tokio::select! {
+        copied = tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut quic, COPY_BUF, COPY_BUF) => copied,
+        () = limits.policy.denied(port) => {
+            info!(%port, "the reloaded port policy denies this port; cutting its stream");
+            Err(std::io::Error::other("port denied by a reload"))
+        }
+    };
     match copied {
         Ok((from_service, to_service)) => {
             debug!(%port, to_service, from_service, "stream done");

@@ -194,14 +194,32 @@ impl Metrics {
         *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = conn;
     }
 
-    /// Counts a finished stream.
-    pub fn stream(&self, port: Port, outcome: Outcome, took: Duration) {
-        let class = match port.get() {
-            0..=1023 => "system",
-            1024..=49151 => "user",
-            _ => "dynamic",
+    /// Counts a stream when the agent answers it: accepted, or refused and why.
+    pub fn answered(&self, port: Port, answer: Result<(), RefuseReason>) {
+        let outcome_label = match answer {
+            Ok(()) => "accepted",
+            Err(RefuseReason::NotListening) => "not_listening",
+            Err(RefuseReason::PortNotAllowed) => "port_not_allowed",
+            Err(RefuseReason::ConnectTimeout) => "connect_timeout",
+            Err(RefuseReason::TooManyStreams) => "too_many_streams",
+            Err(_) => "refused_other",
         };
-        let outcome_label = match outcome {
+        self.streams
+            .with_label_values(&[port_class(port), outcome_label])
+            .inc();
+        let mut ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+        if ports.len() < MAX_TRACKED_PORTS || ports.contains_key(&port.get()) {
+            let entry = ports.entry(port.get()).or_default();
+            entry.streams += 1;
+            if answer.is_err() {
+                entry.refused += 1;
+            }
+        }
+    }
+
+    /// Counts how an accepted stream ended: its bytes and duration, or a reset.
+    pub fn ended(&self, port: Port, outcome: Outcome, took: Duration) {
+        match outcome {
             Outcome::Copied(to_service, from_service) => {
                 self.bytes
                     .with_label_values(&["to_service"])
@@ -210,30 +228,18 @@ impl Metrics {
                     .with_label_values(&["from_service"])
                     .inc_by(from_service);
                 self.stream_duration.observe(took.as_secs_f64());
-                "accepted"
+                let mut ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(entry) = ports.get_mut(&port.get()) {
+                    entry.bytes += to_service + from_service;
+                }
             }
             Outcome::Reset => {
                 self.stream_duration.observe(took.as_secs_f64());
-                "reset"
+                self.streams
+                    .with_label_values(&[port_class(port), "reset"])
+                    .inc();
             }
-            Outcome::Refused(RefuseReason::NotListening) => "not_listening",
-            Outcome::Refused(RefuseReason::PortNotAllowed) => "port_not_allowed",
-            Outcome::Refused(RefuseReason::ConnectTimeout) => "connect_timeout",
-            Outcome::Refused(RefuseReason::TooManyStreams) => "too_many_streams",
-            Outcome::Refused(_) => "refused_other",
-        };
-        self.streams
-            .with_label_values(&[class, outcome_label])
-            .inc();
-        let mut ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
-        if ports.len() < MAX_TRACKED_PORTS || ports.contains_key(&port.get()) {
-            let entry = ports.entry(port.get()).or_default();
-            entry.streams += 1;
-            match outcome {
-                Outcome::Copied(a, b) => entry.bytes += a + b,
-                Outcome::Refused(_) => entry.refused += 1,
-                Outcome::Reset => {}
-            }
+            Outcome::Refused(_) => {}
         }
     }
 
@@ -410,6 +416,15 @@ async fn respond(
     tcp.shutdown().await
 }
 
+/// The class label of a port.
+fn port_class(port: Port) -> &'static str {
+    match port.get() {
+        0..=1023 => "system",
+        1024..=49151 => "user",
+        _ => "dynamic",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,13 +433,13 @@ mod tests {
     fn render_lists_every_family_with_bounded_labels() {
         let m = Metrics::new();
         m.connects.inc();
-        m.stream(
+        m.answered(Port::new(3000).unwrap(), Ok(()));
+        m.ended(
             Port::new(3000).unwrap(),
             Outcome::Copied(10, 20),
             Duration::from_millis(5),
         );
-        let refused = Outcome::Refused(RefuseReason::PortNotAllowed);
-        m.stream(Port::new(22).unwrap(), refused, Duration::ZERO);
+        m.answered(Port::new(22).unwrap(), Err(RefuseReason::PortNotAllowed));
         m.pong(Duration::from_millis(3));
         let text = m.render();
         for needle in [

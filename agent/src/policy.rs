@@ -9,9 +9,17 @@ use std::sync::{Arc, RwLock};
 use burrow_protocol::Port;
 
 /// An allow list (empty: every port) and a deny list; deny wins.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct PortPolicy {
     lists: Arc<RwLock<Lists>>,
+    /// Bumped on every replace, so running streams can check their port again.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for PortPolicy {
+    fn default() -> Self {
+        PortPolicy::new([], [])
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -31,6 +39,7 @@ impl PortPolicy {
                 allow: allow.into_iter().collect(),
                 deny: deny.into_iter().collect(),
             })),
+            changes: Arc::new(tokio::sync::watch::Sender::new(0)),
         }
     }
 
@@ -57,6 +66,21 @@ impl PortPolicy {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         *self.lists.write().unwrap_or_else(|p| p.into_inner()) = next;
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Resolves once a replaced policy no longer allows `port` (a running stream to it is
+    /// then cut: a reload that denies a port denies it now, not at the next connection).
+    pub async fn denied(&self, port: Port) {
+        let mut changes = self.changes.subscribe();
+        loop {
+            if !self.allows(port) {
+                return;
+            }
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
     }
 }
 
@@ -78,6 +102,23 @@ mod tests {
         assert!(!policy.allows(p(22)));
         assert!(policy.allows(p(80)));
         assert!(!policy.allows(p(81)));
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_denies_a_port_wakes_its_streams() {
+        let policy = PortPolicy::default();
+        let waiting = tokio::spawn({
+            let policy = policy.clone();
+            async move { policy.denied(p(8080)).await }
+        });
+        policy.replace(&PortPolicy::new([], [p(22)]));
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "8080 is still allowed");
+        policy.replace(&PortPolicy::new([], [p(8080)]));
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("woken")
+            .expect("join");
     }
 
     #[test]

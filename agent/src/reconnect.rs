@@ -57,7 +57,7 @@ pub async fn run_with_clocks(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<(), tls::TlsError> {
-    let client = tls::client_config(config.ca.as_deref(), &config.liveness)?;
+    let client = tls::client_config(config.ca.as_deref(), &config.liveness, config.max_streams)?;
     let (resume_tx, mut resumes) = watch::channel(0u64);
     let background = TaskTracker::new();
     background.spawn(resume::watch(

@@ -248,8 +248,9 @@ impl Session {
                     metrics.streams_open.inc();
                     tasks.spawn(async move {
                         let started = Instant::now();
-                        match forward::serve(send, recv, &limits, refuse).await {
-                            Ok((port, outcome)) => metrics.stream(port, outcome, started.elapsed()),
+                        let answered = |port, answer| metrics.answered(port, answer);
+                        match forward::serve(send, recv, &limits, refuse, answered).await {
+                            Ok((port, outcome)) => metrics.ended(port, outcome, started.elapsed()),
                             Err(e) => debug!(error = %e, "stream ended early"),
                         }
                         metrics.streams_open.dec();

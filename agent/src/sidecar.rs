@@ -238,7 +238,7 @@ pub async fn run(
     notifier: Option<crate::notify::Notifier>,
 ) -> Result<u8, SidecarError> {
     // A configuration that cannot work fails before the entrypoint starts.
-    tls::client_config(config.ca.as_deref(), &config.liveness)?;
+    tls::client_config(config.ca.as_deref(), &config.liveness, config.max_streams)?;
     let mut init = Init::start(&entrypoint)?;
     let shutdown = CancellationToken::new();
     let grace = config.drain_grace + DRAIN_MARGIN;

@@ -47,10 +47,12 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
-/// Builds the QUIC client configuration.
+/// Builds the QUIC client configuration; the edge may open up to about `max_streams` data
+/// streams at once.
 pub fn client_config(
     ca: Option<&Path>,
     liveness: &Liveness,
+    max_streams: usize,
 ) -> Result<quinn::ClientConfig, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     match ca {
@@ -79,15 +81,18 @@ pub fn client_config(
     tls.alpn_protocols = vec![burrow_protocol::ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    config.transport_config(Arc::new(transport(liveness)));
+    config.transport_config(Arc::new(transport(liveness, max_streams)));
     Ok(config)
 }
 
 /// Transport settings for the agent's end.
-fn transport(liveness: &Liveness) -> quinn::TransportConfig {
+fn transport(liveness: &Liveness, max_streams: usize) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    // The edge opens one bidirectional stream per public request.
-    t.max_concurrent_bidi_streams(4096u32.into());
+    // The edge opens a bidirectional stream per connection to a service. QUIC's own limit sits
+    // above `forward.max_streams`, so the streams past it are refused with a reason the edge
+    // can show instead of waiting for credit.
+    let limit = u32::try_from(max_streams.saturating_add(256)).unwrap_or(u32::MAX);
+    t.max_concurrent_bidi_streams(limit.into());
     t.max_concurrent_uni_streams(0u32.into());
     // The heartbeat already sends a packet every interval; QUIC's keep-alive at the same
     // interval only fires if heartbeats stop being sent, and keeps NAT mappings open then.

@@ -83,6 +83,14 @@ struct ServeArgs {
     /// BURROW_AGENTS_MAX_WAITING]
     #[arg(long, value_name = "N")]
     agents_max_waiting: Option<String>,
+    /// How long an idle kept-alive connection to a devbox service is kept, default 30s (key
+    /// `agents.pool_idle`) [env: BURROW_AGENTS_POOL_IDLE]
+    #[arg(long, value_name = "DURATION")]
+    agents_pool_idle: Option<String>,
+    /// Idle kept-alive connections per devbox port, 0 for none, default 64 (key
+    /// `agents.pool_max_idle`) [env: BURROW_AGENTS_POOL_MAX_IDLE]
+    #[arg(long, value_name = "N")]
+    agents_pool_max_idle: Option<String>,
     /// Time running requests get to finish at shutdown, default 10s (key `drain_grace`) [env:
     /// BURROW_DRAIN_GRACE]
     #[arg(long, value_name = "DURATION")]
@@ -159,6 +167,8 @@ impl ServeArgs {
             ("agents.key", &self.agents_key),
             ("agents.wait", &self.agents_wait),
             ("agents.max_waiting", &self.agents_max_waiting),
+            ("agents.pool_idle", &self.agents_pool_idle),
+            ("agents.pool_max_idle", &self.agents_pool_max_idle),
             ("drain_grace", &self.drain_grace),
             ("log.level", &self.log_level),
             ("log.format", &self.log_format),

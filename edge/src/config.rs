@@ -33,6 +33,8 @@ pub const SETTINGS: &[Setting] = settings! {
     "agents.key" => "BURROW_AGENTS_KEY",
     "agents.wait" => "BURROW_AGENTS_WAIT",
     "agents.max_waiting" => "BURROW_AGENTS_MAX_WAITING" as Int,
+    "agents.pool_idle" => "BURROW_AGENTS_POOL_IDLE",
+    "agents.pool_max_idle" => "BURROW_AGENTS_POOL_MAX_IDLE" as Int,
     "drain_grace" => "BURROW_DRAIN_GRACE",
     "log.level" => "BURROW_LOG_LEVEL",
     "log.format" => "BURROW_LOG_FORMAT",
@@ -109,6 +111,8 @@ struct RawAgents {
     key: Option<PathBuf>,
     wait: Option<String>,
     max_waiting: Option<usize>,
+    pool_idle: Option<String>,
+    pool_max_idle: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -169,6 +173,10 @@ pub struct Config {
     pub agent_wait: Duration,
     /// Requests that may wait per devbox; more get 503 at once.
     pub max_waiting: usize,
+    /// How long an idle kept-alive connection to a service is kept.
+    pub pool_idle: Duration,
+    /// Idle kept-alive connections per devbox port; 0: none kept.
+    pub pool_max_idle: usize,
     /// Bounds on public clients, tunnels and devboxes.
     pub limits: Limits,
     /// Grace period for running requests at shutdown.
@@ -287,6 +295,16 @@ impl Config {
                 None => Duration::from_secs(5),
             },
             max_waiting: raw.agents.max_waiting.unwrap_or(64),
+            pool_idle: match raw.agents.pool_idle {
+                Some(w) => sources::parse_duration("agents.pool_idle", &w)?,
+                None => Duration::from_secs(30),
+            },
+            pool_max_idle: int(
+                "agents.pool_max_idle",
+                raw.agents.pool_max_idle,
+                64,
+                0..=100_000,
+            )?,
             log: burrow_agent::logging::LogSettings::parse(raw.log.level, raw.log.format, env)?,
             limits: limits(raw.limits)?,
             drain_grace: match raw.drain_grace {

@@ -31,6 +31,7 @@ pub mod idle;
 pub mod limits;
 pub mod metrics;
 pub mod pages;
+pub mod pool;
 pub mod proxy;
 pub mod registry;
 pub mod route;

@@ -46,6 +46,8 @@ pub struct Metrics {
     pub agent_hellos: IntCounterVec,
     /// Requests and connections refused by a limit, by limit.
     pub limited: IntCounterVec,
+    /// Requests by how they reached the service: a kept-alive connection, or a fresh stream.
+    pub pooled: IntCounterVec,
 }
 
 impl Metrics {
@@ -117,8 +119,13 @@ impl Metrics {
                 "Requests and connections refused by a limit, by limit (rate, streams, connections, admin_failures)",
                 &["limit"],
             ),
+            pooled: counter_vec(
+                "burrow_edge_service_connections_total",
+                "Requests by the connection to the service they used (reused: kept alive; opened: a new stream to the agent)",
+                &["connection"],
+            ),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 12] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
             Box::new(m.agents_connected.clone()),
             Box::new(m.devboxes.clone()),
             Box::new(m.requests.clone()),
@@ -131,6 +138,7 @@ impl Metrics {
             Box::new(m.auth_failures.clone()),
             Box::new(m.agent_hellos.clone()),
             Box::new(m.limited.clone()),
+            Box::new(m.pooled.clone()),
         ];
         for c in collectors {
             // Invariant: the names above are distinct and valid.

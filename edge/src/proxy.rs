@@ -22,6 +22,7 @@ use crate::idle;
 use crate::limits::{Limits, PerKey, Rate};
 use crate::metrics::{CountedBody, GaugeGuard, Metrics};
 use crate::pages;
+use crate::pool::{Pool, Returning};
 use crate::registry::Registry;
 use crate::route;
 use crate::server::ConnInfo;
@@ -56,6 +57,7 @@ pub struct Proxy {
     limits: Limits,
     rates: Rate<String>,
     in_flight: PerKey<String>,
+    pool: Arc<Pool>,
 }
 
 /// How the client reached the edge.
@@ -86,8 +88,10 @@ impl Proxy {
         agent_wait: Duration,
         max_waiting: usize,
         limits: Limits,
+        pool: Arc<Pool>,
     ) -> Proxy {
         Proxy {
+            pool,
             registry,
             metrics,
             domain,
@@ -192,43 +196,86 @@ impl Proxy {
             );
         };
         let port = target.port;
-        let header = StreamHeader::new(port, StreamKind::Http, Some(client));
-        let (send, recv) = match self
-            .stream_to_agent(&target.key, &route.devbox_id, header)
-            .await
-        {
-            Ok(pair) => pair,
-            Err((status, detail)) => return pages::error(status, &detail, html),
-        };
-
         let upgrade = upgrade_wanted.then(|| hyper::upgrade::on(&mut req));
         let outbound = outbound_request(req, &host, client, scheme, upgrade.is_some())
             .map(|body| self.metrics.count_body(body, "from_client", ()));
-        let io = TokioIo::new(tokio::io::join(recv, send));
-        let (mut sender, connection) = match hyper::client::conn::http1::Builder::new()
-            .handshake::<_, CountedBody<Incoming>>(io)
-            .await
-        {
-            Ok(pair) => pair,
-            Err(e) => {
-                debug!(error = %e, "handshake on data stream failed");
-                return pages::error(StatusCode::BAD_GATEWAY, "the tunnel stream failed", html);
-            }
+
+        // A kept-alive connection to the service first (not for upgrades: they take the
+        // connection over); a request it could not even start goes on a fresh one.
+        let idle = match (&route.conn, &upgrade) {
+            (Some(conn), None) => self
+                .pool
+                .checkout((conn.stable_id(), port.get()))
+                .map(|sender| (sender, conn.stable_id())),
+            _ => None,
         };
-        tokio::spawn(async move {
-            if let Err(e) = connection.with_upgrades().await {
-                debug!(error = %e, "service connection ended with an error");
-            }
-        });
-        let mut response = match sender.send_request(outbound).await {
-            Ok(response) => response,
-            Err(e) => {
-                debug!(error = %e, %port, "service did not answer");
-                return pages::error(
-                    StatusCode::BAD_GATEWAY,
-                    &format!("the service on port {port} closed the connection without answering"),
-                    html,
-                );
+        let attempt = match idle {
+            Some((mut sender, conn_id)) => match sender.try_send_request(outbound).await {
+                Ok(response) => {
+                    self.metrics.pooled.with_label_values(&["reused"]).inc();
+                    Ok((response, sender, conn_id))
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(request) => Err(request),
+                    None => {
+                        debug!(error = %e.into_error(), %port, "kept-alive connection failed");
+                        return pages::error(
+                            StatusCode::BAD_GATEWAY,
+                            &format!(
+                                "the service on port {port} closed the connection without answering"
+                            ),
+                            html,
+                        );
+                    }
+                },
+            },
+            None => Err(outbound),
+        };
+        let (mut response, sender, conn_id) = match attempt {
+            Ok(done) => done,
+            Err(outbound) => {
+                let header = StreamHeader::new(port, StreamKind::Http, Some(client));
+                let (send, recv, conn_id) = match self
+                    .stream_to_agent(&target.key, &route.devbox_id, header)
+                    .await
+                {
+                    Ok(opened) => opened,
+                    Err((status, detail)) => return pages::error(status, &detail, html),
+                };
+                self.metrics.pooled.with_label_values(&["opened"]).inc();
+                let io = TokioIo::new(tokio::io::join(recv, send));
+                let (mut sender, connection) = match hyper::client::conn::http1::Builder::new()
+                    .handshake::<_, CountedBody<Incoming>>(io)
+                    .await
+                {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        debug!(error = %e, "handshake on data stream failed");
+                        return pages::error(
+                            StatusCode::BAD_GATEWAY,
+                            "the tunnel stream failed",
+                            html,
+                        );
+                    }
+                };
+                tokio::spawn(async move {
+                    if let Err(e) = connection.with_upgrades().await {
+                        debug!(error = %e, "service connection ended with an error");
+                    }
+                });
+                match sender.send_request(outbound).await {
+                    Ok(response) => (response, sender, conn_id),
+                    Err(e) => {
+                        debug!(error = %e, %port, "service did not answer");
+                        return pages::error(
+                            StatusCode::BAD_GATEWAY,
+                            &format!(
+                                "the service on port {port} closed the connection without answering"
+                            ),
+                            html,
+                        );
+                    }
+                }
             }
         };
 
@@ -268,9 +315,10 @@ impl Proxy {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
         let guard = sse.then(|| GaugeGuard::new(&self.metrics.sse_open));
+        let back = Some((self.pool.clone(), (conn_id, port.get()), sender));
         response.map(|body| {
             self.metrics
-                .count_body(body, "to_client", (guard, slot))
+                .count_body(Returning::new(body, back), "to_client", (guard, slot))
                 .boxed()
         })
     }
@@ -287,7 +335,7 @@ impl Proxy {
         key: &str,
         devbox_id: &str,
         header: StreamHeader,
-    ) -> Result<(quinn::SendStream, quinn::RecvStream), (StatusCode, String)> {
+    ) -> Result<(quinn::SendStream, quinn::RecvStream, usize), (StatusCode, String)> {
         let port = header.port;
         let deadline = Instant::now() + self.agent_wait;
         let mut place = None;
@@ -305,9 +353,9 @@ impl Proxy {
                 let answer =
                     tokio::time::timeout(ANSWER_TIMEOUT, open_stream(&conn, header.clone()));
                 match answer.await {
-                    Ok(Ok(Ok(pair))) => {
+                    Ok(Ok(Ok((send, recv)))) => {
                         self.waited(waiting_since, "served");
-                        return Ok(pair);
+                        return Ok((send, recv, conn.stable_id()));
                     }
                     Ok(Ok(Err(reason))) => return Err(refusal(reason, port)),
                     Ok(Err(e)) if connection_lost(&e) => {

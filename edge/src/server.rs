@@ -27,6 +27,7 @@ use crate::certs::{self, CertError, Identity, PublicCert};
 use crate::config::Config;
 use crate::limits::{self, PerKey};
 use crate::metrics::Metrics;
+use crate::pool::Pool;
 use crate::proxy::{Body, Proxy, Scheme};
 use crate::registry::{Registry, UrlBase};
 use crate::secret::Secret;
@@ -191,6 +192,7 @@ impl Edge {
             config.agent_wait,
             config.max_waiting,
             config.limits.clone(),
+            Pool::new(config.pool_max_idle, config.pool_idle),
         ));
         let public = |scheme: Scheme| -> Handler {
             let proxy = proxy.clone();
