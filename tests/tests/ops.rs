@@ -44,14 +44,16 @@ async fn json_logs_status_command_and_sighup_reload() {
         std::fs::write(&config, text).expect("write config");
     };
     write_config("");
-    let mut agent = Command::new(binary("burrow-agent"))
-        .arg("--config")
-        .arg(&config)
-        .env("BURROW_AGENT_TOKEN", &devbox.agent_token)
-        .env_remove("RUST_LOG")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("agent starts");
+    let mut agent = KillOnDrop(
+        Command::new(binary("burrow-agent"))
+            .arg("--config")
+            .arg(&config)
+            .env("BURROW_AGENT_TOKEN", &devbox.agent_token)
+            .env_remove("RUST_LOG")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("agent starts"),
+    );
     let (tx, lines) = mpsc::channel::<String>();
     let stderr = agent.stderr.take().expect("stderr");
     std::thread::spawn(move || {
@@ -134,4 +136,28 @@ async fn json_logs_status_command_and_sighup_reload() {
     );
     let sessions = seen.iter().filter(|l| l.contains("\"connected")).count();
     assert_eq!(sessions, 1, "reloads do not reconnect");
+}
+
+/// The agent process, killed if the test fails before it stops it (an orphan would keep the
+/// test harness's output pipe open).
+struct KillOnDrop(std::process::Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
