@@ -225,18 +225,15 @@ pub fn init_logging() {
 }
 
 /// Reloads the port policy and the log level on SIGHUP, from the same sources as at start; a
-/// bad configuration is refused with a log line and the running one kept.
+/// bad configuration is refused with a log line and the running one kept. `hangups` is
+/// installed before the agent says it is ready, so an early SIGHUP is never fatal.
 async fn reload_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
     cli: Cli,
     env: HashMap<String, String>,
     policy: crate::policy::PortPolicy,
     level: crate::logging::LevelHandle,
 ) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot watch SIGHUP; the configuration will not reload");
-        return;
-    };
     while hangups.recv().await.is_some() {
         match cli.load(&env) {
             Ok(next) => {
@@ -251,26 +248,33 @@ async fn reload_on_hangup(
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
+/// SIGTERM and SIGINT, caught from the moment [`ShutdownSignals::install`] returns.
+///
+/// Install it before telling anyone (systemd, a test, a supervisor) that the process is up: a
+/// signal that comes before the handler exists takes the default action and kills the process
+/// without draining or saying `STOPPING=1`.
+#[derive(Debug)]
+pub struct ShutdownSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    /// Installs the handlers; must run inside a tokio runtime.
+    pub fn install() -> std::io::Result<ShutdownSignals> {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
+        Ok(ShutdownSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    /// Resolves on the next SIGTERM or SIGINT.
+    pub async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }
 
@@ -311,13 +315,28 @@ pub fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // The SIGHUP handler exists before READY=1 is sent (an early SIGHUP must not kill).
+    let hangups = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let _entered = runtime.enter();
+        signal(SignalKind::hangup())
+    };
+    let hangups = match hangups {
+        Ok(hangups) => hangups,
+        Err(e) => {
+            eprintln!("burrow-agent: cannot handle SIGHUP: {e}");
+            return ExitCode::from(1);
+        }
+    };
     runtime.spawn(reload_on_hangup(
+        hangups,
         cli.clone(),
         env.clone(),
         config.policy.clone(),
         level,
     ));
     if let Some(entrypoint) = entrypoint {
+        // The sidecar installs its own handlers, for the signals it passes on, before READY=1.
         let notifier = notify::Notifier::from_env(&env);
         let code = match runtime.block_on(sidecar::run(config, entrypoint, notifier)) {
             Ok(code) => code,
@@ -331,6 +350,14 @@ pub fn main() -> ExitCode {
         return ExitCode::from(code);
     }
     runtime.block_on(async {
+        // SIGTERM and SIGINT are caught before READY=1: an early one drains, it does not kill.
+        let mut shutdown_signals = match ShutdownSignals::install() {
+            Ok(signals) => signals,
+            Err(e) => {
+                eprintln!("burrow-agent: cannot handle SIGTERM and SIGINT: {e}");
+                return ExitCode::from(1);
+            }
+        };
         let shutdown = CancellationToken::new();
         let agent = Agent::spawn(config, shutdown.clone());
         // systemd: ready once the config is loaded; the watchdog and the status line from here.
@@ -340,12 +367,12 @@ pub fn main() -> ExitCode {
         });
         let mut task = agent.task;
         let ended = tokio::select! {
-            () = shutdown_signal() => {
+            () = shutdown_signals.recv() => {
                 tracing::info!("shutting down: draining running streams (a second signal exits at once)");
                 shutdown.cancel();
                 tokio::select! {
                     ended = &mut task => ended,
-                    () = shutdown_signal() => {
+                    () = shutdown_signals.recv() => {
                         eprintln!("burrow-agent: second signal; exiting now");
                         std::process::exit(130);
                     }

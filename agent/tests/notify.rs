@@ -117,9 +117,9 @@ fn agent(manager: &Manager, extra_env: &[(&str, &str)], args: &[&str]) -> Child 
     cmd.spawn().expect("burrow-agent starts")
 }
 
-fn terminate(child: &Child) {
+fn signal(child: &Child, signal: Signal) {
     let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid fits an i32"));
-    kill(pid, Signal::SIGTERM).expect("SIGTERM");
+    kill(pid, signal).expect("signal the agent");
 }
 
 fn wait(child: &mut Child) -> ExitStatus {
@@ -165,7 +165,7 @@ fn ready_then_status_and_watchdog_through_an_edge_outage_then_stopping() {
         );
     }
 
-    terminate(&child);
+    signal(&child, Signal::SIGTERM);
     let got = manager.recv_until(|m| m == "STOPPING=1");
     assert!(
         got.iter()
@@ -187,13 +187,34 @@ fn abstract_notify_socket_and_no_watchdog_unless_asked() {
     let mut child = agent(&manager, &[], &[]);
     assert_eq!(manager.recv(), "READY=1");
     assert!(is_status(&manager.recv()));
-    terminate(&child);
+    signal(&child, Signal::SIGTERM);
     let got = manager.recv_until(|m| m == "STOPPING=1");
     assert!(
         got.iter().all(|m| is_status(m) || m == "STOPPING=1"),
         "no WATCHDOG_USEC, no pings: {got:?}"
     );
     assert!(wait(&mut child).success());
+}
+
+/// systemd may signal the moment READY=1 arrives: a SIGHUP then must reload, not kill, and a
+/// SIGTERM must drain and say STOPPING=1 (no handler yet would mean the default action: death).
+#[test]
+fn signals_the_moment_ready_arrives_are_handled() {
+    let manager = Manager::at_path("early");
+    let mut child = agent(&manager, &[], &[]);
+    assert_eq!(manager.recv(), "READY=1");
+    signal(&child, Signal::SIGHUP);
+    signal(&child, Signal::SIGTERM);
+    let got = manager.recv_until(|m| m == "STOPPING=1");
+    assert!(
+        got.iter().all(|m| is_status(m) || m == "STOPPING=1"),
+        "{got:?}"
+    );
+    let status = wait(&mut child);
+    assert!(
+        status.success(),
+        "a signal right after READY=1 killed the agent: {status}"
+    );
 }
 
 #[test]

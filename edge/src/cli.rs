@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use burrow_agent::cli::{init_logging, shutdown_signal};
+use burrow_agent::cli::{ShutdownSignals, init_logging};
 use burrow_agent::notify;
 use burrow_agent::sources::{self, File};
 use clap::{Parser, Subcommand};
@@ -235,10 +235,18 @@ pub fn main() -> ExitCode {
         }
         Command::Dev(args) => runtime.block_on(async {
             init_logging();
+            // Caught before the banner: a signal right after it drains, it does not kill.
+            let mut signals = match ShutdownSignals::install() {
+                Ok(signals) => signals,
+                Err(e) => {
+                    eprintln!("burrow-edge dev: cannot handle SIGTERM and SIGINT: {e}");
+                    return ExitCode::from(1);
+                }
+            };
             let shutdown = CancellationToken::new();
             let signal = shutdown.clone();
             tokio::spawn(async move {
-                shutdown_signal().await;
+                signals.recv().await;
                 signal.cancel();
             });
             let options = DevOptions {
@@ -257,6 +265,17 @@ pub fn main() -> ExitCode {
 }
 
 async fn serve(config: Config, args: &ServeArgs, env: &HashMap<String, String>) -> ExitCode {
+    // Every handler exists before READY=1: systemd may signal at once, and a signal without a
+    // handler would kill the edge without draining (SIGTERM) or take it down (SIGHUP).
+    let signals = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .and_then(|hangups| Ok((hangups, ShutdownSignals::install()?)));
+    let (mut hangups, mut shutdown) = match signals {
+        Ok(signals) => signals,
+        Err(e) => {
+            eprintln!("burrow-edge: cannot handle SIGHUP, SIGTERM and SIGINT: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let edge = match Edge::start(config).await {
         Ok(edge) => edge,
         Err(e) => {
@@ -284,19 +303,10 @@ async fn serve(config: Config, args: &ServeArgs, env: &HashMap<String, String>) 
         notifier.status(&format!("listening: {}", listening.join(", ")));
         tokio::spawn(notify::keepalive(notifier, stopping.clone()))
     });
-    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGHUP; certificates will not reload");
-            None
-        }
-    };
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            () = &mut shutdown => break,
-            Some(()) = async { match hangups.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+            () = shutdown.recv() => break,
+            Some(()) = hangups.recv() => {
                 // Reload from the same sources; a bad new config is refused and the old kept.
                 match args.load(env) {
                     Ok(next) => {
