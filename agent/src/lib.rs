@@ -29,6 +29,7 @@ pub mod backoff;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod connect;
 pub mod forward;
 pub mod logging;
 pub mod metrics;
@@ -42,6 +43,7 @@ pub mod sources;
 pub mod status;
 pub mod tls;
 pub mod wire;
+pub mod wsbytes;
 
 pub use config::Config;
 pub use status::Status;

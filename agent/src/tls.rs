@@ -47,13 +47,8 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
-/// Builds the QUIC client configuration; the edge may open up to about `max_streams` data
-/// streams at once.
-pub fn client_config(
-    ca: Option<&Path>,
-    liveness: &Liveness,
-    max_streams: usize,
-) -> Result<quinn::ClientConfig, TlsError> {
+/// The trust roots: the certificates in the PEM file `ca`, or the system's.
+pub fn roots(ca: Option<&Path>) -> Result<rustls::RootCertStore, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     match ca {
         Some(path) => {
@@ -72,6 +67,17 @@ pub fn client_config(
             }
         }
     }
+    Ok(roots)
+}
+
+/// Builds the QUIC client configuration; the edge may open up to about `max_streams` data
+/// streams at once.
+pub fn client_config(
+    ca: Option<&Path>,
+    liveness: &Liveness,
+    max_streams: usize,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let roots = roots(ca)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])

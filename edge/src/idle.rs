@@ -12,8 +12,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 /// Copies `a` to `b` and back until both directions end, or until nothing has moved for
-/// `idle`. Returns `true` when it stopped for idleness.
-pub async fn copy_bidirectional<A, B>(a: A, b: B, idle: Duration) -> bool
+/// `idle`. Returns `Ok(true)` when it stopped for idleness, `Ok(false)` when both ended, and
+/// the error of the side that failed.
+pub async fn copy_bidirectional<A, B>(a: A, b: B, idle: Duration) -> io::Result<bool>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -36,10 +37,10 @@ where
         let moved = Duration::from_millis(last.load(Ordering::Relaxed));
         let deadline = start + moved + idle;
         tokio::select! {
-            _ = &mut copy => return false,
+            copied = &mut copy => return copied.map(|_| false),
             () = tokio::time::sleep_until(deadline) => {
                 if Duration::from_millis(last.load(Ordering::Relaxed)) == moved {
-                    return true;
+                    return Ok(true);
                 }
             }
         }
@@ -105,6 +106,9 @@ mod tests {
         }
         assert!(!copy.is_finished(), "traffic every 6 s keeps it open");
         tokio::time::sleep(Duration::from_secs(11)).await;
-        assert!(copy.await.expect("join"), "closed for idleness");
+        assert!(
+            copy.await.expect("join").expect("no error"),
+            "closed for idleness"
+        );
     }
 }

@@ -23,6 +23,7 @@
 
 pub mod admin;
 pub mod agents;
+pub mod auth;
 pub mod certs;
 pub mod cli;
 pub mod config;
@@ -33,6 +34,7 @@ pub mod metrics;
 pub mod pages;
 pub mod pool;
 pub mod proxy;
+pub mod raw;
 pub mod registry;
 pub mod route;
 pub mod secret;

@@ -18,13 +18,17 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
+use crate::auth::{self, CookieKey};
+use crate::config::Config;
 use crate::idle;
 use crate::limits::{Limits, PerKey, Rate};
 use crate::metrics::{CountedBody, GaugeGuard, Metrics};
 use crate::pages;
 use crate::pool::{Pool, Returning};
+use crate::raw;
 use crate::registry::Registry;
 use crate::route;
+use crate::secret::TokenHash;
 use crate::server::ConnInfo;
 
 /// The body type of every response the edge sends.
@@ -58,6 +62,7 @@ pub struct Proxy {
     rates: Rate<String>,
     in_flight: PerKey<String>,
     pool: Arc<Pool>,
+    cookie_key: CookieKey,
 }
 
 /// How the client reached the edge.
@@ -79,24 +84,26 @@ impl Scheme {
 }
 
 impl Proxy {
-    /// A proxy for tunnels under `domain`; requests wait up to `agent_wait` for an absent
-    /// agent, at most `max_waiting` of them per devbox; `limits` bound rates and streams.
+    /// A proxy for the tunnels under `config.domain`; requests wait up to `config.agent_wait`
+    /// for an absent agent, at most `config.max_waiting` of them per devbox; `config.limits`
+    /// bound rates and streams; browsers' cookies for authenticated tunnels are signed with
+    /// `cookie_key`.
     pub fn new(
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
-        domain: String,
-        agent_wait: Duration,
-        max_waiting: usize,
-        limits: Limits,
+        config: &Config,
         pool: Arc<Pool>,
+        cookie_key: CookieKey,
     ) -> Proxy {
+        let limits = config.limits.clone();
         Proxy {
             pool,
+            cookie_key,
             registry,
             metrics,
-            domain,
-            agent_wait,
-            max_waiting,
+            domain: config.domain.clone(),
+            agent_wait: config.agent_wait,
+            max_waiting: config.max_waiting,
             rates: Rate::new(f64::from(limits.rate), f64::from(limits.burst)),
             in_flight: PerKey::new(limits.streams_per_devbox),
             limits,
@@ -141,22 +148,11 @@ impl Proxy {
             return not_found(html);
         };
         if route.auth_mode == AuthMode::Authenticated {
-            let presented = bearer(req.headers());
-            let ok = match (presented, route.auth_token) {
-                (Some(token), Some(hash)) => hash.matches(token),
-                _ => false,
-            };
-            if !ok {
-                self.metrics.auth_failures.inc();
-                let detail = if presented.is_some() {
-                    "the bearer token is not this tunnel's token"
-                } else {
-                    "this tunnel needs `Authorization: Bearer <token>`"
-                };
-                return pages::error(StatusCode::UNAUTHORIZED, detail, html);
+            if let Some(answer) =
+                self.authenticate(&mut req, &target.key, route.auth_token, scheme, html)
+            {
+                return answer;
             }
-            // The tunnel's own token never reaches the service.
-            req.headers_mut().remove(header::AUTHORIZATION);
         }
         if let Err(wait) = self.rates.take(&target.key) {
             self.metrics.limited.with_label_values(&["rate"]).inc();
@@ -196,6 +192,30 @@ impl Proxy {
             );
         };
         let port = target.port;
+        if upgrade_wanted && raw::requested(req.headers()) {
+            // `burrow connect`: the edge ends the WebSocket and carries its bytes raw.
+            let header = StreamHeader::new(port, StreamKind::Raw, Some(client));
+            let (send, recv, _) = match self
+                .stream_to_agent(&target.key, &route.devbox_id, header)
+                .await
+            {
+                Ok(opened) => opened,
+                Err((status, detail)) => return pages::error(status, &detail, html),
+            };
+            let key = req
+                .headers()
+                .get(header::SEC_WEBSOCKET_KEY)
+                .map(|k| k.to_str().unwrap_or_default().trim().to_owned())
+                .unwrap_or_default();
+            let upgrade = hyper::upgrade::on(&mut req);
+            let open = GaugeGuard::new(&self.metrics.upgrades_open);
+            let idle = self.limits.upgrade_idle;
+            tokio::spawn(async move {
+                let _open = (open, slot);
+                raw::carry(upgrade, send, recv, port, idle).await;
+            });
+            return raw::switching(key.as_bytes());
+        }
         let upgrade = upgrade_wanted.then(|| hyper::upgrade::on(&mut req));
         let outbound = outbound_request(req, &host, client, scheme, upgrade.is_some())
             .map(|body| self.metrics.count_body(body, "from_client", ()));
@@ -297,7 +317,9 @@ impl Proxy {
                     Ok((client_io, service_io)) => {
                         let client_io = TokioIo::new(client_io);
                         let service_io = TokioIo::new(service_io);
-                        if idle::copy_bidirectional(client_io, service_io, idle).await {
+                        if let Ok(true) =
+                            idle::copy_bidirectional(client_io, service_io, idle).await
+                        {
                             debug!(%port, "upgraded connection idle; closed");
                         }
                     }
@@ -404,6 +426,57 @@ impl Proxy {
 }
 
 impl Proxy {
+    /// Lets a request through an authenticated tunnel (`None`), or answers it here: a
+    /// browser's first visit with the token in the query, or a refusal. The token and the
+    /// cookie are taken out of a request that passes: they never reach the service.
+    fn authenticate<B>(
+        &self,
+        req: &mut Request<B>,
+        key: &str,
+        hash: Option<TokenHash>,
+        scheme: Scheme,
+        html: bool,
+    ) -> Option<Response<Body>> {
+        let refuse = |detail: &str| {
+            self.metrics.auth_failures.inc();
+            Some(pages::error(StatusCode::UNAUTHORIZED, detail, html))
+        };
+        // No token hash means the tunnel cannot be opened at all.
+        let Some(hash) = hash else {
+            return refuse("this tunnel has no token; rotate it through the admin API");
+        };
+        if let Some((token, rest)) = auth::query_token(req.uri()) {
+            if !hash.matches(&token) {
+                return refuse("the burrow_token in the URL is not this tunnel's token");
+            }
+            let value = self.cookie_key.value(key, &hash);
+            return Some(auth::redirect_with_cookie(
+                &rest,
+                &value,
+                scheme == Scheme::Https,
+            ));
+        }
+        let ok = match bearer(req.headers()) {
+            Some(token) => hash.matches(token),
+            None => {
+                auth::cookie(req.headers()).is_some_and(|c| self.cookie_key.verify(key, &hash, c))
+            }
+        };
+        if !ok {
+            let detail = if bearer(req.headers()).is_some() {
+                "the bearer token is not this tunnel's token"
+            } else if auth::cookie(req.headers()).is_some() {
+                "this browser's access to the tunnel has ended (the token was rotated); open the URL with ?burrow_token=<token> again"
+            } else {
+                "this tunnel needs `Authorization: Bearer <token>`, or, in a browser, the URL opened once with ?burrow_token=<token>"
+            };
+            return refuse(detail);
+        }
+        req.headers_mut().remove(header::AUTHORIZATION);
+        auth::strip_cookie(req.headers_mut());
+        None
+    }
+
     /// Records a wait for an agent, if the request waited.
     fn waited(&self, since: Option<Instant>, result: &str) {
         if let Some(since) = since {

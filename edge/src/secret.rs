@@ -51,6 +51,11 @@ impl TokenHash {
         *self == Secret::new(token).hash()
     }
 
+    /// The hash's bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// Hex form for the store.
     pub fn to_hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()

@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::admin::Admin;
 use crate::agents;
+use crate::auth::CookieKey;
 use crate::certs::{self, CertError, Identity, PublicCert};
 use crate::config::Config;
 use crate::limits::{self, PerKey};
@@ -37,6 +38,7 @@ use crate::store::{Store, StoreError};
 const STORE_FILE: &str = "burrow.db";
 const ADMIN_TOKEN_FILE: &str = "admin.token";
 const RESET_KEY_FILE: &str = "reset.key";
+const COOKIE_KEY_FILE: &str = "cookie.key";
 /// How long a client has to finish the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -188,11 +190,9 @@ impl Edge {
         let proxy = Arc::new(Proxy::new(
             registry.clone(),
             metrics.clone(),
-            config.domain.clone(),
-            config.agent_wait,
-            config.max_waiting,
-            config.limits.clone(),
+            &config,
             Pool::new(config.pool_max_idle, config.pool_idle),
+            CookieKey::load_or_create(&config.state_dir.join(COOKIE_KEY_FILE))?,
         ));
         let public = |scheme: Scheme| -> Handler {
             let proxy = proxy.clone();

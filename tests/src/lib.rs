@@ -8,10 +8,12 @@
 //! - [`TestEdge::devbox`]: registers a devbox, optionally with a tunnel.
 //! - [`TestAgent::start`]: an agent for a devbox, returned once it is connected.
 //! - [`services`]: local services (HTTP echo, bulk bytes, SSE, WebSocket echo).
+//! - [`postgres`]: a throwaway PostgreSQL server on loopback, and `psql` to query it.
 
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod postgres;
 pub mod relay;
 pub mod services;
 
