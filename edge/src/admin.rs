@@ -3,10 +3,10 @@
 //!
 //! | call | answer |
 //! | --- | --- |
-//! | `POST /v1/devboxes` `{"id"?, "tunnel"?: {"auth_mode"}}` | 201 `{"id", "agent_token", "tunnel"?}` |
+//! | `POST /v1/devboxes` `{"id"?, "tunnel"?: {"auth_mode", "rewrite_host"?}}` | 201 `{"id", "agent_token", "tunnel"?}` |
 //! | `GET /v1/devboxes` | 200 `[{...}]` |
 //! | `GET /v1/devboxes/{id}` | 200 `{"id", "agent": {...}, "tunnel": {...} or null}` |
-//! | `POST /v1/devboxes/{id}/tunnel` `{"auth_mode"}` | 200 `{"tunnel_key", "auth_mode", "auth_token"?, "url_template"}` |
+//! | `POST /v1/devboxes/{id}/tunnel` `{"auth_mode", "rewrite_host"?}` | 200 `{"tunnel_key", "auth_mode", "rewrite_host", "auth_token"?, "url_template"}` |
 //! | `POST /v1/devboxes/{id}/tunnel/rotate-token` | 200 `{"tunnel_key", "auth_mode", "auth_token", "url_template"}` |
 //! | `POST /v1/devboxes/{id}/rotate-agent-token` | 200 `{"id", "agent_token"}` |
 //! | `DELETE /v1/devboxes/{id}/tunnel` | 204 |
@@ -34,7 +34,7 @@ use crate::limits::{self, Rate};
 use crate::metrics::Metrics;
 use crate::pages;
 use crate::proxy::Body;
-use crate::registry::{DevboxView, IssuedTunnel, Registry, RegistryError};
+use crate::registry::{DevboxView, IssuedTunnel, Registry, RegistryError, TunnelSpec};
 use crate::secret::TokenHash;
 
 /// Seconds a throttled admin client is told to wait.
@@ -64,6 +64,16 @@ struct CreateDevbox {
 #[serde(deny_unknown_fields)]
 struct EnableTunnel {
     auth_mode: String,
+    rewrite_host: Option<bool>,
+}
+
+impl EnableTunnel {
+    fn spec(&self) -> Result<TunnelSpec, ApiError> {
+        Ok(TunnelSpec {
+            auth_mode: auth_mode(&self.auth_mode)?,
+            rewrite_host: self.rewrite_host,
+        })
+    }
 }
 
 /// An API error: status and message.
@@ -169,7 +179,7 @@ impl Admin {
                 if let Some(id) = &body.id {
                     check_id(id)?;
                 }
-                let mode = body.tunnel.map(|t| auth_mode(&t.auth_mode)).transpose()?;
+                let mode = body.tunnel.as_ref().map(EnableTunnel::spec).transpose()?;
                 let (record, token, issued) =
                     self.blocking(move |r| r.create(body.id, mode)).await?;
                 info!(devbox = %record.id, "devbox registered");
@@ -208,12 +218,17 @@ impl Admin {
             (Method::POST, ["v1", "devboxes", id, "tunnel"]) => {
                 let id = (*id).to_owned();
                 let body: EnableTunnel = read_json(req).await?;
-                let mode = auth_mode(&body.auth_mode)?;
+                let spec = body.spec()?;
                 let target = id.clone();
                 let issued = self
-                    .blocking(move |r| r.enable_tunnel(&target, mode))
+                    .blocking(move |r| r.enable_tunnel(&target, spec))
                     .await?;
-                info!(devbox = %id, mode = issued.record.auth_mode.as_str(), "tunnel enabled");
+                info!(
+                    devbox = %id,
+                    mode = issued.record.auth_mode.as_str(),
+                    rewrite_host = issued.record.rewrite_host,
+                    "tunnel enabled"
+                );
                 Ok((StatusCode::OK, Some(self.issued_json(&issued))))
             }
             (Method::POST, ["v1", "devboxes", id, "tunnel", "rotate-token"]) => {
@@ -281,6 +296,7 @@ impl Admin {
         let mut out = json!({
             "tunnel_key": issued.record.key,
             "auth_mode": issued.record.auth_mode.as_str(),
+            "rewrite_host": issued.record.rewrite_host,
             "url_template": self.registry.urls().template(&issued.record.key),
         });
         if let Some(token) = &issued.auth_token {
@@ -294,6 +310,7 @@ impl Admin {
             json!({
                 "tunnel_key": t.key,
                 "auth_mode": t.auth_mode.as_str(),
+                "rewrite_host": t.rewrite_host,
                 "url_template": self.registry.urls().template(&t.key),
             })
         });

@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::registry::TunnelSpec;
 use crate::server::Edge;
 
 /// The tunnel domain `dev` uses: `*.localhost` resolves to loopback in curl and browsers.
@@ -69,11 +70,11 @@ pub async fn run(options: DevOptions, shutdown: CancellationToken) -> anyhow::Re
         Some(_) => {
             edge.registry.delete(devbox)?;
             edge.registry
-                .create(Some(devbox.into()), Some(AuthMode::Open))?
+                .create(Some(devbox.into()), Some(TunnelSpec::new(AuthMode::Open)))?
         }
         None => edge
             .registry
-            .create(Some(devbox.into()), Some(AuthMode::Open))?,
+            .create(Some(devbox.into()), Some(TunnelSpec::new(AuthMode::Open)))?,
     };
     let issued = issued.context("tunnel not issued")?;
     let key = issued.record.key;

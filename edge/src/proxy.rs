@@ -217,8 +217,16 @@ impl Proxy {
             return raw::switching(key.as_bytes());
         }
         let upgrade = upgrade_wanted.then(|| hyper::upgrade::on(&mut req));
-        let outbound = outbound_request(req, &host, client, scheme, upgrade.is_some())
-            .map(|body| self.metrics.count_body(body, "from_client", ()));
+        let service_host = route.rewrite_host.then(|| format!("localhost:{port}"));
+        let outbound = outbound_request(
+            req,
+            &host,
+            service_host.as_deref(),
+            client,
+            scheme,
+            upgrade.is_some(),
+        )
+        .map(|body| self.metrics.count_body(body, "from_client", ()));
 
         // A kept-alive connection to the service first (not for upgrades: they take the
         // connection over); a request it could not even start goes on a fresh one.
@@ -700,9 +708,14 @@ pub fn filter_headers(headers: &mut HeaderMap) {
 
 /// The request as the service sees it: HTTP/1.1, origin-form, no hop-by-hop headers, the public
 /// Host kept, and `X-Forwarded-*` set by the edge (client-sent values are replaced).
+/// The request as the service gets it: hop-by-hop headers gone, `Host` the public host (or
+/// `service_host`, for a tunnel that rewrites it), `X-Forwarded-*` set, origin-form target.
+/// With `service_host`, an `Origin` naming the public host names `service_host` too, so a
+/// dev server that checks Origin against Host (Jupyter, Vite's WebSocket) still agrees.
 fn outbound_request(
     req: Request<Incoming>,
     host: &str,
+    service_host: Option<&str>,
     client: SocketAddr,
     scheme: Scheme,
     upgrade: bool,
@@ -711,9 +724,24 @@ fn outbound_request(
     let upgrade_to = parts.headers.get(header::UPGRADE).cloned();
     filter_headers(&mut parts.headers);
     let headers = &mut parts.headers;
-    if let Ok(host) = HeaderValue::from_str(host) {
-        headers.insert(header::HOST, host.clone());
-        headers.insert(HeaderName::from_static("x-forwarded-host"), host);
+    if let Ok(public) = HeaderValue::from_str(host) {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), public.clone());
+        headers.insert(header::HOST, public);
+    }
+    if let Some(service_host) = service_host {
+        if let Ok(value) = HeaderValue::from_str(service_host) {
+            headers.insert(header::HOST, value);
+        }
+        let public_origin = format!("{}://{host}", scheme.as_str());
+        let names_public = headers
+            .get(header::ORIGIN)
+            .and_then(|o| o.to_str().ok())
+            .is_some_and(|o| o.eq_ignore_ascii_case(&public_origin));
+        if names_public {
+            if let Ok(origin) = HeaderValue::from_str(&format!("http://{service_host}")) {
+                headers.insert(header::ORIGIN, origin);
+            }
+        }
     }
     if let Ok(ip) = HeaderValue::from_str(&client.ip().to_string()) {
         headers.insert(HeaderName::from_static("x-forwarded-for"), ip);

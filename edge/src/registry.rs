@@ -61,6 +61,8 @@ pub struct Route {
     pub auth_mode: AuthMode,
     /// The bearer token's hash, for authenticated tunnels.
     pub auth_token: Option<TokenHash>,
+    /// Send `Host: localhost:{port}` to the service.
+    pub rewrite_host: bool,
     /// The agent's connection, if it is connected.
     pub conn: Option<quinn::Connection>,
 }
@@ -239,6 +241,7 @@ impl Registry {
             devbox_id: entry.record.id.clone(),
             auth_mode: tunnel.auth_mode,
             auth_token: tunnel.auth_token,
+            rewrite_host: tunnel.rewrite_host,
             // A connection that already failed is as good as none: wait for the next.
             conn: entry
                 .session
@@ -350,7 +353,7 @@ impl Registry {
     pub fn create(
         &self,
         id: Option<String>,
-        tunnel: Option<AuthMode>,
+        tunnel: Option<TunnelSpec>,
     ) -> Result<(DevboxRecord, Secret, Option<IssuedTunnel>), RegistryError> {
         let id = match id {
             Some(id) => id,
@@ -378,21 +381,34 @@ impl Registry {
         Ok((record, token, issued))
     }
 
-    /// Enables a devbox's tunnel or changes its mode. The key stays the same for the life of
-    /// the tunnel. Enabling it again in the mode it has changes nothing (no token is issued,
-    /// the current one keeps working); a tunnel that becomes authenticated gets a fresh
-    /// token, returned here once.
-    pub fn enable_tunnel(&self, id: &str, mode: AuthMode) -> Result<IssuedTunnel, RegistryError> {
+    /// Enables a devbox's tunnel or changes its mode and options. The key stays the same for
+    /// the life of the tunnel. Enabling it again in the mode it has issues no token (the
+    /// current one keeps working; an option given is applied); a tunnel that becomes
+    /// authenticated gets a fresh token, returned here once. An option not given keeps its
+    /// current value (off for a new tunnel).
+    pub fn enable_tunnel(&self, id: &str, spec: TunnelSpec) -> Result<IssuedTunnel, RegistryError> {
         let _writer = self.writer();
         let existing = self.tunnel_record(id)?;
-        if let Some(existing) = existing.filter(|t| t.auth_mode == mode) {
+        let rewrite_host = spec
+            .rewrite_host
+            .or(existing.as_ref().map(|t| t.rewrite_host))
+            .unwrap_or(false);
+        if let Some(existing) = existing.clone().filter(|t| t.auth_mode == spec.auth_mode) {
+            let record = TunnelRecord {
+                rewrite_host,
+                ..existing.clone()
+            };
+            if record != existing {
+                self.set_tunnel(id, &record)?;
+            }
             return Ok(IssuedTunnel {
-                record: existing,
+                record,
                 auth_token: None,
             });
         }
-        let mut issued = issue_tunnel(mode)?;
-        if let Some(existing) = self.tunnel_record(id)? {
+        let mut issued = issue_tunnel(spec)?;
+        issued.record.rewrite_host = rewrite_host;
+        if let Some(existing) = existing {
             issued.record.key = existing.key;
         }
         self.set_tunnel(id, &issued.record)?;
@@ -507,7 +523,27 @@ impl Registry {
     }
 }
 
-fn issue_tunnel(mode: AuthMode) -> Result<IssuedTunnel, getrandom::Error> {
+/// What an admin call asks of a tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TunnelSpec {
+    /// Who may use it.
+    pub auth_mode: AuthMode,
+    /// Send `Host: localhost:{port}` to services; `None` keeps the current setting.
+    pub rewrite_host: Option<bool>,
+}
+
+impl TunnelSpec {
+    /// A tunnel in `mode` with the default options.
+    pub fn new(auth_mode: AuthMode) -> TunnelSpec {
+        TunnelSpec {
+            auth_mode,
+            rewrite_host: None,
+        }
+    }
+}
+
+fn issue_tunnel(spec: TunnelSpec) -> Result<IssuedTunnel, getrandom::Error> {
+    let mode = spec.auth_mode;
     let auth_token = match mode {
         AuthMode::Open => None,
         AuthMode::Authenticated => Some(Secret::generate()?),
@@ -517,6 +553,7 @@ fn issue_tunnel(mode: AuthMode) -> Result<IssuedTunnel, getrandom::Error> {
             key: secret::tunnel_key()?,
             auth_mode: mode,
             auth_token: auth_token.as_ref().map(Secret::hash),
+            rewrite_host: spec.rewrite_host.unwrap_or(false),
         },
         auth_token,
     })

@@ -48,6 +48,9 @@ pub struct TunnelRecord {
     pub auth_mode: AuthMode,
     /// Hash of its bearer token (authenticated tunnels only).
     pub auth_token: Option<TokenHash>,
+    /// Requests reach the service with `Host: localhost:{port}` (for dev servers that refuse
+    /// other hosts); `X-Forwarded-Host` keeps the public one.
+    pub rewrite_host: bool,
 }
 
 /// The SQLite store.
@@ -63,9 +66,14 @@ CREATE TABLE IF NOT EXISTS devboxes (
     created_at INTEGER NOT NULL,
     tunnel_key TEXT UNIQUE,
     auth_mode TEXT,
-    auth_token_hash TEXT
+    auth_token_hash TEXT,
+    rewrite_host INTEGER NOT NULL DEFAULT 0
 );
 ";
+
+/// Columns added after the first release, with their definitions: added to an older store
+/// when it is opened.
+const ADDED_COLUMNS: [(&str, &str); 1] = [("rewrite_host", "INTEGER NOT NULL DEFAULT 0")];
 
 impl Store {
     /// Opens (creating if needed) the store at `path`.
@@ -74,6 +82,17 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
+        let present: Vec<String> = conn
+            .prepare("SELECT name FROM pragma_table_info('devboxes')")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        for (name, definition) in ADDED_COLUMNS {
+            if !present.iter().any(|p| p == name) {
+                conn.execute_batch(&format!(
+                    "ALTER TABLE devboxes ADD COLUMN {name} {definition}"
+                ))?;
+            }
+        }
         Ok(Store {
             conn: Mutex::new(conn),
         })
@@ -93,7 +112,8 @@ impl Store {
     pub fn all(&self) -> Result<Vec<DevboxRecord>, StoreError> {
         self.with(|c| {
             let mut stmt = c.prepare(
-                "SELECT id, agent_token_hash, created_at, tunnel_key, auth_mode, auth_token_hash
+                "SELECT id, agent_token_hash, created_at, tunnel_key, auth_mode, auth_token_hash,
+                        rewrite_host
                  FROM devboxes ORDER BY created_at, id",
             )?;
             let rows = stmt.query_map([], row)?;
@@ -108,18 +128,20 @@ impl Store {
     /// Adds a devbox.
     pub fn insert(&self, devbox: &DevboxRecord) -> Result<(), StoreError> {
         self.with(|c| {
-            let (key, mode, token) = tunnel_columns(devbox.tunnel.as_ref());
+            let (key, mode, token, rewrite) = tunnel_columns(devbox.tunnel.as_ref());
             let done = c.execute(
                 "INSERT OR IGNORE INTO devboxes
-                 (id, agent_token_hash, created_at, tunnel_key, auth_mode, auth_token_hash)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                 (id, agent_token_hash, created_at, tunnel_key, auth_mode, auth_token_hash,
+                  rewrite_host)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
                     devbox.id,
                     devbox.agent_token.to_hex(),
                     devbox.created_at,
                     key,
                     mode,
-                    token
+                    token,
+                    rewrite
                 ],
             )?;
             if done == 0 {
@@ -132,11 +154,11 @@ impl Store {
     /// Sets or clears a devbox's tunnel. `false`: no such devbox.
     pub fn set_tunnel(&self, id: &str, tunnel: Option<&TunnelRecord>) -> Result<bool, StoreError> {
         self.with(|c| {
-            let (key, mode, token) = tunnel_columns(tunnel);
+            let (key, mode, token, rewrite) = tunnel_columns(tunnel);
             let n = c.execute(
-                "UPDATE devboxes SET tunnel_key = ?2, auth_mode = ?3, auth_token_hash = ?4
-                 WHERE id = ?1",
-                params![id, key, mode, token],
+                "UPDATE devboxes SET tunnel_key = ?2, auth_mode = ?3, auth_token_hash = ?4,
+                 rewrite_host = ?5 WHERE id = ?1",
+                params![id, key, mode, token, rewrite],
             )?;
             Ok(n > 0)
         })
@@ -170,7 +192,8 @@ impl Store {
     pub fn get(&self, id: &str) -> Result<Option<DevboxRecord>, StoreError> {
         self.with(|c| {
             c.query_row(
-                "SELECT id, agent_token_hash, created_at, tunnel_key, auth_mode, auth_token_hash
+                "SELECT id, agent_token_hash, created_at, tunnel_key, auth_mode, auth_token_hash,
+                        rewrite_host
                  FROM devboxes WHERE id = ?1",
                 params![id],
                 row,
@@ -188,15 +211,16 @@ pub fn now_unix() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-type Columns = (Option<String>, Option<&'static str>, Option<String>);
+type Columns = (Option<String>, Option<&'static str>, Option<String>, bool);
 
 fn tunnel_columns(tunnel: Option<&TunnelRecord>) -> Columns {
     match tunnel {
-        None => (None, None, None),
+        None => (None, None, None, false),
         Some(t) => (
             Some(t.key.clone()),
             Some(t.auth_mode.as_str()),
             t.auth_token.map(|h| h.to_hex()),
+            t.rewrite_host,
         ),
     }
 }
@@ -208,6 +232,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<DevboxRecord, StoreErro
     let key: Option<String> = r.get(3)?;
     let mode: Option<String> = r.get(4)?;
     let auth: Option<String> = r.get(5)?;
+    let rewrite_host: bool = r.get(6)?;
     let corrupt = || StoreError::Corrupt(id.clone());
     let parse = || -> Result<DevboxRecord, StoreError> {
         let agent_token = TokenHash::from_hex(&token).ok_or_else(corrupt)?;
@@ -225,6 +250,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<DevboxRecord, StoreErro
                     key,
                     auth_mode,
                     auth_token,
+                    rewrite_host,
                 })
             }
             (None, None) => None,
@@ -265,6 +291,7 @@ mod tests {
                 key: "k".repeat(26),
                 auth_mode: AuthMode::Authenticated,
                 auth_token: Some(auth.hash()),
+                rewrite_host: true,
             };
             assert!(store.set_tunnel("box1", Some(&tunnel)).unwrap());
             assert!(!store.set_tunnel("nope", Some(&tunnel)).unwrap());
@@ -274,8 +301,38 @@ mod tests {
         assert_eq!(all.len(), 1);
         let t = all[0].tunnel.as_ref().unwrap();
         assert!(t.auth_token.unwrap().matches("auth-token"));
+        assert!(t.rewrite_host);
         assert!(all[0].agent_token.matches("agent-token"));
         assert!(store.delete("box1").unwrap());
         assert!(store.get("box1").unwrap().is_none());
+    }
+
+    /// A store written before `rewrite_host` existed opens, keeps its rows, and gains the
+    /// column (off).
+    #[test]
+    fn an_older_store_gains_the_new_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("burrow.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE devboxes (id TEXT PRIMARY KEY, agent_token_hash TEXT NOT NULL UNIQUE,
+                 created_at INTEGER NOT NULL, tunnel_key TEXT UNIQUE, auth_mode TEXT,
+                 auth_token_hash TEXT);",
+            )
+            .unwrap();
+            c.execute(
+                "INSERT INTO devboxes VALUES ('old', ?1, 5, 'key', 'open', NULL)",
+                params![Secret::new("t").hash().to_hex()],
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let old = store.get("old").unwrap().unwrap();
+        let tunnel = old.tunnel.unwrap();
+        assert_eq!(tunnel.auth_mode, AuthMode::Open);
+        assert!(!tunnel.rewrite_host);
+        drop(store);
+        Store::open(&path).expect("opening twice adds nothing twice");
     }
 }

@@ -125,6 +125,78 @@ async fn forwarded_headers_are_set_and_hop_by_hop_removed() {
     assert!(h.get("keep-alive").is_none());
 }
 
+/// `rewrite_host`: the service gets `Host: localhost:{port}` (and an Origin naming the public
+/// host becomes `http://localhost:{port}`), the public host stays in `X-Forwarded-Host`; the
+/// setting survives an enable call that does not name it, and turns off with `false`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrite_host_sends_localhost_to_the_service() {
+    let edge = TestEdge::start().await;
+    let devbox = edge.devbox(Some("open")).await;
+    let _agent = TestAgent::start(&edge, &devbox).await;
+    let key = devbox.key.clone().expect("tunnel key");
+    let service = http_service("127.0.0.1:0").await;
+    let port = service.addr.port();
+    let host = format!("{port}-{key}.{DOMAIN}:{}", edge.http().port());
+    let enable = |body: Value| {
+        let edge = &edge;
+        let id = devbox.id.clone();
+        let key = key.clone();
+        async move {
+            let (status, json) = edge
+                .admin("POST", &format!("/v1/devboxes/{id}/tunnel"), Some(body))
+                .await;
+            assert_eq!(status, 200, "{json}");
+            assert_eq!(json["tunnel_key"], key.as_str(), "the key stays");
+            json["rewrite_host"]
+                .as_bool()
+                .expect("rewrite_host in the answer")
+        }
+    };
+    let seen = |origin: &str| {
+        let edge = &edge;
+        let host = host.clone();
+        let origin = origin.to_owned();
+        async move {
+            let headers = [("origin".to_owned(), origin)];
+            let reply = request(edge.http(), "GET", &host, "/h", &headers, vec![])
+                .await
+                .expect("request");
+            assert_eq!(reply.status, 200, "{}", reply.text());
+            let json: Value = serde_json::from_slice(&reply.body).expect("json");
+            json["headers"].clone()
+        }
+    };
+
+    assert!(enable(serde_json::json!({"auth_mode": "open", "rewrite_host": true})).await);
+    let h = seen(&format!("http://{host}")).await;
+    assert_eq!(h["host"], format!("localhost:{port}").as_str());
+    assert_eq!(
+        h["x-forwarded-host"],
+        host.as_str(),
+        "the public host is kept"
+    );
+    assert_eq!(h["origin"], format!("http://localhost:{port}").as_str());
+    let h = seen("http://elsewhere.example").await;
+    assert_eq!(
+        h["origin"], "http://elsewhere.example",
+        "another origin is left alone"
+    );
+
+    assert!(
+        enable(serde_json::json!({"auth_mode": "open"})).await,
+        "not named: kept"
+    );
+    assert_eq!(
+        seen("http://x.example").await["host"],
+        format!("localhost:{port}").as_str()
+    );
+
+    assert!(!enable(serde_json::json!({"auth_mode": "open", "rewrite_host": false})).await);
+    let h = seen(&format!("http://{host}")).await;
+    assert_eq!(h["host"], host.as_str());
+    assert_eq!(h["origin"], format!("http://{host}").as_str());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_that_hangs_up_gets_a_502_naming_it() {
     let (edge, key, _agent) = open_tunnel().await;
