@@ -400,16 +400,12 @@ impl Config {
                 raw.forward.connect_timeout,
                 Duration::from_secs(5),
             )?,
-            max_streams: match raw.forward.max_streams {
-                None => 1024,
-                Some(n) => usize::try_from(n)
-                    .ok()
-                    .filter(|n| (1..=1_000_000).contains(n))
-                    .ok_or_else(|| ConfigError::Invalid {
-                        key: "forward.max_streams",
-                        message: format!("{n} is out of range: use 1..=1000000"),
-                    })?,
-            },
+            max_streams: sources::int(
+                "forward.max_streams",
+                raw.forward.max_streams,
+                1024,
+                1..=1_000_000,
+            )?,
         })
     }
 }

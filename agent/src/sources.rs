@@ -205,6 +205,28 @@ fn set(table: &mut toml::Table, key: &str, value: toml::Value) {
     }
 }
 
+/// An integer setting within `range`, or its default.
+pub fn int<T: TryFrom<i64> + Copy>(
+    key: &'static str,
+    value: Option<i64>,
+    default: T,
+    range: std::ops::RangeInclusive<i64>,
+) -> Result<T, ConfigError> {
+    let Some(v) = value else { return Ok(default) };
+    range
+        .contains(&v)
+        .then(|| T::try_from(v).ok())
+        .flatten()
+        .ok_or_else(|| ConfigError::Invalid {
+            key,
+            message: format!(
+                "{v} is out of range: use {}..={}",
+                range.start(),
+                range.end()
+            ),
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use burrow_agent::sources::{self, ConfigError, File, Kind, Setting};
+use burrow_agent::sources::{self, ConfigError, File, Kind, Setting, int};
 
 use crate::limits::Limits;
 use serde::Deserialize;
@@ -371,28 +371,6 @@ fn limits(raw: RawLimits) -> Result<Limits, ConfigError> {
     Ok(limits)
 }
 
-/// An integer setting within `range`, or its default.
-fn int<T: TryFrom<i64> + Copy>(
-    key: &'static str,
-    value: Option<i64>,
-    default: T,
-    range: std::ops::RangeInclusive<i64>,
-) -> Result<T, ConfigError> {
-    let Some(v) = value else { return Ok(default) };
-    range
-        .contains(&v)
-        .then(|| T::try_from(v).ok())
-        .flatten()
-        .ok_or_else(|| ConfigError::Invalid {
-            key,
-            message: format!(
-                "{v} is out of range: use {}..={}",
-                range.start(),
-                range.end()
-            ),
-        })
-}
-
 fn addr(key: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
     s.parse().map_err(|_| ConfigError::Invalid {
         key,
@@ -400,10 +378,10 @@ fn addr(key: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
-/// Lowercases and checks a domain: DNS labels of letters, digits and hyphens.
-fn check_domain(domain: &str) -> Result<String, ConfigError> {
-    let d = domain.trim_end_matches('.').to_ascii_lowercase();
-    let ok = !d.is_empty()
+/// Whether `d` (lowercase, no trailing dot) is a domain the edge serves: DNS labels of
+/// letters, digits and hyphens, not starting or ending with a hyphen.
+pub fn is_domain(d: &str) -> bool {
+    !d.is_empty()
         && d.len() <= 253
         && d.split('.').all(|label| {
             !label.is_empty()
@@ -412,9 +390,14 @@ fn check_domain(domain: &str) -> Result<String, ConfigError> {
                 && !label.ends_with('-')
                 && label
                     .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        });
-    if ok {
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
+}
+
+/// Lowercases and checks a domain (see [`is_domain`]).
+fn check_domain(domain: &str) -> Result<String, ConfigError> {
+    let d = domain.trim_end_matches('.').to_ascii_lowercase();
+    if is_domain(&d) {
         Ok(d)
     } else {
         Err(ConfigError::Invalid {

@@ -247,13 +247,7 @@ impl Proxy {
                     Some(request) => Err(request),
                     None => {
                         debug!(error = %e.into_error(), %port, "kept-alive connection failed");
-                        return pages::error(
-                            StatusCode::BAD_GATEWAY,
-                            &format!(
-                                "the service on port {port} closed the connection without answering"
-                            ),
-                            html,
-                        );
+                        return no_answer(port, html);
                     }
                 },
             },
@@ -295,13 +289,7 @@ impl Proxy {
                     Ok(response) => (response, sender, conn_id),
                     Err(e) => {
                         debug!(error = %e, %port, "service did not answer");
-                        return pages::error(
-                            StatusCode::BAD_GATEWAY,
-                            &format!(
-                                "the service on port {port} closed the connection without answering"
-                            ),
-                            html,
-                        );
+                        return no_answer(port, html);
                     }
                 }
             }
@@ -494,6 +482,15 @@ impl Proxy {
                 .observe(since.elapsed().as_secs_f64());
         }
     }
+}
+
+/// 502 for a service that took the request and closed the connection without an answer.
+fn no_answer(port: burrow_protocol::Port, html: bool) -> Response<Body> {
+    pages::error(
+        StatusCode::BAD_GATEWAY,
+        &format!("the service on port {port} closed the connection without answering"),
+        html,
+    )
 }
 
 /// The answer for a stream the agent refused.

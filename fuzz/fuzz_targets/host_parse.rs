@@ -23,7 +23,10 @@ const DOMAINS: [&str; 4] = [
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     let (host, extra) = match text.split_once('\n') {
-        Some((host, domain)) => (host, Some(domain).filter(|d| is_domain(d))),
+        Some((host, domain)) => (
+            host,
+            Some(domain).filter(|d| burrow_edge::config::is_domain(d)),
+        ),
         None => (&*text, None),
     };
     for domain in DOMAINS.into_iter().chain(extra) {
@@ -70,19 +73,4 @@ fn normalize(host: &str) -> String {
         _ => host,
     };
     name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
-}
-
-/// What the edge's config accepts as a domain, already lowercased and without a trailing dot.
-fn is_domain(d: &str) -> bool {
-    !d.is_empty()
-        && d.len() <= 253
-        && d.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        })
 }
