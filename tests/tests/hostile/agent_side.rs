@@ -17,16 +17,11 @@ use crate::assert_status;
 use crate::raw::Answer;
 use crate::shared::{Shared, Tunnel, on_shared, shared};
 
-/// The protocol version of this build (`burrow_protocol::VERSION`).
-const VERSION: u16 = 1;
-/// The agent's answer that accepts a stream.
-const ACCEPT: [u8; 4] = [0x41, 0, 1, 0];
-/// Refuse reasons.
-const PORT_NOT_ALLOWED: u8 = 2;
-const TOO_MANY_STREAMS: u8 = 4;
-const UNSUPPORTED_VERSION: u8 = 5;
+use burrow_protocol::{RefuseReason, StreamAnswer, VERSION};
 
-/// An HTTP stream header for `port`, without a client address.
+/// A stream header for `port` without a client address, written by hand: the hostile cases
+/// need versions and kinds that `StreamHeader` cannot hold. `kind_and_version_match_the_crate`
+/// checks it against the protocol crate's encoding.
 fn header(version: u16, port: u16, kind: u8) -> Vec<u8> {
     let mut frame = vec![0x40, 0, 6];
     frame.extend_from_slice(&version.to_be_bytes());
@@ -36,8 +31,23 @@ fn header(version: u16, port: u16, kind: u8) -> Vec<u8> {
 }
 
 /// The agent's refusal with `reason`.
-fn refuse(reason: u8) -> Vec<u8> {
-    vec![0x41, 0, 2, 1, reason]
+fn refuse(reason: RefuseReason) -> Vec<u8> {
+    StreamAnswer::Refuse(reason).encoded().to_vec()
+}
+
+/// The agent's answer that accepts a stream.
+fn accept() -> Vec<u8> {
+    StreamAnswer::Accept.encoded().to_vec()
+}
+
+#[test]
+fn kind_and_version_match_the_crate() {
+    use burrow_protocol::{Port, StreamHeader, StreamKind};
+    let port = Port::new(8080).expect("a port");
+    let http = StreamHeader::new(port, StreamKind::Http, None).encoded();
+    assert_eq!(header(VERSION, 8080, 1), http.to_vec());
+    let raw = StreamHeader::new(port, StreamKind::Raw, None).encoded();
+    assert_eq!(header(VERSION, 8080, 2), raw.to_vec());
 }
 
 /// How a stream the test opened ended.
@@ -242,7 +252,11 @@ async fn agent_unsupported_version() {
     let backend = s.raw_backend().await;
     let before = agent_conn(s, &tunnel);
     let end = hostile_stream(s, &tunnel, &header(99, backend.port, 1), false).await;
-    assert_eq!(end, End::Bytes(refuse(UNSUPPORTED_VERSION)), "{CASE}");
+    assert_eq!(
+        end,
+        End::Bytes(refuse(RefuseReason::UnsupportedVersion)),
+        "{CASE}"
+    );
     backend.assert_untouched(CASE);
     assert_agent_serving(s, &tunnel, before, CASE).await;
 }
@@ -261,7 +275,11 @@ async fn agent_denied_port() {
         .await;
     let before = agent_conn(s, &tunnel);
     let end = hostile_stream(s, &tunnel, &header(VERSION, backend.port, 1), false).await;
-    assert_eq!(end, End::Bytes(refuse(PORT_NOT_ALLOWED)), "{CASE}");
+    assert_eq!(
+        end,
+        End::Bytes(refuse(RefuseReason::PortNotAllowed)),
+        "{CASE}"
+    );
     // The same through the edge: 403.
     let (answer, _) = s
         .raw(format!(
@@ -294,7 +312,11 @@ async fn agent_metrics_port() {
         .expect("the agent's metrics listener is up");
     let before = agent_conn(s, &tunnel);
     let end = hostile_stream(s, &tunnel, &header(VERSION, port, 1), false).await;
-    assert_eq!(end, End::Bytes(refuse(PORT_NOT_ALLOWED)), "{CASE}");
+    assert_eq!(
+        end,
+        End::Bytes(refuse(RefuseReason::PortNotAllowed)),
+        "{CASE}"
+    );
     assert_agent_serving(s, &tunnel, before, CASE).await;
 }
 
@@ -339,7 +361,7 @@ async fn agent_stream_cap() {
             .await
             .expect("an answer in time")
             .expect("an answer");
-        assert_eq!(answer, ACCEPT, "{CASE}: stream {i}");
+        assert_eq!(answer.to_vec(), accept(), "{CASE}: stream {i}");
         held.push((send, recv));
     }
     backend.wait_accepted(4).await;
@@ -356,7 +378,7 @@ async fn agent_stream_cap() {
     };
     assert_eq!(
         fifth.as_deref().ok(),
-        Some(&refuse(TOO_MANY_STREAMS)[..]),
+        Some(&refuse(RefuseReason::TooManyStreams)[..]),
         "{CASE}: the fifth stream"
     );
     // Through the edge: 503 while the agent is at its cap.
@@ -388,7 +410,11 @@ async fn agent_stream_cap() {
         .await
         .expect("an answer in time")
         .expect("an answer");
-    assert_eq!(answer, ACCEPT, "{CASE}: a stream after the others ended");
+    assert_eq!(
+        answer.to_vec(),
+        accept(),
+        "{CASE}: a stream after the others ended"
+    );
     drop((send, recv));
 
     let echo = s.echo_service().await;
