@@ -144,15 +144,17 @@ fn hex(b: u8) -> Option<u8> {
         .and_then(|d| u8::try_from(d).ok())
 }
 
-/// The value of the [`COOKIE`] cookie, if the request has one.
-pub fn cookie(headers: &HeaderMap) -> Option<&str> {
+/// Every value of the [`COOKIE`] cookie in the request. There can be several: a service on
+/// another tunnel of the same domain could set one for a parent domain and a longer path,
+/// which the browser then sends first; any one that verifies lets the request through.
+pub fn cookies(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|c| c.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE)
+        .filter(|(name, _)| *name == COOKIE)
         .map(|(_, value)| value.trim_matches('"'))
 }
 
@@ -263,11 +265,11 @@ mod tests {
             HeaderValue::from_static("burrow_auth=other"),
         );
         h.append(header::COOKIE, HeaderValue::from_static("c=3"));
-        assert_eq!(cookie(&h), Some("xyz"));
+        assert_eq!(cookies(&h).collect::<Vec<_>>(), ["xyz", "other"]);
         strip_cookie(&mut h);
         let left: Vec<_> = h.get_all(header::COOKIE).iter().collect();
         assert_eq!(left, ["a=1; b=2", "c=3"]);
-        assert_eq!(cookie(&h), None);
+        assert_eq!(cookies(&h).count(), 0);
     }
 
     #[test]

@@ -454,15 +454,13 @@ impl Proxy {
         }
         let ok = match bearer(req.headers()) {
             Some(token) => hash.matches(token),
-            None => {
-                auth::cookie(req.headers()).is_some_and(|c| self.cookie_key.verify(key, &hash, c))
-            }
+            None => auth::cookies(req.headers()).any(|c| self.cookie_key.verify(key, &hash, c)),
         };
         if !ok {
             let detail = if bearer(req.headers()).is_some() {
                 "the bearer token is not this tunnel's token"
-            } else if auth::cookie(req.headers()).is_some() {
-                "this browser's access to the tunnel has ended (the token was rotated); open the URL with ?burrow_token=<token> again"
+            } else if auth::cookies(req.headers()).next().is_some() {
+                "this browser's tunnel cookie is not valid here (the token was rotated, or it is another tunnel's); open the URL with ?burrow_token=<token> again"
             } else {
                 "this tunnel needs `Authorization: Bearer <token>`, or, in a browser, the URL opened once with ?burrow_token=<token>"
             };

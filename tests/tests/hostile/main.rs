@@ -10,11 +10,13 @@
 //! - [`hosts`]: the `{port}-{key}.{domain}` host, HTTPS server names.
 //! - [`websocket`]: upgrade handshakes.
 //! - [`tokens`]: tunnel bearer tokens, agent tokens, the admin token.
+//! - [`cookies`]: a browser's way in: the token in the query once, then the tunnel's cookie.
 //! - [`agent_side`]: a hostile edge speaking to a real agent over its live QUIC connection.
 //! - [`floods`]: connections, request rate, requests in flight.
 //! - [`raw`]: the raw HTTP/1.1 client and backend the cases use.
 
 mod agent_side;
+mod cookies;
 mod floods;
 mod heads;
 mod hosts;

@@ -165,6 +165,41 @@ impl Shared {
         (answer, conn)
     }
 
+    /// A GET of `path` with header `lines` through `tunnel` to a fresh echo: the answer, and
+    /// the headers of each request that reached the echo.
+    pub async fn get_through(
+        &self,
+        tunnel: &Tunnel,
+        path: &str,
+        lines: &str,
+    ) -> (Answer, Vec<Vec<(String, String)>>) {
+        let echo = self.echo_service().await;
+        let host = tunnel.host(echo.addr.port());
+        let (answer, _) = self
+            .raw(format!(
+                "GET {path} HTTP/1.1\r\nHost: {host}\r\n{lines}Connection: close\r\n\r\n"
+            ))
+            .await;
+        let reached = echo.seen.lock().expect("lock").requests.clone();
+        (answer, reached)
+    }
+
+    /// Rotates the token of `tunnel` through the admin API (`rotate-token`); the new token.
+    pub async fn rotate_token(&self, tunnel: &Tunnel, case: &str) -> String {
+        let (status, json) = self
+            .edge
+            .admin(
+                "POST",
+                &format!("/v1/devboxes/{}/tunnel/rotate-token", tunnel.devbox.id),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{case}: rotate: {json}");
+        let new = json["auth_token"].as_str().expect("a new token").to_owned();
+        assert_ne!(new, tunnel.token(), "{case}: the same token after rotation");
+        new
+    }
+
     /// Asserts that the edge and the shared tunnel still serve a plain request (after `case`).
     pub async fn assert_serving(&self, case: &str) {
         assert_serves(&self.edge, &self.open, &self.echo, case).await;

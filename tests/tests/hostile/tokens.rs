@@ -1,5 +1,6 @@
 //! Hostile credentials: tunnel bearer tokens that are missing, wrong, someone else's, in the
-//! wrong place or the wrong scheme, rotated; agent tokens rotated; admin token guessing.
+//! wrong place or the wrong scheme, rotated; agent tokens rotated; admin token guessing. (The
+//! browser's way in, `?burrow_token=` and the cookie, is [`crate::cookies`].)
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -10,31 +11,32 @@ use crate::assert_status;
 use crate::raw::{Answer, Raw};
 use crate::shared::{Shared, Tunnel, on_shared, shared};
 
-/// A GET through the shared authenticated tunnel to a fresh echo, with `path` and header
-/// `lines`; the answer, and how many requests reached the echo.
-async fn through_auth(s: &Shared, tunnel: &Tunnel, path: &str, lines: &str) -> (Answer, usize) {
-    let echo = s.echo_service().await;
-    let host = tunnel.host(echo.addr.port());
-    let (answer, _) = s
-        .raw(format!(
-            "GET {path} HTTP/1.1\r\nHost: {host}\r\n{lines}Connection: close\r\n\r\n"
-        ))
-        .await;
-    let reached = echo.seen.lock().expect("lock").requests.len();
-    (answer, reached)
-}
-
-/// A request to the authenticated tunnel that must get 401 and reach nothing.
-async fn unauthorized(case: &str, path: &str, lines: impl Fn(&Shared) -> String) {
-    let s = shared().await;
-    let (answer, reached) = through_auth(s, &s.auth, path, &lines(s)).await;
+/// A GET of `path` with header `lines` through `tunnel` that must get 401 with the bearer
+/// challenge, set no cookie and reach nothing; the answer.
+pub(crate) async fn refused(
+    s: &Shared,
+    tunnel: &Tunnel,
+    case: &str,
+    path: &str,
+    lines: &str,
+) -> Answer {
+    let (answer, reached) = s.get_through(tunnel, path, lines).await;
     assert_status(&answer, 401, case);
     let challenge = answer.response().header("www-authenticate").unwrap_or("");
     assert!(
         challenge.starts_with("Bearer"),
         "{case}: WWW-Authenticate: {challenge:?}"
     );
-    assert_eq!(reached, 0, "{case}: the request reached the service");
+    let cookie = answer.response().header("set-cookie");
+    assert_eq!(cookie, None, "{case}: a refusal set a cookie");
+    assert_eq!(reached.len(), 0, "{case}: the request reached the service");
+    answer
+}
+
+/// A request to the shared authenticated tunnel that must be refused (see [`refused`]).
+async fn unauthorized(case: &str, path: &str, lines: impl Fn(&Shared) -> String) {
+    let s = shared().await;
+    refused(s, &s.auth, case, path, &lines(s)).await;
     s.assert_serving(case).await;
 }
 
@@ -77,14 +79,6 @@ async fn token_of_another_tunnel() {
     .await;
 }
 
-/// The right token in the query string as `burrow_token`.
-#[tokio::test]
-async fn token_in_query_burrow_token() {
-    let s = shared().await;
-    let path = format!("/?burrow_token={}", s.auth.token());
-    unauthorized("token_in_query_burrow_token", &path, |_| String::new()).await;
-}
-
 /// The right token in the query string as `access_token`.
 #[tokio::test]
 async fn token_in_query_access_token() {
@@ -107,16 +101,15 @@ async fn token_basic_scheme() {
 async fn token_right() {
     const CASE: &str = "token_right";
     let s = shared().await;
-    let echo = s.echo_service().await;
     let token = s.auth.token();
-    let (answer, _) = s
-        .raw(format!(
-            "GET /private HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n",
-            s.auth.host(echo.addr.port())
-        ))
+    let (answer, requests) = s
+        .get_through(
+            &s.auth,
+            "/private",
+            &format!("Authorization: Bearer {token}\r\n"),
+        )
         .await;
     assert_status(&answer, 200, CASE);
-    let requests = echo.seen.lock().expect("lock").requests.clone();
     assert_eq!(requests.len(), 1, "{CASE}");
     for (name, value) in &requests[0] {
         assert!(
@@ -148,25 +141,20 @@ async fn token_rotated() {
     let tunnel = s.tunnel("authenticated", vec![]).await;
     let before = agent_conn(s, &tunnel);
     let old = tunnel.token().to_owned();
-    let (status, json) = s
-        .edge
-        .admin(
-            "POST",
-            &format!("/v1/devboxes/{}/tunnel/rotate-token", tunnel.devbox.id),
-            None,
-        )
+    let new = s.rotate_token(&tunnel, CASE).await;
+    refused(
+        s,
+        &tunnel,
+        CASE,
+        "/",
+        &format!("Authorization: Bearer {old}\r\n"),
+    )
+    .await;
+    let (answer, reached) = s
+        .get_through(&tunnel, "/", &format!("Authorization: Bearer {new}\r\n"))
         .await;
-    assert_eq!(status, 200, "{CASE}: rotate: {json}");
-    let new = json["auth_token"].as_str().expect("a new token").to_owned();
-    assert_ne!(new, old, "{CASE}");
-    let (answer, reached) =
-        through_auth(s, &tunnel, "/", &format!("Authorization: Bearer {old}\r\n")).await;
-    assert_status(&answer, 401, CASE);
-    assert_eq!(reached, 0, "{CASE}: the old token reached the service");
-    let (answer, reached) =
-        through_auth(s, &tunnel, "/", &format!("Authorization: Bearer {new}\r\n")).await;
     assert_status(&answer, 200, CASE);
-    assert_eq!(reached, 1, "{CASE}");
+    assert_eq!(reached.len(), 1, "{CASE}");
     assert_eq!(
         agent_conn(s, &tunnel),
         before,
