@@ -649,3 +649,79 @@ async fn receive<R: AsyncRead + Unpin>(mut read: R, len: u64, progress: &Progres
     };
     got
 }
+
+/// A client that speaks the raw-TCP subprotocol badly is cut off with a close frame that says
+/// why (1011), and the edge goes on serving: a text message, and a message larger than the
+/// edge takes (128 KiB; `burrow connect` sends at most 64 KiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_breaks_the_subprotocol_is_cut_off() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    let edge = TestEdge::start().await;
+    let (key, _agent) = open_tunnel(&edge).await;
+    let service = digest_echo().await;
+    let host = format!("{}-{key}.{DOMAIN}:{}", service.port(), edge.http().port());
+    let open = || async {
+        let mut request = format!("ws://{host}/")
+            .into_client_request()
+            .expect("a request");
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            "burrow-tcp.v1".parse().expect("a header value"),
+        );
+        let tcp = TcpStream::connect(edge.http()).await.expect("connect");
+        let (ws, response) = tokio_tungstenite::client_async(request, tcp)
+            .await
+            .expect("the edge accepts the upgrade");
+        assert_eq!(
+            response.headers()["sec-websocket-protocol"],
+            "burrow-tcp.v1",
+            "the edge agreed on the subprotocol"
+        );
+        ws
+    };
+    for (case, message) in [
+        ("a text message", Message::text("hello")),
+        ("a 200 KiB message", Message::binary(vec![7u8; 200 * 1024])),
+    ] {
+        let mut ws = open().await;
+        // Some bytes first, so the stream to the service is known to be up.
+        ws.send(Message::binary(&b"ping"[..])).await.expect("send");
+        let echoed = timeout(WAIT, ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("{case}: no echo within {WAIT:?}"));
+        assert!(
+            matches!(echoed, Some(Ok(Message::Binary(ref b))) if &b[..] == b"ping"),
+            "{case}: {echoed:?}"
+        );
+        let _ = ws.send(message).await;
+        let close = timeout(WAIT, async {
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Close(frame))) => return frame,
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => panic!("{case}: the WebSocket failed before a close: {e}"),
+                    None => panic!("{case}: the connection ended without a close frame"),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{case}: not cut off within {WAIT:?}"))
+        .unwrap_or_else(|| panic!("{case}: a close frame without a code"));
+        assert_eq!(close.code, CloseCode::Error, "{case}: {close:?}");
+        assert!(!close.reason.is_empty(), "{case}: the close says why");
+    }
+    // The edge still carries a well-behaved client.
+    let mut ws = open().await;
+    ws.send(Message::binary(&b"still here"[..]))
+        .await
+        .expect("send");
+    let echoed = timeout(WAIT, ws.next()).await.expect("an echo");
+    assert!(
+        matches!(echoed, Some(Ok(Message::Binary(ref b))) if &b[..] == b"still here"),
+        "{echoed:?}"
+    );
+}
