@@ -118,6 +118,11 @@ pub async fn run(options: DevOptions, shutdown: CancellationToken) -> anyhow::Re
     println!("  Any local port works, e.g.:");
     println!("    python3 -m http.server 8000 --bind 127.0.0.1 &");
     println!("    curl {}/", base("8000"));
+    println!("  Raw TCP (a database, SSH) with the burrow client:");
+    println!(
+        "    burrow connect {} --listen 127.0.0.1:15432",
+        base("5432")
+    );
     println!();
     println!(
         "  Admin API:     http://{}  (token in {})",
