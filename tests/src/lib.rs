@@ -9,13 +9,20 @@
 //! - [`TestAgent::start`]: an agent for a devbox, returned once it is connected.
 //! - [`services`]: local services (HTTP echo, bulk bytes, SSE, WebSocket echo).
 //! - [`postgres`]: a throwaway PostgreSQL server on loopback, and `psql` to query it.
+//! - [`devservers`]: real dev servers (Jupyter, Vite) that refuse hosts they do not know.
+//! - [`site`]: a small web app (two linked pages, a JSON endpoint, a WebSocket echo) for a
+//!   browser to use.
+//! - [`chromium`]: headless Chromium driven over the DevTools protocol, a real browser.
 
 #![forbid(unsafe_code)]
 
+pub mod chromium;
 pub mod client;
+pub mod devservers;
 pub mod postgres;
 pub mod relay;
 pub mod services;
+pub mod site;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -29,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use client::{Curl, Reply, curl, request};
 
-/// The tunnel domain of test edges.
+/// The tunnel domain of test edges (another with [`EdgeBuilder::domain`]).
 pub const DOMAIN: &str = "tunnel.localhost";
 
 /// How long tests wait for an event before failing: generous for a loaded 2-core machine.
@@ -48,6 +55,7 @@ pub fn init_tracing() {
 /// Options for a test edge.
 #[derive(Debug, Default)]
 pub struct EdgeBuilder {
+    domain: Option<String>,
     https: bool,
     state_dir: Option<PathBuf>,
     http: Option<SocketAddr>,
@@ -56,6 +64,13 @@ pub struct EdgeBuilder {
 }
 
 impl EdgeBuilder {
+    /// Uses another tunnel domain than [`DOMAIN`]: dev servers trust any `*.localhost` host,
+    /// and refuse one like `tunnel.example.com`, as in production.
+    pub fn domain(mut self, domain: &str) -> Self {
+        self.domain = Some(domain.to_owned());
+        self
+    }
+
     /// Adds an HTTPS listener with a certificate for `*.tunnel.localhost` from a test CA.
     pub fn https(mut self) -> Self {
         self.https = true;
@@ -91,6 +106,7 @@ impl EdgeBuilder {
     pub async fn start(self) -> TestEdge {
         init_tracing();
         let temp = tempfile::tempdir().expect("tempdir");
+        let domain = self.domain.unwrap_or_else(|| DOMAIN.to_owned());
         let state_dir = self.state_dir.unwrap_or_else(|| temp.path().join("state"));
         let http = self
             .http
@@ -99,13 +115,13 @@ impl EdgeBuilder {
             .agents
             .map_or("127.0.0.1:0".to_owned(), |a| a.to_string());
         let mut text = format!(
-            "domain = \"{DOMAIN}\"\nstate_dir = \"{}\"\n{}[public]\nhttp = \"{http}\"\n",
+            "domain = \"{domain}\"\nstate_dir = \"{}\"\n{}[public]\nhttp = \"{http}\"\n",
             state_dir.display(),
             self.extra,
         );
         let mut public_ca = None;
         if self.https {
-            let (ca, cert, key) = public_cert(temp.path());
+            let (ca, cert, key) = public_cert(temp.path(), &domain);
             text.push_str(&format!(
                 "https = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n",
                 cert.display(),
@@ -125,6 +141,7 @@ impl EdgeBuilder {
         let edge = Edge::start(config).await.expect("edge starts");
         TestEdge {
             edge: Some(edge),
+            domain,
             state_dir,
             public_ca,
             _temp: temp,
@@ -136,6 +153,8 @@ impl EdgeBuilder {
 #[derive(Debug)]
 pub struct TestEdge {
     edge: Option<Edge>,
+    /// The tunnel domain: [`DOMAIN`] unless [`EdgeBuilder::domain`] set another.
+    pub domain: String,
     /// The edge's state directory.
     pub state_dir: PathBuf,
     /// The CA that signed the HTTPS certificate, if HTTPS is on.
@@ -177,15 +196,19 @@ impl TestEdge {
         self.edge().http_addr.expect("http listener")
     }
 
-    /// `http://{port}-{key}.tunnel.localhost:{edge port}{path}`.
+    /// `http://{port}-{key}.{domain}:{edge port}{path}`.
     pub fn url(&self, port: u16, key: &str, path: &str) -> String {
-        format!("http://{port}-{key}.{DOMAIN}:{}{path}", self.http().port())
+        format!(
+            "http://{port}-{key}.{}:{}{path}",
+            self.domain,
+            self.http().port()
+        )
     }
 
     /// `https://...` on the HTTPS listener.
     pub fn https_url(&self, port: u16, key: &str, path: &str) -> String {
         let addr = self.edge().https_addr.expect("https listener");
-        format!("https://{port}-{key}.{DOMAIN}:{}{path}", addr.port())
+        format!("https://{port}-{key}.{}:{}{path}", self.domain, addr.port())
     }
 
     /// Calls the admin API with the admin token.
@@ -252,7 +275,8 @@ impl TestEdge {
 
     /// Stops and starts the edge again on the same state directory (new ports).
     pub async fn restart(self) -> TestEdge {
-        self.restart_with(EdgeBuilder::default()).await
+        let builder = EdgeBuilder::default().domain(&self.domain);
+        self.restart_with(builder).await
     }
 
     /// Stops the edge and starts another with `builder` on the same state directory.
@@ -371,8 +395,8 @@ impl Drop for TestAgent {
     }
 }
 
-/// A CA and a certificate for `*.tunnel.localhost` signed by it, as PEM files.
-fn public_cert(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+/// A CA and a certificate for `*.{domain}` signed by it, as PEM files.
+fn public_cert(dir: &Path, domain: &str) -> (PathBuf, PathBuf, PathBuf) {
     use rcgen::{
         BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
     };
@@ -387,11 +411,11 @@ fn public_cert(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
     let issuer = Issuer::new(ca_params, ca_key);
     let key = KeyPair::generate().expect("key");
-    let mut params = CertificateParams::new(vec![format!("*.{DOMAIN}")]).expect("params");
+    let mut params = CertificateParams::new(vec![format!("*.{domain}")]).expect("params");
     params.distinguished_name = DistinguishedName::new();
     params
         .distinguished_name
-        .push(DnType::CommonName, format!("*.{DOMAIN}"));
+        .push(DnType::CommonName, format!("*.{domain}"));
     let cert = params.signed_by(&key, &issuer).expect("cert");
     let paths = (
         dir.join("public-ca.pem"),
