@@ -138,6 +138,12 @@ impl std::str::FromStr for Target {
             None => (authority, if tls { 443 } else { 80 }),
         };
         let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+        let name_ok = host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if !name_ok {
+            return Err(err("the host name has characters a DNS name cannot have"));
+        }
         let label = host.split('.').next().unwrap_or_default();
         let label_ok = host.contains('.')
             && label.split_once('-').is_some_and(|(port, key)| {
@@ -394,6 +400,12 @@ pub fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let loopback = target.host == "localhost" || target.host.ends_with(".localhost");
+    if !target.tls && token.is_some() && !loopback {
+        eprintln!(
+            "burrow connect: warning: the tunnel token goes to {target} over plain HTTP, readable on the way; use https://"
+        );
+    }
     let connector = match Connector::new(target, token, args.ca.as_deref(), args.connect_to) {
         Ok(connector) => connector,
         Err(e) => {
@@ -539,6 +551,8 @@ mod tests {
             ("0-k.example.com", "first label"),
             ("5432-.example.com", "first label"),
             ("5432-k", "first label"),
+            ("5432-k.example.com?burrow_token=x", "characters"),
+            ("5432-k.exa mple.com", "characters"),
         ] {
             let e = target(given).unwrap_err().to_string();
             assert!(e.contains(why), "{given}: {e}");

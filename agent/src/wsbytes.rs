@@ -38,12 +38,19 @@ pub fn config() -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(MAX_CHUNK * 2))
         .max_frame_size(Some(MAX_CHUNK * 2))
-        .read_buffer_size(MAX_CHUNK)
+        .read_buffer_size(READ_BUFFER)
         .write_buffer_size(0)
 }
 
-/// How long [`WsBytes::close`] waits for the peer's close frame.
+/// How long [`WsBytes::close`] may take, sending ours and waiting for the peer's close frame: a
+/// peer that stopped reading must not hold the connection (and the devbox stream) forever.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// The read buffer, allocated up front for each connection (it grows for a larger frame).
+const READ_BUFFER: usize = 16 * 1024;
+
+/// The longest reason a close frame can carry (RFC 6455, 5.5: 125 bytes of payload).
+const MAX_REASON: usize = 123;
 
 /// A [`WebSocketStream`] read and written as a byte stream (see the module docs).
 #[derive(Debug)]
@@ -71,18 +78,22 @@ where
         }
     }
 
-    /// Ends the connection: a close frame with `code` and `reason`, then up to two seconds for
-    /// the peer's, so the last bytes are not lost to a reset.
+    /// Ends the connection: a close frame with `code` and `reason` (cut to what a close frame
+    /// holds), then the peer's, so the last bytes are not lost to a reset; all within two
+    /// seconds.
     pub async fn close(mut self, code: CloseCode, reason: &str) {
+        let mut end = reason.len().min(MAX_REASON);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
         let frame = CloseFrame {
             code,
-            reason: reason.into(),
+            reason: reason[..end].into(),
         };
-        if self.ws.close(Some(frame)).await.is_err() {
-            return;
-        }
         let _ = tokio::time::timeout(CLOSE_WAIT, async {
-            while let Some(Ok(_)) = self.ws.next().await {}
+            if self.ws.close(Some(frame)).await.is_ok() {
+                while let Some(Ok(_)) = self.ws.next().await {}
+            }
         })
         .await;
     }
@@ -245,6 +256,33 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
         assert!(e.to_string().contains("the service reset it"), "{e}");
         drop(client);
+        closer.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closing_a_peer_that_stopped_reading_ends_in_bounded_time() {
+        // A tiny pipe the peer never reads: our close frame cannot even be written.
+        let (a, _b) = tokio::io::duplex(8);
+        let ws = WebSocketStream::from_raw_socket(a, Role::Server, Some(config())).await;
+        let mut ours = WsBytes::new(ws);
+        let _ = tokio::time::timeout(Duration::from_millis(10), ours.write_all(&[1; 4096])).await;
+        let long = "\u{e9}".repeat(100);
+        tokio::time::timeout(CLOSE_WAIT * 2, ours.close(CloseCode::Error, &long))
+            .await
+            .expect("close gives up after CLOSE_WAIT");
+    }
+
+    #[tokio::test]
+    async fn a_long_close_reason_is_cut_at_a_character() {
+        let (client, mut server) = pair().await;
+        let long = "\u{e9}".repeat(100);
+        let closer = tokio::spawn(async move { client.close(CloseCode::Error, &long).await });
+        let mut buf = [0u8; 16];
+        let e = server.read(&mut buf).await.unwrap_err();
+        let shown = e.to_string();
+        assert!(shown.contains(&"\u{e9}".repeat(61)), "{shown}");
+        assert!(!shown.contains(&"\u{e9}".repeat(62)), "{shown}");
+        drop(server);
         closer.await.unwrap();
     }
 

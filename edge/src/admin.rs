@@ -3,10 +3,10 @@
 //!
 //! | call | answer |
 //! | --- | --- |
-//! | `POST /v1/devboxes` `{"id"?, "tunnel"?: {"auth_mode", "rewrite_host"?}}` | 201 `{"id", "agent_token", "tunnel"?}` |
+//! | `POST /v1/devboxes` `{"id"?, "tunnel"?: {"auth_mode", "rewrite_host"?, "raw_tcp"?}}` | 201 `{"id", "agent_token", "tunnel"?}` |
 //! | `GET /v1/devboxes` | 200 `[{...}]` |
 //! | `GET /v1/devboxes/{id}` | 200 `{"id", "agent": {...}, "tunnel": {...} or null}` |
-//! | `POST /v1/devboxes/{id}/tunnel` `{"auth_mode", "rewrite_host"?}` | 200 `{"tunnel_key", "auth_mode", "rewrite_host", "auth_token"?, "url_template"}` |
+//! | `POST /v1/devboxes/{id}/tunnel` `{"auth_mode", "rewrite_host"?, "raw_tcp"?}` | 200 `{"tunnel_key", "auth_mode", "rewrite_host", "raw_tcp", "auth_token"?, "url_template"}` |
 //! | `POST /v1/devboxes/{id}/tunnel/rotate-token` | 200 `{"tunnel_key", "auth_mode", "auth_token", "url_template"}` |
 //! | `POST /v1/devboxes/{id}/rotate-agent-token` | 200 `{"id", "agent_token"}` |
 //! | `DELETE /v1/devboxes/{id}/tunnel` | 204 |
@@ -65,6 +65,7 @@ struct CreateDevbox {
 struct EnableTunnel {
     auth_mode: String,
     rewrite_host: Option<bool>,
+    raw_tcp: Option<bool>,
 }
 
 impl EnableTunnel {
@@ -72,6 +73,7 @@ impl EnableTunnel {
         Ok(TunnelSpec {
             auth_mode: auth_mode(&self.auth_mode)?,
             rewrite_host: self.rewrite_host,
+            raw_tcp: self.raw_tcp,
         })
     }
 }
@@ -227,6 +229,7 @@ impl Admin {
                     devbox = %id,
                     mode = issued.record.auth_mode.as_str(),
                     rewrite_host = issued.record.rewrite_host,
+                    raw_tcp = issued.record.raw_tcp,
                     "tunnel enabled"
                 );
                 Ok((StatusCode::OK, Some(self.issued_json(&issued))))
@@ -297,6 +300,7 @@ impl Admin {
             "tunnel_key": issued.record.key,
             "auth_mode": issued.record.auth_mode.as_str(),
             "rewrite_host": issued.record.rewrite_host,
+            "raw_tcp": issued.record.raw_tcp,
             "url_template": self.registry.urls().template(&issued.record.key),
         });
         if let Some(token) = &issued.auth_token {
@@ -311,6 +315,7 @@ impl Admin {
                 "tunnel_key": t.key,
                 "auth_mode": t.auth_mode.as_str(),
                 "rewrite_host": t.rewrite_host,
+                "raw_tcp": t.raw_tcp,
                 "url_template": self.registry.urls().template(&t.key),
             })
         });

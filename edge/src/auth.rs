@@ -5,10 +5,12 @@
 //! the query (`?burrow_token=...`). The edge checks it and answers with a redirect to the same
 //! URL without the token (so it stays out of the address bar, the history and the service's
 //! logs) that sets [`COOKIE`]: HttpOnly, SameSite=Lax, Secure over HTTPS, for that host only.
-//! The cookie holds `HMAC-SHA256(edge key, tunnel key, hash of the token)`, not the token: it
-//! is worthless without the edge's key (kept in `state_dir`, not in the store), and it stops
-//! working when the token is rotated, because the hash changes. Neither the cookie nor the
-//! bearer token ever reaches the service.
+//! The cookie holds `{issued}.{HMAC-SHA256(edge key, tunnel key, hash of the token, issued)}`
+//! (issued: Unix seconds), not the token: it is worthless without the edge's key (kept in
+//! `state_dir`, not in the store), the edge refuses it once it is older than its Max-Age
+//! (a copied value does not outlive the browser's), and it stops working when the token is
+//! rotated, because the hash changes. Neither the cookie nor the tunnel's bearer token ever
+//! reaches the service.
 
 use std::path::Path;
 
@@ -24,8 +26,11 @@ use crate::secret::TokenHash;
 pub const QUERY_PARAM: &str = "burrow_token";
 /// The cookie a browser holds after that visit.
 pub const COOKIE: &str = "burrow_auth";
-/// How long the browser keeps the cookie (rotating the token ends it sooner).
-const COOKIE_MAX_AGE_SECS: u32 = 7 * 24 * 60 * 60;
+/// How long the cookie is good for, in the browser and at the edge (rotating the token ends
+/// it sooner).
+const COOKIE_MAX_AGE_SECS: u64 = 7 * 24 * 60 * 60;
+/// How far in the future an issue time may be (clocks of restarted edges drift a little).
+const CLOCK_SKEW_SECS: u64 = 5 * 60;
 
 /// The key the cookie values are signed with, kept in `state_dir` across restarts.
 pub struct CookieKey(hmac::Key);
@@ -42,44 +47,53 @@ impl CookieKey {
         CookieKey(hmac::Key::new(hmac::HMAC_SHA256, secret))
     }
 
-    /// The key in `path`, created with fresh random bytes (mode 0600) if it is missing or not
-    /// 32 bytes long.
+    /// The key in `path` (see [`crate::certs::load_or_create_secret`]).
     pub fn load_or_create(path: &Path) -> Result<CookieKey, crate::certs::CertError> {
-        match std::fs::read(path) {
-            Ok(secret) if secret.len() == 32 => Ok(CookieKey::new(&secret)),
-            _ => {
-                let mut secret = [0u8; 32];
-                getrandom::fill(&mut secret).map_err(|e| crate::certs::CertError::File {
-                    path: path.to_owned(),
-                    message: format!("no randomness for a new key: {e}"),
-                })?;
-                crate::certs::write_private(path, &secret)?;
-                Ok(CookieKey::new(&secret))
-            }
-        }
+        Ok(CookieKey::new(&crate::certs::load_or_create_secret(
+            path, 32,
+        )?))
     }
 
-    /// The cookie value for the tunnel `key` whose token hashes to `hash`.
-    pub fn value(&self, key: &str, hash: &TokenHash) -> String {
-        let tag = hmac::sign(&self.0, &message(key, hash));
-        tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    /// The cookie value for the tunnel `key` whose token hashes to `hash`, issued at `now`
+    /// (Unix seconds).
+    pub fn value(&self, key: &str, hash: &TokenHash, now: u64) -> String {
+        let tag = hmac::sign(&self.0, &message(key, hash, now));
+        let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        format!("{now}.{hex}")
     }
 
-    /// Whether `presented` is the cookie value for that tunnel and token, in constant time.
-    pub fn verify(&self, key: &str, hash: &TokenHash, presented: &str) -> bool {
-        let Some(tag) = from_hex(presented) else {
+    /// Whether `presented` is a cookie value for that tunnel and token, no older than its
+    /// Max-Age at `now`; the tag is compared in constant time.
+    pub fn verify(&self, key: &str, hash: &TokenHash, presented: &str, now: u64) -> bool {
+        let Some((issued, tag)) = presented.split_once('.') else {
             return false;
         };
-        hmac::verify(&self.0, &message(key, hash), &tag).is_ok()
+        let Ok(issued) = issued.parse::<u64>() else {
+            return false;
+        };
+        let fresh = issued <= now.saturating_add(CLOCK_SKEW_SECS)
+            && now.saturating_sub(issued) <= COOKIE_MAX_AGE_SECS;
+        let Some(tag) = from_hex(tag) else {
+            return false;
+        };
+        fresh && hmac::verify(&self.0, &message(key, hash, issued), &tag).is_ok()
     }
 }
 
-fn message(key: &str, hash: &TokenHash) -> Vec<u8> {
-    let mut m = b"burrow-cookie-v1\0".to_vec();
+fn message(key: &str, hash: &TokenHash, issued: u64) -> Vec<u8> {
+    let mut m = b"burrow-cookie-v2\0".to_vec();
     m.extend_from_slice(key.as_bytes());
     m.push(0);
     m.extend_from_slice(hash.as_bytes());
+    m.extend_from_slice(&issued.to_be_bytes());
     m
+}
+
+/// The current time in Unix seconds.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn from_hex(s: &str) -> Option<Vec<u8>> {
@@ -186,7 +200,7 @@ pub fn strip_cookie(headers: &mut HeaderMap) {
 }
 
 /// The answer to a visit with the right token in the query: 303 to `location` (the same URL
-/// without the token), setting the cookie.
+/// without the token, absolute), setting the cookie.
 pub fn redirect_with_cookie(location: &str, value: &str, secure: bool) -> Response<Body> {
     let mut response = Response::new(pages::full(bytes::Bytes::new()));
     *response.status_mut() = StatusCode::SEE_OTHER;
@@ -215,24 +229,47 @@ mod tests {
     use crate::secret::Secret;
 
     #[test]
-    fn the_cookie_binds_key_tunnel_and_token() {
+    fn the_cookie_binds_key_tunnel_token_and_time() {
+        const T: u64 = 1_800_000_000;
         let key = CookieKey::new(&[7; 32]);
         let hash = Secret::new("token-one").hash();
-        let value = key.value("k1", &hash);
-        assert_eq!(value.len(), 64);
+        let value = key.value("k1", &hash, T);
+        assert!(value.starts_with("1800000000."), "{value}");
+        assert_eq!(value.len(), 11 + 64);
         assert!(!value.contains("token-one"));
-        assert!(key.verify("k1", &hash, &value));
-        assert!(!key.verify("k2", &hash, &value), "another tunnel");
+        assert!(key.verify("k1", &hash, &value, T));
+        assert!(key.verify("k1", &hash, &value, T + COOKIE_MAX_AGE_SECS));
         assert!(
-            !key.verify("k1", &Secret::new("token-two").hash(), &value),
+            !key.verify("k1", &hash, &value, T + COOKIE_MAX_AGE_SECS + 1),
+            "too old"
+        );
+        assert!(
+            !key.verify("k1", &hash, &value, T - CLOCK_SKEW_SECS - 1),
+            "from the future"
+        );
+        assert!(!key.verify("k2", &hash, &value, T), "another tunnel");
+        assert!(
+            !key.verify("k1", &Secret::new("token-two").hash(), &value, T),
             "a rotated token"
         );
         assert!(
-            !CookieKey::new(&[8; 32]).verify("k1", &hash, &value),
+            !CookieKey::new(&[8; 32]).verify("k1", &hash, &value, T),
             "another edge's key"
         );
-        for bad in ["", "zz", &value[..63], &format!("{value}0"), "token-one"] {
-            assert!(!key.verify("k1", &hash, bad), "{bad}");
+        let (_, tag) = value.split_once('.').unwrap();
+        let moved = format!("{}.{tag}", T + 1);
+        for bad in [
+            "",
+            "zz",
+            tag,
+            &moved,
+            &value[..74],
+            &format!("{value}0"),
+            "token-one",
+            ".",
+            "x.y",
+        ] {
+            assert!(!key.verify("k1", &hash, bad, T), "{bad}");
         }
     }
 
@@ -274,9 +311,9 @@ mod tests {
 
     #[test]
     fn the_redirect_sets_a_host_only_cookie() {
-        let r = redirect_with_cookie("/x?y=1", "abc", true);
+        let r = redirect_with_cookie("https://h.example/x?y=1", "abc", true);
         assert_eq!(r.status(), StatusCode::SEE_OTHER);
-        assert_eq!(r.headers()[header::LOCATION], "/x?y=1");
+        assert_eq!(r.headers()[header::LOCATION], "https://h.example/x?y=1");
         let c = r.headers()[header::SET_COOKIE].to_str().unwrap();
         assert!(c.starts_with("burrow_auth=abc; Path=/;"), "{c}");
         for attr in ["HttpOnly", "SameSite=Lax", "Secure"] {

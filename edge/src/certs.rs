@@ -145,7 +145,36 @@ fn time_now() -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc()
 }
 
-/// Writes a secret file readable by its owner only.
+/// The `len` secret bytes kept in `path`, made from the OS RNG and written (mode 0600) when the
+/// file is missing; a file of the wrong length is replaced, with a warning, since whatever it
+/// protected (cookies, stateless resets) cannot be checked with it anyway.
+pub fn load_or_create_secret(path: &Path, len: usize) -> Result<Vec<u8>, CertError> {
+    match std::fs::read(path) {
+        Ok(secret) if secret.len() == len => return Ok(secret),
+        Ok(secret) => tracing::warn!(
+            path = %path.display(),
+            found = secret.len(),
+            expected = len,
+            "a secret file has the wrong length; replacing it with a new secret"
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(CertError::File {
+                path: path.to_owned(),
+                message: e.to_string(),
+            });
+        }
+    }
+    let mut secret = vec![0u8; len];
+    getrandom::fill(&mut secret).map_err(|e| CertError::File {
+        path: path.to_owned(),
+        message: format!("no randomness for a new secret: {e}"),
+    })?;
+    write_private(path, &secret)?;
+    Ok(secret)
+}
+
+/// Writes `contents` to `path`, readable by the owner only.
 pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), CertError> {
     let err = |e: std::io::Error| CertError::File {
         path: path.to_owned(),

@@ -65,16 +65,18 @@ pub async fn run(options: DevOptions, shutdown: CancellationToken) -> anyhow::Re
     let edge = Edge::start(config).await.context("starting the edge")?;
 
     let devbox = "dev";
+    // Everything is on loopback: raw TCP (burrow connect) is on for the quickstart's tunnel.
+    let spec = TunnelSpec {
+        raw_tcp: Some(true),
+        ..TunnelSpec::new(AuthMode::Open)
+    };
     let (_, agent_token, issued) = match edge.registry.get(devbox) {
         // A kept state directory: start over with a fresh token for the same devbox.
         Some(_) => {
             edge.registry.delete(devbox)?;
-            edge.registry
-                .create(Some(devbox.into()), Some(TunnelSpec::new(AuthMode::Open)))?
+            edge.registry.create(Some(devbox.into()), Some(spec))?
         }
-        None => edge
-            .registry
-            .create(Some(devbox.into()), Some(TunnelSpec::new(AuthMode::Open)))?,
+        None => edge.registry.create(Some(devbox.into()), Some(spec))?,
     };
     let issued = issued.context("tunnel not issued")?;
     let key = issued.record.key;

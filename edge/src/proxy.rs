@@ -149,11 +149,14 @@ impl Proxy {
         };
         if route.auth_mode == AuthMode::Authenticated {
             if let Some(answer) =
-                self.authenticate(&mut req, &target.key, route.auth_token, scheme, html)
+                self.authenticate(&mut req, &host, &target.key, route.auth_token, scheme, html)
             {
                 return answer;
             }
         }
+        // The browser cookie never reaches a service, on any tunnel (one that was
+        // authenticated keeps getting it from browsers for a while after it turned open).
+        auth::strip_cookie(req.headers_mut());
         if let Err(wait) = self.rates.take(&target.key) {
             self.metrics.limited.with_label_values(&["rate"]).inc();
             let mut response = pages::error(
@@ -194,6 +197,9 @@ impl Proxy {
         let port = target.port;
         if upgrade_wanted && raw::requested(req.headers()) {
             // `burrow connect`: the edge ends the WebSocket and carries its bytes raw.
+            if let Some(why) = raw::refused(req.headers(), route.raw_tcp) {
+                return pages::error(StatusCode::FORBIDDEN, why, html);
+            }
             let header = StreamHeader::new(port, StreamKind::Raw, Some(client));
             let (send, recv, _) = match self
                 .stream_to_agent(&target.key, &route.devbox_id, header)
@@ -428,6 +434,7 @@ impl Proxy {
     fn authenticate<B>(
         &self,
         req: &mut Request<B>,
+        host: &str,
         key: &str,
         hash: Option<TokenHash>,
         scheme: Scheme,
@@ -445,29 +452,40 @@ impl Proxy {
             if !hash.matches(&token) {
                 return refuse("the burrow_token in the URL is not this tunnel's token");
             }
-            let value = self.cookie_key.value(key, &hash);
+            let value = self.cookie_key.value(key, &hash, auth::now());
+            // Absolute, on this host: a path like `//elsewhere.example/` must not turn the
+            // redirect into one to another site, nor one without a leading `/` (an HTTP/2
+            // `:path` can lack it) into `http://host@elsewhere`.
+            let slash = if rest.starts_with('/') { "" } else { "/" };
+            let location = format!("{}://{host}{slash}{rest}", scheme.as_str());
             return Some(auth::redirect_with_cookie(
-                &rest,
+                &location,
                 &value,
                 scheme == Scheme::Https,
             ));
         }
-        let ok = match bearer(req.headers()) {
-            Some(token) => hash.matches(token),
-            None => auth::cookies(req.headers()).any(|c| self.cookie_key.verify(key, &hash, c)),
-        };
-        if !ok {
-            let detail = if bearer(req.headers()).is_some() {
+        // The tunnel's token, or a browser's cookie. A request may carry both the cookie and
+        // an `Authorization` of the application's own (a single-page app's bearer token):
+        // that header then goes to the service untouched.
+        let presented = bearer(req.headers());
+        let by_token = presented.is_some_and(|token| hash.matches(token));
+        let now = auth::now();
+        let by_cookie = !by_token
+            && auth::cookies(req.headers()).any(|c| self.cookie_key.verify(key, &hash, c, now));
+        if !(by_token || by_cookie) {
+            let detail = if presented.is_some() {
                 "the bearer token is not this tunnel's token"
             } else if auth::cookies(req.headers()).next().is_some() {
-                "this browser's tunnel cookie is not valid here (the token was rotated, or it is another tunnel's); open the URL with ?burrow_token=<token> again"
+                "this browser's tunnel cookie is not valid here (expired, the token was rotated, or it is another tunnel's); open the URL with ?burrow_token=<token> again"
             } else {
                 "this tunnel needs `Authorization: Bearer <token>`, or, in a browser, the URL opened once with ?burrow_token=<token>"
             };
             return refuse(detail);
         }
-        req.headers_mut().remove(header::AUTHORIZATION);
-        auth::strip_cookie(req.headers_mut());
+        if by_token {
+            // The tunnel's own token never reaches the service.
+            req.headers_mut().remove(header::AUTHORIZATION);
+        }
         None
     }
 
@@ -591,12 +609,9 @@ fn websocket_upgrade(
     if !is_upgrade(headers) || version != Version::HTTP_11 {
         return Ok(false);
     }
-    let websocket = headers
-        .get_all(header::UPGRADE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|p| p.trim().eq_ignore_ascii_case("websocket"));
+    let websocket = list_has(headers, &header::UPGRADE, |p| {
+        p.eq_ignore_ascii_case("websocket")
+    });
     if !websocket {
         return Ok(false);
     }
@@ -643,12 +658,20 @@ fn is_websocket_key(key: &str) -> bool {
 /// Whether a request asks to switch protocols (HTTP/1.1 `Connection: upgrade`).
 fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        && list_has(headers, &header::CONNECTION, |t| {
+            t.eq_ignore_ascii_case("upgrade")
+        })
+}
+
+/// Whether a comma-separated header (every line of it) has an element `wanted` accepts
+/// (elements trimmed; lines that are not ASCII are skipped).
+pub fn list_has(headers: &HeaderMap, name: &HeaderName, wanted: impl Fn(&str) -> bool) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|element| wanted(element.trim()))
 }
 
 /// Removes hop-by-hop headers and any header the Connection header names.
@@ -701,10 +724,9 @@ pub fn filter_headers(headers: &mut HeaderMap) {
     join_cookies(headers);
 }
 
-/// The request as the service sees it: HTTP/1.1, origin-form, no hop-by-hop headers, the public
-/// Host kept, and `X-Forwarded-*` set by the edge (client-sent values are replaced).
-/// The request as the service gets it: hop-by-hop headers gone, `Host` the public host (or
-/// `service_host`, for a tunnel that rewrites it), `X-Forwarded-*` set, origin-form target.
+/// The request as the service gets it: HTTP/1.1, origin-form, hop-by-hop headers gone, `Host`
+/// the public host (or `service_host`, for a tunnel that rewrites it), `X-Forwarded-*` set by
+/// the edge (client-sent values are replaced).
 /// With `service_host`, an `Origin` naming the public host names `service_host` too, so a
 /// dev server that checks Origin against Host (Jupyter, Vite's WebSocket) still agrees.
 fn outbound_request(

@@ -27,12 +27,27 @@ use crate::proxy::Body;
 /// Whether a WebSocket handshake asks for a raw TCP stream (its `Sec-WebSocket-Protocol`
 /// names [`SUBPROTOCOL`]); other WebSockets go to the service as they are.
 pub fn requested(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|p| p.trim() == SUBPROTOCOL)
+    crate::proxy::list_has(headers, &header::SEC_WEBSOCKET_PROTOCOL, |p| {
+        p == SUBPROTOCOL
+    })
+}
+
+/// Why a raw TCP handshake is refused, if it is: the tunnel does not allow raw TCP (an open
+/// tunnel without `raw_tcp`), or a browser page opened it. A page on any tunnel of the domain
+/// is same-site with every other, so its WebSocket would carry the visitor's cookie and read
+/// raw bytes from another devbox's port; browsers always send `Origin`, `burrow connect` never.
+pub fn refused(headers: &HeaderMap, allowed: bool) -> Option<&'static str> {
+    if !allowed {
+        return Some(
+            "raw TCP is off for this open tunnel; the platform enables it with `raw_tcp: true`, or the tunnel can be authenticated",
+        );
+    }
+    if headers.contains_key(header::ORIGIN) {
+        return Some(
+            "raw TCP is for `burrow connect`; a web page cannot open it (the request has an Origin)",
+        );
+    }
+    None
 }
 
 /// The 101 that accepts the handshake whose `Sec-WebSocket-Key` is `key`.
@@ -76,7 +91,8 @@ pub async fn carry(
     .await;
     let mut client = WsBytes::new(ws);
     let mut service = tokio::io::join(recv, send);
-    let (code, reason) = match idle::copy_bidirectional(&mut client, &mut service, idle).await {
+    let copied = idle::copy_bidirectional(&mut client, &mut service, idle).await;
+    let (code, reason) = match copied {
         Ok(false) => (CloseCode::Normal, String::new()),
         Ok(true) => (
             CloseCode::Away,
@@ -84,11 +100,13 @@ pub async fn carry(
         ),
         Err(e) => {
             debug!(error = %e, %port, "raw stream ended with an error");
-            (
-                CloseCode::Error,
-                format!("the connection to port {port} broke: {e}"),
-            )
+            (CloseCode::Error, format!("port {port}: {e}"))
         }
     };
+    if code != CloseCode::Normal {
+        // The service sees a break as a break (a reset), not as the end of the stream.
+        let (_, mut send) = service.into_inner();
+        let _ = send.reset(quinn::VarInt::from_u32(0));
+    }
     client.close(code, &reason).await;
 }

@@ -63,6 +63,8 @@ pub struct Route {
     pub auth_token: Option<TokenHash>,
     /// Send `Host: localhost:{port}` to the service.
     pub rewrite_host: bool,
+    /// `burrow connect` may reach raw TCP ports (always so on an authenticated tunnel).
+    pub raw_tcp: bool,
     /// The agent's connection, if it is connected.
     pub conn: Option<quinn::Connection>,
 }
@@ -242,6 +244,7 @@ impl Registry {
             auth_mode: tunnel.auth_mode,
             auth_token: tunnel.auth_token,
             rewrite_host: tunnel.rewrite_host,
+            raw_tcp: tunnel.raw_tcp || tunnel.auth_mode == AuthMode::Authenticated,
             // A connection that already failed is as good as none: wait for the next.
             conn: entry
                 .session
@@ -389,13 +392,18 @@ impl Registry {
     pub fn enable_tunnel(&self, id: &str, spec: TunnelSpec) -> Result<IssuedTunnel, RegistryError> {
         let _writer = self.writer();
         let existing = self.tunnel_record(id)?;
-        let rewrite_host = spec
-            .rewrite_host
-            .or(existing.as_ref().map(|t| t.rewrite_host))
-            .unwrap_or(false);
+        // Options not named keep their current values (off for a new tunnel).
+        let spec = TunnelSpec {
+            rewrite_host: spec
+                .rewrite_host
+                .or(existing.as_ref().map(|t| t.rewrite_host)),
+            raw_tcp: spec.raw_tcp.or(existing.as_ref().map(|t| t.raw_tcp)),
+            ..spec
+        };
         if let Some(existing) = existing.clone().filter(|t| t.auth_mode == spec.auth_mode) {
             let record = TunnelRecord {
-                rewrite_host,
+                rewrite_host: spec.rewrite_host.unwrap_or(false),
+                raw_tcp: spec.raw_tcp.unwrap_or(false),
                 ..existing.clone()
             };
             if record != existing {
@@ -407,7 +415,6 @@ impl Registry {
             });
         }
         let mut issued = issue_tunnel(spec)?;
-        issued.record.rewrite_host = rewrite_host;
         if let Some(existing) = existing {
             issued.record.key = existing.key;
         }
@@ -530,6 +537,9 @@ pub struct TunnelSpec {
     pub auth_mode: AuthMode,
     /// Send `Host: localhost:{port}` to services; `None` keeps the current setting.
     pub rewrite_host: Option<bool>,
+    /// Let `burrow connect` reach raw TCP ports through an open tunnel; `None` keeps the
+    /// current setting.
+    pub raw_tcp: Option<bool>,
 }
 
 impl TunnelSpec {
@@ -538,6 +548,7 @@ impl TunnelSpec {
         TunnelSpec {
             auth_mode,
             rewrite_host: None,
+            raw_tcp: None,
         }
     }
 }
@@ -554,6 +565,7 @@ fn issue_tunnel(spec: TunnelSpec) -> Result<IssuedTunnel, getrandom::Error> {
             auth_mode: mode,
             auth_token: auth_token.as_ref().map(Secret::hash),
             rewrite_host: spec.rewrite_host.unwrap_or(false),
+            raw_tcp: spec.raw_tcp.unwrap_or(false),
         },
         auth_token,
     })

@@ -340,16 +340,7 @@ fn agents_endpoint(
     config: &Config,
     server: quinn::ServerConfig,
 ) -> Result<quinn::Endpoint, StartError> {
-    let path = config.state_dir.join(RESET_KEY_FILE);
-    let key = match std::fs::read(&path) {
-        Ok(key) if key.len() == 64 => key,
-        _ => {
-            let mut key = vec![0u8; 64];
-            getrandom::fill(&mut key)?;
-            certs::write_private(&path, &key)?;
-            key
-        }
-    };
+    let key = certs::load_or_create_secret(&config.state_dir.join(RESET_KEY_FILE), 64)?;
     let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
     let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(hmac));
     // Connection IDs are signed so the edge can tell its own from garbage; the signing key

@@ -51,6 +51,9 @@ pub struct TunnelRecord {
     /// Requests reach the service with `Host: localhost:{port}` (for dev servers that refuse
     /// other hosts); `X-Forwarded-Host` keeps the public one.
     pub rewrite_host: bool,
+    /// `burrow connect` may reach raw TCP ports through an open tunnel (an authenticated one
+    /// always allows it: its token already stands for the devbox's owner).
+    pub raw_tcp: bool,
 }
 
 /// The SQLite store.
@@ -67,13 +70,17 @@ CREATE TABLE IF NOT EXISTS devboxes (
     tunnel_key TEXT UNIQUE,
     auth_mode TEXT,
     auth_token_hash TEXT,
-    rewrite_host INTEGER NOT NULL DEFAULT 0
+    rewrite_host INTEGER NOT NULL DEFAULT 0,
+    raw_tcp INTEGER NOT NULL DEFAULT 0
 );
 ";
 
 /// Columns added after the first release, with their definitions: added to an older store
 /// when it is opened.
-const ADDED_COLUMNS: [(&str, &str); 1] = [("rewrite_host", "INTEGER NOT NULL DEFAULT 0")];
+const ADDED_COLUMNS: [(&str, &str); 2] = [
+    ("rewrite_host", "INTEGER NOT NULL DEFAULT 0"),
+    ("raw_tcp", "INTEGER NOT NULL DEFAULT 0"),
+];
 
 impl Store {
     /// Opens (creating if needed) the store at `path`.
@@ -113,7 +120,7 @@ impl Store {
         self.with(|c| {
             let mut stmt = c.prepare(
                 "SELECT id, agent_token_hash, created_at, tunnel_key, auth_mode, auth_token_hash,
-                        rewrite_host
+                        rewrite_host, raw_tcp
                  FROM devboxes ORDER BY created_at, id",
             )?;
             let rows = stmt.query_map([], row)?;
@@ -128,12 +135,12 @@ impl Store {
     /// Adds a devbox.
     pub fn insert(&self, devbox: &DevboxRecord) -> Result<(), StoreError> {
         self.with(|c| {
-            let (key, mode, token, rewrite) = tunnel_columns(devbox.tunnel.as_ref());
+            let (key, mode, token, rewrite, raw) = tunnel_columns(devbox.tunnel.as_ref());
             let done = c.execute(
                 "INSERT OR IGNORE INTO devboxes
                  (id, agent_token_hash, created_at, tunnel_key, auth_mode, auth_token_hash,
-                  rewrite_host)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                  rewrite_host, raw_tcp)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
                     devbox.id,
                     devbox.agent_token.to_hex(),
@@ -141,7 +148,8 @@ impl Store {
                     key,
                     mode,
                     token,
-                    rewrite
+                    rewrite,
+                    raw
                 ],
             )?;
             if done == 0 {
@@ -154,11 +162,11 @@ impl Store {
     /// Sets or clears a devbox's tunnel. `false`: no such devbox.
     pub fn set_tunnel(&self, id: &str, tunnel: Option<&TunnelRecord>) -> Result<bool, StoreError> {
         self.with(|c| {
-            let (key, mode, token, rewrite) = tunnel_columns(tunnel);
+            let (key, mode, token, rewrite, raw) = tunnel_columns(tunnel);
             let n = c.execute(
                 "UPDATE devboxes SET tunnel_key = ?2, auth_mode = ?3, auth_token_hash = ?4,
-                 rewrite_host = ?5 WHERE id = ?1",
-                params![id, key, mode, token, rewrite],
+                 rewrite_host = ?5, raw_tcp = ?6 WHERE id = ?1",
+                params![id, key, mode, token, rewrite, raw],
             )?;
             Ok(n > 0)
         })
@@ -193,7 +201,7 @@ impl Store {
         self.with(|c| {
             c.query_row(
                 "SELECT id, agent_token_hash, created_at, tunnel_key, auth_mode, auth_token_hash,
-                        rewrite_host
+                        rewrite_host, raw_tcp
                  FROM devboxes WHERE id = ?1",
                 params![id],
                 row,
@@ -211,16 +219,23 @@ pub fn now_unix() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-type Columns = (Option<String>, Option<&'static str>, Option<String>, bool);
+type Columns = (
+    Option<String>,
+    Option<&'static str>,
+    Option<String>,
+    bool,
+    bool,
+);
 
 fn tunnel_columns(tunnel: Option<&TunnelRecord>) -> Columns {
     match tunnel {
-        None => (None, None, None, false),
+        None => (None, None, None, false, false),
         Some(t) => (
             Some(t.key.clone()),
             Some(t.auth_mode.as_str()),
             t.auth_token.map(|h| h.to_hex()),
             t.rewrite_host,
+            t.raw_tcp,
         ),
     }
 }
@@ -233,6 +248,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<DevboxRecord, StoreErro
     let mode: Option<String> = r.get(4)?;
     let auth: Option<String> = r.get(5)?;
     let rewrite_host: bool = r.get(6)?;
+    let raw_tcp: bool = r.get(7)?;
     let corrupt = || StoreError::Corrupt(id.clone());
     let parse = || -> Result<DevboxRecord, StoreError> {
         let agent_token = TokenHash::from_hex(&token).ok_or_else(corrupt)?;
@@ -251,6 +267,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<DevboxRecord, StoreErro
                     auth_mode,
                     auth_token,
                     rewrite_host,
+                    raw_tcp,
                 })
             }
             (None, None) => None,
@@ -292,6 +309,7 @@ mod tests {
                 auth_mode: AuthMode::Authenticated,
                 auth_token: Some(auth.hash()),
                 rewrite_host: true,
+                raw_tcp: true,
             };
             assert!(store.set_tunnel("box1", Some(&tunnel)).unwrap());
             assert!(!store.set_tunnel("nope", Some(&tunnel)).unwrap());
@@ -301,14 +319,14 @@ mod tests {
         assert_eq!(all.len(), 1);
         let t = all[0].tunnel.as_ref().unwrap();
         assert!(t.auth_token.unwrap().matches("auth-token"));
-        assert!(t.rewrite_host);
+        assert!(t.rewrite_host && t.raw_tcp);
         assert!(all[0].agent_token.matches("agent-token"));
         assert!(store.delete("box1").unwrap());
         assert!(store.get("box1").unwrap().is_none());
     }
 
-    /// A store written before `rewrite_host` existed opens, keeps its rows, and gains the
-    /// column (off).
+    /// A store written before `rewrite_host` and `raw_tcp` existed opens, keeps its rows, and
+    /// gains the columns (off).
     #[test]
     fn an_older_store_gains_the_new_columns() {
         let dir = tempfile::tempdir().unwrap();
@@ -331,7 +349,7 @@ mod tests {
         let old = store.get("old").unwrap().unwrap();
         let tunnel = old.tunnel.unwrap();
         assert_eq!(tunnel.auth_mode, AuthMode::Open);
-        assert!(!tunnel.rewrite_host);
+        assert!(!tunnel.rewrite_host && !tunnel.raw_tcp);
         drop(store);
         Store::open(&path).expect("opening twice adds nothing twice");
     }

@@ -419,9 +419,15 @@ impl Stderr {
 // ---- The devbox side ----
 
 /// An open tunnel and its connected agent.
+/// An open tunnel with raw TCP enabled (`raw_tcp`, off by default for open tunnels).
 async fn open_tunnel(edge: &TestEdge) -> (String, TestAgent) {
     let devbox = edge.devbox(Some("open")).await;
     let key = devbox.key.clone().expect("an open tunnel has a key");
+    let body = serde_json::json!({ "auth_mode": "open", "raw_tcp": true });
+    let path = format!("/v1/devboxes/{}/tunnel", devbox.id);
+    let (status, json) = edge.admin("POST", &path, Some(body)).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["raw_tcp"], true, "{json}");
     let agent = TestAgent::start(edge, &devbox).await;
     (key, agent)
 }
@@ -724,4 +730,60 @@ async fn a_client_that_breaks_the_subprotocol_is_cut_off() {
         matches!(echoed, Some(Ok(Message::Binary(ref b))) if &b[..] == b"still here"),
         "{echoed:?}"
     );
+}
+
+/// Raw TCP is off for an open tunnel until the platform enables it (`raw_tcp`): `burrow
+/// connect` is refused with 403 naming the setting, and the service is never dialed. A
+/// handshake with an `Origin` (what a web page's WebSocket sends) is refused even with the
+/// tunnel's token, so a page on another tunnel cannot read a devbox's raw ports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_tcp_needs_the_tunnel_setting_and_no_web_page() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let edge = TestEdge::start().await;
+    let devbox = edge.devbox(Some("open")).await;
+    let key = devbox.key.clone().expect("a key");
+    let _agent = TestAgent::start(&edge, &devbox).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let stderr = refused_stdio(connect(&edge, port, &key)).await;
+    assert!(
+        stderr.contains("403") && stderr.contains("raw_tcp"),
+        "the refusal names the setting:\n{stderr}"
+    );
+    let dialed = timeout(Duration::from_millis(200), listener.accept()).await;
+    assert!(dialed.is_err(), "the service was dialed");
+
+    let auth = edge.devbox(Some("authenticated")).await;
+    let auth_key = auth.key.clone().expect("a key");
+    let token = auth.auth_token.clone().expect("a token");
+    let _auth_agent = TestAgent::start(&edge, &auth).await;
+    let host = format!("{port}-{auth_key}.{DOMAIN}:{}", edge.http().port());
+    let mut request = format!("ws://{host}/")
+        .into_client_request()
+        .expect("a request");
+    let headers = request.headers_mut();
+    headers.insert(
+        "sec-websocket-protocol",
+        "burrow-tcp.v1".parse().expect("value"),
+    );
+    headers.insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("value"),
+    );
+    headers.insert(
+        "origin",
+        "http://3000-other.tunnel.localhost".parse().expect("value"),
+    );
+    let tcp = TcpStream::connect(edge.http()).await.expect("connect");
+    match tokio_tungstenite::client_async(request, tcp).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403);
+            let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default());
+            assert!(body.contains("Origin"), "{body}");
+        }
+        other => panic!("a handshake with Origin was not refused: {other:?}"),
+    }
+    let dialed = timeout(Duration::from_millis(200), listener.accept()).await;
+    assert!(dialed.is_err(), "the service was dialed");
 }

@@ -15,14 +15,33 @@ use crate::tokens::refused;
 /// The `Set-Cookie` attributes after the value, over plain HTTP (HTTPS adds `Secure`).
 const ATTRIBUTES: [&str; 4] = ["Path=/", "Max-Age=604800", "HttpOnly", "SameSite=Lax"];
 
-/// Asserts that `answer` is the edge's answer to a first visit: 303 to `location`, not cached,
-/// no referrer, exactly one `Set-Cookie` with the attributes above (and `Secure` if `secure`,
+/// Asserts that `answer` is the edge's answer to a first visit of `tunnel`: 303 to `path` on
+/// the same host (an absolute URL: scheme, the tunnel's host, then `path`), not cached, no
+/// referrer, exactly one `Set-Cookie` with the attributes above (and `Secure` if `secure`,
 /// never `Domain`); returns the cookie's value.
 #[track_caller]
-fn redirect_cookie(answer: &Answer, location: &str, secure: bool, case: &str) -> String {
+fn redirect_cookie(
+    answer: &Answer,
+    tunnel: &Tunnel,
+    path: &str,
+    secure: bool,
+    case: &str,
+) -> String {
     assert_status(answer, 303, case);
     let r = answer.response();
-    assert_eq!(r.header("location"), Some(location), "{case}: Location");
+    let location = r.header("location").unwrap_or_default();
+    let scheme = if secure { "https://" } else { "http://" };
+    let (authority, rest) = location
+        .strip_prefix(scheme)
+        .and_then(|l| l.split_at_checked(l.find('/')?))
+        .unwrap_or_else(|| {
+            panic!("{case}: Location is not an absolute {scheme} URL: {location:?}")
+        });
+    assert!(
+        authority.contains(&format!("-{}.", tunnel.key)),
+        "{case}: Location leaves the tunnel's host: {location:?}"
+    );
+    assert_eq!(rest, path, "{case}: Location {location:?}");
     assert_eq!(r.header("cache-control"), Some("no-store"), "{case}");
     assert_eq!(r.header("referrer-policy"), Some("no-referrer"), "{case}");
     let cookies: Vec<&str> = r
@@ -40,8 +59,12 @@ fn redirect_cookie(answer: &Answer, location: &str, secure: bool, case: &str) ->
         .and_then(|first| first.strip_prefix("burrow_auth="))
         .unwrap_or_else(|| panic!("{case}: Set-Cookie: {cookie}"));
     assert!(
-        value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit()),
-        "{case}: the cookie's value is not 64 hex characters: {value:?}"
+        value.split_once('.').is_some_and(|(issued, tag)| {
+            issued.parse::<u64>().is_ok()
+                && tag.len() == 64
+                && tag.bytes().all(|b| b.is_ascii_hexdigit())
+        }),
+        "{case}: the cookie's value is not `{{issued}}.{{64 hex}}`: {value:?}"
     );
     let mut expected = ATTRIBUTES.to_vec();
     if secure {
@@ -58,7 +81,7 @@ async fn visit(s: &Shared, tunnel: &Tunnel, token: &str, case: &str) -> String {
         .get_through(tunnel, &format!("/?burrow_token={token}"), "")
         .await;
     assert_eq!(reached.len(), 0, "{case}: the visit reached the service");
-    redirect_cookie(&answer, "/", false, case)
+    redirect_cookie(&answer, tunnel, "/", false, case)
 }
 
 /// The `Cookie` header line carrying `value` as the tunnel's cookie.
@@ -77,7 +100,7 @@ async fn token_in_query_burrow_token() {
     let token = s.auth.token();
     let path = format!("/page?a=1&burrow_token={token}&b=2");
     let (answer, reached) = s.get_through(&s.auth, &path, "").await;
-    let cookie = redirect_cookie(&answer, "/page?a=1&b=2", false, CASE);
+    let cookie = redirect_cookie(&answer, &s.auth, "/page?a=1&b=2", false, CASE);
     assert_eq!(reached.len(), 0, "{CASE}: the visit reached the service");
 
     let (answer, requests) = s
@@ -110,6 +133,19 @@ async fn token_in_query_burrow_token() {
     s.assert_serving(CASE).await;
 }
 
+/// A first visit whose path starts with `//`: the redirect stays on the tunnel's host (a
+/// relative `//elsewhere.example/` would send the browser to another site).
+#[tokio::test]
+async fn query_token_redirect_stays_on_the_host() {
+    const CASE: &str = "query_token_redirect_stays_on_the_host";
+    let s = shared().await;
+    let path = format!("//elsewhere.example/x?burrow_token={}", s.auth.token());
+    let (answer, reached) = s.get_through(&s.auth, &path, "").await;
+    redirect_cookie(&answer, &s.auth, "//elsewhere.example/x", false, CASE);
+    assert_eq!(reached.len(), 0, "{CASE}: the visit reached the service");
+    s.assert_serving(CASE).await;
+}
+
 /// The first visit over HTTPS: the cookie is also `Secure`.
 #[tokio::test]
 async fn query_token_over_https() {
@@ -126,7 +162,7 @@ async fn query_token_over_https() {
             s.auth.token()
         ))
         .await;
-    redirect_cookie(&answer, "/", true, CASE);
+    redirect_cookie(&answer, &s.auth, "/", true, CASE);
     let reached = echo.seen.lock().expect("lock").requests.len();
     assert_eq!(reached, 0, "{CASE}: the visit reached the service");
     s.assert_serving(CASE).await;
@@ -158,13 +194,19 @@ async fn cookie_forged() {
     const CASE: &str = "cookie_forged";
     let s = shared().await;
     let random = RandomState::new();
-    let forged: String = (0..4u8)
+    let tag: String = (0..4u8)
         .map(|i| format!("{:016x}", random.hash_one(i)))
         .collect();
-    let mut changed = visit(s, &s.auth, s.auth.token(), CASE).await;
+    let real = visit(s, &s.auth, s.auth.token(), CASE).await;
+    let (issued, real_tag) = real.split_once('.').expect("issued.tag");
+    let forged = format!("{issued}.{tag}");
+    let mut changed = real.clone();
     let last = changed.pop();
     changed.push(if last == Some('0') { '1' } else { '0' });
-    for value in [forged, changed] {
+    // The real tag with another issue time: a later one would outlive the cookie's Max-Age.
+    let later = issued.parse::<u64>().expect("seconds") + 3600;
+    let moved = format!("{later}.{real_tag}");
+    for value in [forged, changed, moved, tag] {
         let case = format!("{CASE} ({value})");
         refused(s, &s.auth, &case, "/", &cookie_line(&value)).await;
     }
