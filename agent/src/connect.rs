@@ -408,6 +408,10 @@ pub fn main() -> ExitCode {
     }
     let connector = match Connector::new(target, token, args.ca.as_deref(), args.connect_to) {
         Ok(connector) => connector,
+        Err(tls::TlsError::Ca { path, message }) => {
+            eprintln!("burrow connect: --ca {path}: {message}");
+            return ExitCode::from(2);
+        }
         Err(e) => {
             eprintln!("burrow connect: {e}");
             return ExitCode::from(2);

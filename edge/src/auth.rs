@@ -20,7 +20,7 @@ use ring::hmac;
 
 use crate::pages;
 use crate::proxy::Body;
-use crate::secret::TokenHash;
+use crate::secret::{Secret, TokenHash};
 
 /// The query parameter that carries the token on a browser's first visit.
 pub const QUERY_PARAM: &str = "burrow_token";
@@ -108,7 +108,7 @@ fn from_hex(s: &str) -> Option<Vec<u8>> {
 
 /// The token in the query (the first `burrow_token`, percent-decoded) and the request's path
 /// and query without any `burrow_token`, or `None` when the query has none.
-pub fn query_token(uri: &Uri) -> Option<(String, String)> {
+pub fn query_token(uri: &Uri) -> Option<(Secret, String)> {
     let query = uri.query()?;
     let mut token = None;
     let mut kept = Vec::new();
@@ -120,7 +120,7 @@ pub fn query_token(uri: &Uri) -> Option<(String, String)> {
             kept.push(pair);
         }
     }
-    let token = token?;
+    let token = Secret::new(token?);
     let mut rest = uri.path().to_owned();
     if !kept.is_empty() {
         rest.push('?');
@@ -226,7 +226,6 @@ pub fn redirect_with_cookie(location: &str, value: &str, secure: bool) -> Respon
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::secret::Secret;
 
     #[test]
     fn the_cookie_binds_key_tunnel_token_and_time() {
@@ -276,16 +275,17 @@ mod tests {
     #[test]
     fn the_token_is_taken_out_of_the_query() {
         let uri: Uri = "/lab/tree?a=1&burrow_token=abc%2Bd&b=2".parse().unwrap();
+        let shown = |uri: &Uri| query_token(uri).map(|(t, rest)| (t.expose().to_owned(), rest));
         assert_eq!(
-            query_token(&uri),
+            shown(&uri),
             Some(("abc+d".to_owned(), "/lab/tree?a=1&b=2".to_owned()))
         );
         let uri: Uri = "/?burrow_token=t".parse().unwrap();
-        assert_eq!(query_token(&uri), Some(("t".to_owned(), "/".to_owned())));
+        assert_eq!(shown(&uri), Some(("t".to_owned(), "/".to_owned())));
         let uri: Uri = "/?burrow_token=t&burrow_token=u".parse().unwrap();
-        assert_eq!(query_token(&uri), Some(("t".to_owned(), "/".to_owned())));
-        assert_eq!(query_token(&"/?x_burrow_token=t".parse().unwrap()), None);
-        assert_eq!(query_token(&"/page".parse().unwrap()), None);
+        assert_eq!(shown(&uri), Some(("t".to_owned(), "/".to_owned())));
+        assert!(query_token(&"/?x_burrow_token=t".parse().unwrap()).is_none());
+        assert!(query_token(&"/page".parse().unwrap()).is_none());
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
         assert_eq!(percent_decode("%\u{e9}%C3%A9"), "%\u{e9}\u{e9}");
     }

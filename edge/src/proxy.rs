@@ -449,7 +449,7 @@ impl Proxy {
             return refuse("this tunnel has no token; rotate it through the admin API");
         };
         if let Some((token, rest)) = auth::query_token(req.uri()) {
-            if !hash.matches(&token) {
+            if !hash.matches(token.expose()) {
                 return refuse("the burrow_token in the URL is not this tunnel's token");
             }
             let value = self.cookie_key.value(key, &hash, auth::now());
