@@ -20,7 +20,7 @@ use ring::hmac;
 
 use crate::pages;
 use crate::proxy::Body;
-use crate::secret::{Secret, TokenHash};
+use crate::secret::{self, Secret, TokenHash};
 
 /// The query parameter that carries the token on a browser's first visit.
 pub const QUERY_PARAM: &str = "burrow_token";
@@ -58,8 +58,7 @@ impl CookieKey {
     /// (Unix seconds).
     pub fn value(&self, key: &str, hash: &TokenHash, now: u64) -> String {
         let tag = hmac::sign(&self.0, &message(key, hash, now));
-        let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        format!("{now}.{hex}")
+        format!("{now}.{}", secret::hex(tag.as_ref()))
     }
 
     /// Whether `presented` is a cookie value for that tunnel and token, no older than its
@@ -73,7 +72,7 @@ impl CookieKey {
         };
         let fresh = issued <= now.saturating_add(CLOCK_SKEW_SECS)
             && now.saturating_sub(issued) <= COOKIE_MAX_AGE_SECS;
-        let Some(tag) = from_hex(tag) else {
+        let Some(tag) = secret::from_hex32(tag) else {
             return false;
         };
         fresh && hmac::verify(&self.0, &message(key, hash, issued), &tag).is_ok()
@@ -89,21 +88,9 @@ fn message(key: &str, hash: &TokenHash, issued: u64) -> Vec<u8> {
     m
 }
 
-/// The current time in Unix seconds.
+/// The current time in Unix seconds, as cookie values carry it.
 pub fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-fn from_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
-        .collect()
+    u64::try_from(crate::store::now_unix()).unwrap_or(0)
 }
 
 /// The token in the query (the first `burrow_token`, percent-decoded) and the request's path

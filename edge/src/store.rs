@@ -75,6 +75,10 @@ CREATE TABLE IF NOT EXISTS devboxes (
 );
 ";
 
+/// Every column of a devbox, in the order [`row`] reads them.
+const SELECT: &str = "SELECT id, agent_token_hash, created_at, tunnel_key, auth_mode,
+    auth_token_hash, rewrite_host, raw_tcp FROM devboxes";
+
 /// Columns added after the first release, with their definitions: added to an older store
 /// when it is opened.
 const ADDED_COLUMNS: [(&str, &str); 2] = [
@@ -118,11 +122,7 @@ impl Store {
     /// Every devbox.
     pub fn all(&self) -> Result<Vec<DevboxRecord>, StoreError> {
         self.with(|c| {
-            let mut stmt = c.prepare(
-                "SELECT id, agent_token_hash, created_at, tunnel_key, auth_mode, auth_token_hash,
-                        rewrite_host, raw_tcp
-                 FROM devboxes ORDER BY created_at, id",
-            )?;
+            let mut stmt = c.prepare(&format!("{SELECT} ORDER BY created_at, id"))?;
             let rows = stmt.query_map([], row)?;
             let mut out = Vec::new();
             for r in rows {
@@ -199,15 +199,9 @@ impl Store {
     /// One devbox.
     pub fn get(&self, id: &str) -> Result<Option<DevboxRecord>, StoreError> {
         self.with(|c| {
-            c.query_row(
-                "SELECT id, agent_token_hash, created_at, tunnel_key, auth_mode, auth_token_hash,
-                        rewrite_host, raw_tcp
-                 FROM devboxes WHERE id = ?1",
-                params![id],
-                row,
-            )
-            .optional()?
-            .transpose()
+            c.query_row(&format!("{SELECT} WHERE id = ?1"), params![id], row)
+                .optional()?
+                .transpose()
         })
     }
 }

@@ -128,13 +128,7 @@ async fn psql_through_listen_reaches_a_real_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stdio_to_an_authenticated_tunnel_needs_its_token() {
     let edge = TestEdge::start().await;
-    let devbox = edge.devbox(Some("authenticated")).await;
-    let token = devbox
-        .auth_token
-        .clone()
-        .expect("auth token returned at creation");
-    let key = devbox.key.clone().expect("key");
-    let _agent = TestAgent::start(&edge, &devbox).await;
+    let (key, token, _agent) = auth_tunnel(&edge).await;
     let service = digest_echo().await;
     let port = service.port();
 
@@ -174,13 +168,7 @@ async fn stdio_to_an_authenticated_tunnel_needs_its_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_uses_the_token_file_and_closes_refused_connections() {
     let edge = TestEdge::start().await;
-    let devbox = edge.devbox(Some("authenticated")).await;
-    let token = devbox
-        .auth_token
-        .clone()
-        .expect("auth token returned at creation");
-    let key = devbox.key.clone().expect("key");
-    let _agent = TestAgent::start(&edge, &devbox).await;
+    let (key, token, _agent) = auth_tunnel(&edge).await;
     let service = digest_echo().await;
     let port = service.port();
 
@@ -419,6 +407,44 @@ impl Stderr {
 // ---- The devbox side ----
 
 /// An open tunnel and its connected agent.
+/// An authenticated tunnel: its key, its token, its agent.
+async fn auth_tunnel(edge: &TestEdge) -> (String, String, TestAgent) {
+    let devbox = edge.devbox(Some("authenticated")).await;
+    let token = devbox
+        .auth_token
+        .clone()
+        .expect("auth token returned at creation");
+    let key = devbox.key.clone().expect("key");
+    let agent = TestAgent::start(edge, &devbox).await;
+    (key, token, agent)
+}
+
+/// A WebSocket handshake asking the edge for raw TCP (`burrow-tcp.v1`) to `host`, with the
+/// extra `headers`, as a client other than `burrow connect` would send it.
+async fn raw_handshake(
+    edge: &TestEdge,
+    host: &str,
+    headers: &[(&'static str, &str)],
+) -> Result<
+    (
+        tokio_tungstenite::WebSocketStream<TcpStream>,
+        tokio_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    tokio_tungstenite::tungstenite::Error,
+> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{host}/")
+        .into_client_request()
+        .expect("a request");
+    let all = [("sec-websocket-protocol", "burrow-tcp.v1")];
+    for (name, value) in all.iter().chain(headers) {
+        let value = value.parse().expect("a header value");
+        request.headers_mut().insert(*name, value);
+    }
+    let tcp = TcpStream::connect(edge.http()).await.expect("connect");
+    tokio_tungstenite::client_async(request, tcp).await
+}
+
 /// An open tunnel with raw TCP enabled (`raw_tcp`, off by default for open tunnels).
 async fn open_tunnel(edge: &TestEdge) -> (String, TestAgent) {
     let devbox = edge.devbox(Some("open")).await;
@@ -663,7 +689,6 @@ async fn receive<R: AsyncRead + Unpin>(mut read: R, len: u64, progress: &Progres
 async fn a_client_that_breaks_the_subprotocol_is_cut_off() {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
     let edge = TestEdge::start().await;
@@ -671,15 +696,7 @@ async fn a_client_that_breaks_the_subprotocol_is_cut_off() {
     let service = digest_echo().await;
     let host = format!("{}-{key}.{DOMAIN}:{}", service.port(), edge.http().port());
     let open = || async {
-        let mut request = format!("ws://{host}/")
-            .into_client_request()
-            .expect("a request");
-        request.headers_mut().insert(
-            "sec-websocket-protocol",
-            "burrow-tcp.v1".parse().expect("a header value"),
-        );
-        let tcp = TcpStream::connect(edge.http()).await.expect("connect");
-        let (ws, response) = tokio_tungstenite::client_async(request, tcp)
+        let (ws, response) = raw_handshake(&edge, &host, &[])
             .await
             .expect("the edge accepts the upgrade");
         assert_eq!(
@@ -738,8 +755,6 @@ async fn a_client_that_breaks_the_subprotocol_is_cut_off() {
 /// tunnel's token, so a page on another tunnel cannot read a devbox's raw ports.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_tcp_needs_the_tunnel_setting_and_no_web_page() {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-
     let edge = TestEdge::start().await;
     let devbox = edge.devbox(Some("open")).await;
     let key = devbox.key.clone().expect("a key");
@@ -754,29 +769,14 @@ async fn raw_tcp_needs_the_tunnel_setting_and_no_web_page() {
     let dialed = timeout(Duration::from_millis(200), listener.accept()).await;
     assert!(dialed.is_err(), "the service was dialed");
 
-    let auth = edge.devbox(Some("authenticated")).await;
-    let auth_key = auth.key.clone().expect("a key");
-    let token = auth.auth_token.clone().expect("a token");
-    let _auth_agent = TestAgent::start(&edge, &auth).await;
+    let (auth_key, token, _auth_agent) = auth_tunnel(&edge).await;
     let host = format!("{port}-{auth_key}.{DOMAIN}:{}", edge.http().port());
-    let mut request = format!("ws://{host}/")
-        .into_client_request()
-        .expect("a request");
-    let headers = request.headers_mut();
-    headers.insert(
-        "sec-websocket-protocol",
-        "burrow-tcp.v1".parse().expect("value"),
-    );
-    headers.insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("value"),
-    );
-    headers.insert(
-        "origin",
-        "http://3000-other.tunnel.localhost".parse().expect("value"),
-    );
-    let tcp = TcpStream::connect(edge.http()).await.expect("connect");
-    match tokio_tungstenite::client_async(request, tcp).await {
+    let bearer = format!("Bearer {token}");
+    let headers = [
+        ("authorization", bearer.as_str()),
+        ("origin", "http://3000-other.tunnel.localhost"),
+    ];
+    match raw_handshake(&edge, &host, &headers).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             assert_eq!(response.status(), 403);
             let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default());
