@@ -9,10 +9,11 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::notify;
 use crate::sidecar::{self, Entrypoint};
-use crate::sources::{self, File};
 use crate::{Agent, tls};
+use burrow_runtime::notify;
+use burrow_runtime::signals::ShutdownSignals;
+use burrow_runtime::sources::{self, File};
 
 /// burrow-agent: keeps this devbox's ports reachable through a burrow edge.
 ///
@@ -217,13 +218,6 @@ enum Command {
     },
 }
 
-/// Installs a plain logger (`RUST_LOG` or info), for callers without a configuration.
-pub fn init_logging() {
-    let env: HashMap<String, String> = std::env::vars().collect();
-    let settings = crate::logging::LogSettings::parse(None, None, &env).unwrap_or_default();
-    crate::logging::init(&settings);
-}
-
 /// Reloads the port policy and the log level on SIGHUP, from the same sources as at start; a
 /// bad configuration is refused with a log line and the running one kept. `hangups` is
 /// installed before the agent says it is ready, so an early SIGHUP is never fatal.
@@ -232,7 +226,7 @@ async fn reload_on_hangup(
     cli: Cli,
     env: HashMap<String, String>,
     policy: crate::policy::PortPolicy,
-    level: crate::logging::LevelHandle,
+    level: burrow_runtime::logging::LevelHandle,
 ) {
     while hangups.recv().await.is_some() {
         match cli.load(&env) {
@@ -244,36 +238,6 @@ async fn reload_on_hangup(
             Err(e) => {
                 tracing::error!(error = %e, "reload refused: bad configuration; keeping the current one")
             }
-        }
-    }
-}
-
-/// SIGTERM and SIGINT, caught from the moment [`ShutdownSignals::install`] returns.
-///
-/// Install it before telling anyone (systemd, a test, a supervisor) that the process is up: a
-/// signal that comes before the handler exists takes the default action and kills the process
-/// without draining or saying `STOPPING=1`.
-#[derive(Debug)]
-pub struct ShutdownSignals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-}
-
-impl ShutdownSignals {
-    /// Installs the handlers; must run inside a tokio runtime.
-    pub fn install() -> std::io::Result<ShutdownSignals> {
-        use tokio::signal::unix::{SignalKind, signal};
-        Ok(ShutdownSignals {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-        })
-    }
-
-    /// Resolves on the next SIGTERM or SIGINT.
-    pub async fn recv(&mut self) {
-        tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
         }
     }
 }
@@ -297,7 +261,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let level = crate::logging::init(&config.log);
+    let level = burrow_runtime::logging::init(&config.log);
     let entrypoint = match cli.entrypoint(&env) {
         Ok(entrypoint) => entrypoint,
         Err(e) => {
@@ -363,7 +327,12 @@ pub fn main() -> ExitCode {
         // systemd: ready once the config is loaded; the watchdog and the status line from here.
         let notify = notify::Notifier::from_env(&env).map(|notifier| {
             notifier.ready();
-            tokio::spawn(notify::run(notifier, agent.status.clone(), shutdown.clone()))
+            tokio::spawn(notify::run(
+                notifier,
+                agent.status.clone(),
+                crate::status::status_line,
+                shutdown.clone(),
+            ))
         });
         let mut task = agent.task;
         let ended = tokio::select! {

@@ -10,7 +10,7 @@ use burrow_protocol::{AgentToken, Port};
 use serde::Deserialize;
 
 use crate::policy::PortPolicy;
-use crate::sources::{self, ConfigError, File, Kind, Setting};
+use burrow_runtime::sources::{self, ConfigError, File, Kind, Setting};
 
 /// Every key the agent reads, with its environment variable.
 pub const SETTINGS: &[Setting] = &[
@@ -256,7 +256,7 @@ pub struct Config {
     /// How long running streams may take to finish at shutdown or after a go-away.
     pub drain_grace: Duration,
     /// Log level and format.
-    pub log: crate::logging::LogSettings,
+    pub log: burrow_runtime::logging::LogSettings,
     /// How long a local service may take to accept a connection.
     pub connect_timeout: Duration,
     /// How many data streams may be open at once.
@@ -359,7 +359,7 @@ impl Config {
         let policy = PortPolicy::new(ports("forward.allow_ports", raw.forward.allow_ports)?, deny);
 
         let liveness = liveness(raw.liveness)?;
-        let log = crate::logging::LogSettings::parse(raw.log.level, raw.log.format, env)?;
+        let log = burrow_runtime::logging::LogSettings::parse(raw.log.level, raw.log.format, env)?;
         Ok(Config {
             edge,
             server_name,

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use crate::policy::PortPolicy;
-use crate::wire::{self, WireError};
+use burrow_runtime::wire::{self, WireError};
 
 /// Copy buffer from the edge to the service: large, because a service reads an upload in
 /// bigger writes (the benchmark's 1 GiB upload: 398 MB/s with 64 KiB, 308 MB/s with 16 KiB).

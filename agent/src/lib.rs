@@ -4,7 +4,6 @@
 //! # Layout
 //!
 //! In data-flow order:
-//! - [`sources`]: layering of config file, `BURROW_*` environment and flags (the edge uses it too).
 //! - [`config`]: the agent's checked [`Config`].
 //! - [`tls`]: TLS 1.3 client settings, the edge's certificate verified, ALPN `burrow/1`.
 //! - [`reconnect`]: the state machine that dials, serves, and dials again.
@@ -13,11 +12,7 @@
 //! - [`session`]: one connection: hello, welcome, control stream, accepting data streams.
 //! - [`forward`]: one data stream: port policy, loopback dial, accept/refuse, byte copy.
 //! - [`policy`]: the allow/deny port lists.
-//! - [`wire`]: reading and writing protocol frames on QUIC streams (the edge uses it too).
 //! - [`status`]: what the agent reports about itself.
-//! - [`logging`]: text or JSON log lines, with a level a reload can change (the edge uses it too).
-//! - [`notify`]: systemd's notify protocol: ready, status line, watchdog, stopping (the edge uses
-//!   it too).
 //! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` listener.
 //! - [`sidecar`]: `burrow-agent -- CMD`: the devbox's entrypoint run next to the tunnel, its
 //!   signals forwarded, orphans reaped, its exit code passed on.
@@ -29,21 +24,15 @@ pub mod backoff;
 pub mod cli;
 pub mod clock;
 pub mod config;
-pub mod connect;
 pub mod forward;
-pub mod logging;
 pub mod metrics;
-pub mod notify;
 pub mod policy;
 pub mod reconnect;
 pub mod resume;
 pub mod session;
 pub mod sidecar;
-pub mod sources;
 pub mod status;
 pub mod tls;
-pub mod wire;
-pub mod wsbytes;
 
 pub use config::Config;
 pub use status::Status;

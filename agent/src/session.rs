@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::forward::{self, Limits};
 use crate::metrics::Metrics;
 use crate::status::Status;
-use crate::wire::{self, WireError};
+use burrow_runtime::wire::{self, WireError};
 
 /// QUIC application close codes the agent uses.
 pub mod close {

@@ -36,8 +36,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
-use crate::sources::{self, ConfigError, Kind, Setting};
 use crate::{Agent, tls};
+use burrow_runtime::sources::{self, ConfigError, Kind, Setting};
 
 /// The signals passed on to the entrypoint. SIGTERM and SIGINT also drain the tunnel.
 pub const FORWARDED: [Signal; 7] = [
@@ -132,7 +132,7 @@ impl Entrypoint {
         use std::os::unix::process::CommandExt;
         let mut cmd = std::process::Command::new(&self.program);
         cmd.args(&self.args);
-        for var in crate::notify::INHERITED_VARS {
+        for var in burrow_runtime::notify::INHERITED_VARS {
             cmd.env_remove(var);
         }
         cmd.env_remove(crate::config::TOKEN_ENV);
@@ -235,7 +235,7 @@ impl std::fmt::Display for Exit {
 pub async fn run(
     config: Config,
     entrypoint: Entrypoint,
-    notifier: Option<crate::notify::Notifier>,
+    notifier: Option<burrow_runtime::notify::Notifier>,
 ) -> Result<u8, SidecarError> {
     // A configuration that cannot work fails before the entrypoint starts.
     tls::client_config(config.ca.as_deref(), &config.liveness, config.max_streams)?;
@@ -245,9 +245,10 @@ pub async fn run(
     let agent = Agent::spawn(config, shutdown.clone());
     let notify = notifier.map(|notifier| {
         notifier.ready();
-        tokio::spawn(crate::notify::run(
+        tokio::spawn(burrow_runtime::notify::run(
             notifier,
             agent.status.clone(),
+            crate::status::status_line,
             shutdown.clone(),
         ))
     });

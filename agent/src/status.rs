@@ -58,6 +58,35 @@ pub struct Status {
     pub last_error: Option<String>,
 }
 
+/// The agent's status as one line (systemd's `STATUS=`), e.g. `connected, tunnel https://{port}-k3v9.example.com
+/// (open), 2 streams open`.
+pub fn status_line(status: &Status) -> String {
+    let mut line = match status.state {
+        State::Connected => "connected to the edge".to_owned(),
+        State::Standby => "standby: another agent with this token is connected".to_owned(),
+        State::Draining => "draining".to_owned(),
+        State::Connecting | State::Disconnected => {
+            let mut s = format!("{}, not connected to the edge", status.state.as_str());
+            if let Some(error) = &status.last_error {
+                s.push_str(&format!(" (last error: {error})"));
+            }
+            s
+        }
+    };
+    match &status.tunnel {
+        Some(tunnel) => line.push_str(&format!(
+            ", tunnel {} ({})",
+            tunnel.url_template,
+            tunnel.auth_mode.as_str()
+        )),
+        None if status.devbox_id.is_some() => line.push_str(", tunnel disabled"),
+        None => {}
+    }
+    let plural = if status.streams == 1 { "" } else { "s" };
+    line.push_str(&format!(", {} stream{plural} open", status.streams));
+    line
+}
+
 /// `burrow-agent status`: asks a running agent's metrics listener for its `/status` and prints
 /// it for a person (or as JSON). Exit 0 when the agent is connected, 1 when it runs but is not,
 /// 2 when it cannot be asked (no listener configured, nothing answering).
@@ -114,14 +143,14 @@ fn listener_address(
                 .or_else(|| env.get("BURROW_CONFIG").map(std::path::PathBuf::from));
             let text = path
                 .as_deref()
-                .map(crate::sources::read_file)
+                .map(burrow_runtime::sources::read_file)
                 .transpose()
                 .map_err(|e| e.to_string())?;
             let file = path
                 .as_deref()
                 .zip(text.as_deref())
-                .map(|(path, text)| crate::sources::File { path, text });
-            let table = crate::sources::layer(crate::config::SETTINGS, file, env, &[])
+                .map(|(path, text)| burrow_runtime::sources::File { path, text });
+            let table = burrow_runtime::sources::layer(crate::config::SETTINGS, file, env, &[])
                 .map_err(|e| e.to_string())?;
             table
                 .get("metrics")
@@ -215,4 +244,57 @@ fn render(v: &serde_json::Value) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use burrow_protocol::AuthMode;
+
+    use super::*;
+
+    fn connected(streams: u64) -> Status {
+        Status {
+            state: State::Connected,
+            connected: true,
+            devbox_id: Some("db1".into()),
+            tunnel: Some(TunnelState {
+                key: "k3v9x2q7ma".into(),
+                auth_mode: AuthMode::Open,
+                url_template: "https://{port}-k3v9x2q7ma.tunnel.example.com".into(),
+            }),
+            sessions: 1,
+            streams,
+            ..Status::default()
+        }
+    }
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(
+            status_line(&connected(1)),
+            "connected to the edge, tunnel https://{port}-k3v9x2q7ma.tunnel.example.com (open), \
+             1 stream open"
+        );
+        let disabled = Status {
+            tunnel: None,
+            ..connected(0)
+        };
+        assert_eq!(
+            status_line(&disabled),
+            "connected to the edge, tunnel disabled, 0 streams open"
+        );
+        let draining = Status {
+            state: State::Draining,
+            ..connected(3)
+        };
+        assert!(status_line(&draining).starts_with("draining, tunnel https://"));
+        let connecting = Status {
+            state: State::Connecting,
+            ..Status::default()
+        };
+        assert_eq!(
+            status_line(&connecting),
+            "connecting, not connected to the edge, 0 streams open"
+        );
+    }
 }

@@ -5,9 +5,9 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use burrow_agent::wire::{self, WireError};
 use burrow_protocol::machine::{EdgeAction, EdgeControl};
 use burrow_protocol::{ControlMsg, GoAway, GoAwayReason, Reject, RejectReason, VERSION, Welcome};
+use burrow_runtime::wire::{self, WireError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

@@ -1,44 +1,25 @@
-//! The `burrow-edge` command line: `serve` and `dev`.
+//! `burrow-edge serve`: its options and its main. The `burrow-edge` binary, which also carries
+//! `dev`, is in the quickstart crate.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use burrow_agent::cli::{ShutdownSignals, init_logging};
-use burrow_agent::notify;
-use burrow_agent::sources::{self, File};
-use clap::{Parser, Subcommand};
+use burrow_runtime::notify;
+use burrow_runtime::signals::ShutdownSignals;
+use burrow_runtime::sources::{self, File};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::dev::{self, DevOptions};
 use crate::server::{Edge, StartError};
 
-/// burrow-edge: the public side of burrow tunnels. Serves `{port}-{key}.{domain}` over HTTP(S),
-/// routes each request to the devbox's agent over QUIC, and serves the admin API.
-#[derive(Debug, Parser)]
-#[command(name = "burrow-edge", version)]
-pub struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Run an edge from a config file, environment and flags.
-    ///
-    /// Every option can be set in the TOML file, in a `BURROW_*` environment variable, or as a
-    /// flag; flags win over the environment, which wins over the file. Exit codes: 0 clean stop,
-    /// 2 bad usage or config, 1 runtime failure.
-    Serve(Box<ServeArgs>),
-    /// Try burrow on this machine: an edge on loopback, a devbox with an open tunnel, its agent,
-    /// and a demo service; prints a URL template and a curl line that works as printed.
-    Dev(DevArgs),
-}
-
+/// `burrow-edge serve`'s options.
+///
+/// Every option can be set in the TOML file, in a `BURROW_*` environment variable, or as a flag;
+/// flags win over the environment, which wins over the file. Exit codes: 0 clean stop, 2 bad
+/// usage or config, 1 runtime failure.
 #[derive(Debug, clap::Args)]
-struct ServeArgs {
+pub struct ServeArgs {
     /// TOML config file [env: BURROW_CONFIG]
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -142,16 +123,6 @@ struct ServeArgs {
     limits_admin_failures: Option<String>,
 }
 
-#[derive(Debug, clap::Args)]
-struct DevArgs {
-    /// Public HTTP listener on loopback.
-    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8080")]
-    http: SocketAddr,
-    /// Keep state here instead of in a temporary directory.
-    #[arg(long, value_name = "DIR")]
-    state_dir: Option<PathBuf>,
-}
-
 impl ServeArgs {
     fn flags(&self) -> Vec<(&'static str, String)> {
         [
@@ -207,9 +178,9 @@ impl ServeArgs {
     }
 }
 
-/// The binary's main.
-pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+/// `burrow-edge serve`: loads the configuration, runs an edge until SIGTERM or SIGINT (SIGHUP
+/// reloads its certificates), and says why it stopped in the exit code.
+pub fn serve_main(args: &ServeArgs) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -220,48 +191,16 @@ pub fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match cli.command {
-        Command::Serve(args) => {
-            let env: HashMap<String, String> = std::env::vars().collect();
-            let config = match args.load(&env) {
-                Ok(config) => config,
-                Err(e) => {
-                    eprintln!("burrow-edge: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            burrow_agent::logging::init(&config.log);
-            runtime.block_on(serve(config, &args, &env))
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let config = match args.load(&env) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("burrow-edge: {e}");
+            return ExitCode::from(2);
         }
-        Command::Dev(args) => runtime.block_on(async {
-            init_logging();
-            // Caught before the banner: a signal right after it drains, it does not kill.
-            let mut signals = match ShutdownSignals::install() {
-                Ok(signals) => signals,
-                Err(e) => {
-                    eprintln!("burrow-edge dev: cannot handle SIGTERM and SIGINT: {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            let shutdown = CancellationToken::new();
-            let signal = shutdown.clone();
-            tokio::spawn(async move {
-                signals.recv().await;
-                signal.cancel();
-            });
-            let options = DevOptions {
-                http: args.http,
-                state_dir: args.state_dir,
-            };
-            match dev::run(options, shutdown).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("burrow-edge dev: {e:#}");
-                    ExitCode::from(1)
-                }
-            }
-        }),
-    }
+    };
+    burrow_runtime::logging::init(&config.log);
+    runtime.block_on(serve(config, args, &env))
 }
 
 async fn serve(config: Config, args: &ServeArgs, env: &HashMap<String, String>) -> ExitCode {

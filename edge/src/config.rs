@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use burrow_agent::sources::{self, ConfigError, File, Kind, Setting, int};
+use burrow_runtime::sources::{self, ConfigError, File, Kind, Setting, int};
 
 use crate::limits::Limits;
 use serde::Deserialize;
@@ -182,7 +182,7 @@ pub struct Config {
     /// Grace period for running requests at shutdown.
     pub drain_grace: Duration,
     /// Log level and format.
-    pub log: burrow_agent::logging::LogSettings,
+    pub log: burrow_runtime::logging::LogSettings,
 }
 
 impl Config {
@@ -305,7 +305,7 @@ impl Config {
                 64,
                 0..=100_000,
             )?,
-            log: burrow_agent::logging::LogSettings::parse(raw.log.level, raw.log.format, env)?,
+            log: burrow_runtime::logging::LogSettings::parse(raw.log.level, raw.log.format, env)?,
             limits: limits(raw.limits)?,
             drain_grace: match raw.drain_grace {
                 Some(g) => sources::parse_duration("drain_grace", &g)?,

@@ -16,8 +16,7 @@
 //! - [`registry`]: devboxes, tunnels and live sessions in memory, written through to the store.
 //! - [`store`]: SQLite in `state_dir`.
 //! - [`secret`]: tokens and keys: generation, hashing, constant-time comparison.
-//! - [`dev`]: `burrow-edge dev`, the quickstart.
-//! - [`cli`]: the `burrow-edge` command line.
+//! - [`cli`]: `burrow-edge serve` (the binary, with `dev`, is built by burrow-quickstart).
 
 #![forbid(unsafe_code)]
 
@@ -27,7 +26,6 @@ pub mod auth;
 pub mod certs;
 pub mod cli;
 pub mod config;
-pub mod dev;
 pub mod idle;
 pub mod limits;
 pub mod metrics;

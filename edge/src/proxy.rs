@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use burrow_agent::wire;
 use burrow_protocol::{AuthMode, RefuseReason, StreamAnswer, StreamHeader, StreamKind};
+use burrow_runtime::wire;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};

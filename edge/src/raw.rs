@@ -17,8 +17,8 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tracing::debug;
 
-pub use burrow_agent::wsbytes::SUBPROTOCOL;
-use burrow_agent::wsbytes::{self, WsBytes};
+pub use burrow_runtime::wsbytes::SUBPROTOCOL;
+use burrow_runtime::wsbytes::{self, WsBytes};
 
 use crate::idle;
 use crate::pages;

@@ -12,7 +12,7 @@
 use std::path::Path;
 
 use burrow_agent::config::{Config, SETTINGS, TOKEN_ENV};
-use burrow_agent::sources::File;
+use burrow_runtime::sources::File;
 use burrow_fuzz::ConfigInput;
 use burrow_protocol::Port;
 use libfuzzer_sys::fuzz_target;

@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use burrow_agent::sources::File;
+use burrow_runtime::sources::File;
 use burrow_edge::config::{Config, SETTINGS};
 use burrow_edge::route;
 use burrow_fuzz::ConfigInput;

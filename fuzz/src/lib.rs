@@ -336,7 +336,7 @@ pub struct ConfigInput {
 
 impl ConfigInput {
     /// Splits `data` into its sources; `settings` lists the keys a flag may set.
-    pub fn parse(data: &[u8], settings: &[burrow_agent::sources::Setting]) -> Self {
+    pub fn parse(data: &[u8], settings: &[burrow_runtime::sources::Setting]) -> Self {
         let (text, rest) = match data.iter().position(|&b| b == 0) {
             Some(nul) => (&data[..nul], &data[nul + 1..]),
             None => (data, &[][..]),

@@ -133,7 +133,7 @@ impl EdgeBuilder {
             "[agents]\nlisten = \"{agents}\"\nserver_name = \"localhost\"\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n"
         ));
-        let file = burrow_agent::sources::File {
+        let file = burrow_runtime::sources::File {
             path: Path::new("test-edge.toml"),
             text: &text,
         };

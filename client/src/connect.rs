@@ -1,7 +1,7 @@
 //! `burrow connect`: raw TCP to a devbox port from the user's own machine. Each local
 //! connection (or stdin/stdout) becomes a WebSocket to `{port}-{key}.{domain}` that asks for
 //! the [`SUBPROTOCOL`]; the edge applies the tunnel's access mode and carries the bytes to the
-//! agent, which connects to the port. See [`crate::wsbytes`] for how bytes ride the WebSocket.
+//! agent, which connects to the port. See [`burrow_runtime::wsbytes`] for how bytes ride the WebSocket.
 
 use std::fmt;
 use std::io;
@@ -19,8 +19,8 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, http};
 
-use crate::tls;
-use crate::wsbytes::{self, SUBPROTOCOL, WsBytes};
+use burrow_runtime::trust as tls;
+use burrow_runtime::wsbytes::{self, SUBPROTOCOL, WsBytes};
 
 /// burrow: the client side of a burrow tunnel, for your own machine.
 #[derive(Debug, Parser)]
@@ -441,7 +441,7 @@ pub fn main() -> ExitCode {
 
 /// Accepts local connections on `listen` and carries each, until SIGINT or SIGTERM.
 async fn listen_and_carry(connector: Connector, listen: SocketAddr) -> ExitCode {
-    let mut signals = match crate::cli::ShutdownSignals::install() {
+    let mut signals = match burrow_runtime::signals::ShutdownSignals::install() {
         Ok(signals) => signals,
         Err(e) => {
             eprintln!("burrow connect: cannot handle SIGTERM and SIGINT: {e}");

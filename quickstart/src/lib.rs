@@ -1,6 +1,15 @@
-//! `burrow-edge dev`: the newcomer's first command. An edge on loopback with generated
-//! credentials, a devbox with an open tunnel, an agent for it, and a small demo service, so the
-//! printed `curl` line works as printed.
+//! burrow-quickstart: the one place that runs an edge and an agent together. `burrow-edge dev`,
+//! the newcomer's first command, is an edge on loopback with generated credentials, a devbox
+//! with an open tunnel, an agent for it, and a small demo service, so the printed `curl` line
+//! works as printed. The edge library never links the agent; this crate links both, and so it
+//! also builds the `burrow-edge` binary (`serve` from the edge library, `dev` from here).
+//!
+//! # Layout
+//!
+//! - [`run`]: the quickstart: edge, devbox, demo service, agent, banner, Ctrl-C.
+//! - `src/main.rs`: the `burrow-edge` command line, `serve` and `dev`.
+
+#![forbid(unsafe_code)]
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -17,9 +26,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::registry::TunnelSpec;
-use crate::server::Edge;
+use burrow_edge::Config;
+use burrow_edge::Edge;
+use burrow_edge::registry::TunnelSpec;
 
 /// The tunnel domain `dev` uses: `*.localhost` resolves to loopback in curl and browsers.
 pub const DEV_DOMAIN: &str = "tunnel.localhost";
@@ -55,7 +64,7 @@ pub async fn run(options: DevOptions, shutdown: CancellationToken) -> anyhow::Re
     let mut flags = vec![("state_dir", state_dir.display().to_string())];
     flags.retain(|(_, v)| !v.is_empty());
     let config = Config::load(
-        Some(burrow_agent::sources::File {
+        Some(burrow_runtime::sources::File {
             path: std::path::Path::new("<dev>"),
             text: &text,
         }),

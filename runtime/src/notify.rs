@@ -18,8 +18,6 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::status::{State, Status};
-
 /// Variables a child process must not inherit: a child that finds `NOTIFY_SOCKET` could tell
 /// systemd it is ready, or stopping, on the agent's behalf. Remove them from the sidecar's
 /// command (`cmd.env_remove(var)` for each).
@@ -110,18 +108,20 @@ impl Notifier {
     }
 }
 
-/// The agent's notifier task: `STATUS=` from the agent's status whenever its line changes (at
-/// most one a [`STATUS_MIN_GAP`]), `WATCHDOG=1` every [`Notifier::watchdog_interval`] whether or
-/// not the edge is reachable, and `STOPPING=1` once `shutdown` fires, after which it returns.
+/// A notifier task that reports a status: `STATUS=` with `line(status)` whenever that line
+/// changes (at most one a [`STATUS_MIN_GAP`]), `WATCHDOG=1` every
+/// [`Notifier::watchdog_interval`] whatever the status says, and `STOPPING=1` once `shutdown`
+/// fires, after which it returns. The agent runs it with its connection status.
 ///
 /// Call [`Notifier::ready`] before spawning it.
-pub async fn run(
+pub async fn run<S>(
     notifier: Notifier,
-    mut status: watch::Receiver<Status>,
+    mut status: watch::Receiver<S>,
+    line: fn(&S) -> String,
     shutdown: CancellationToken,
 ) {
     let mut watchdog = watchdog_timer(&notifier);
-    let mut sent = status_line(&status.borrow_and_update());
+    let mut sent = line(&status.borrow_and_update());
     notifier.status(&sent);
     let mut last_sent = Instant::now();
     let mut pending = false;
@@ -144,10 +144,10 @@ pub async fn run(
         }
         if pending && last_sent.elapsed() >= STATUS_MIN_GAP {
             pending = false;
-            let line = status_line(&status.borrow());
-            if line != sent {
-                notifier.status(&line);
-                sent = line;
+            let next = line(&status.borrow());
+            if next != sent {
+                notifier.status(&next);
+                sent = next;
                 last_sent = Instant::now();
             }
         }
@@ -155,7 +155,7 @@ pub async fn run(
     notifier.stopping();
 }
 
-/// The edge's notifier task: `WATCHDOG=1` every [`Notifier::watchdog_interval`], and
+/// A notifier task without a status (the edge's): `WATCHDOG=1` every [`Notifier::watchdog_interval`], and
 /// `STOPPING=1` once `shutdown` fires, after which it returns.
 ///
 /// Call [`Notifier::ready`] before spawning it.
@@ -168,35 +168,6 @@ pub async fn keepalive(notifier: Notifier, shutdown: CancellationToken) {
         }
     }
     notifier.stopping();
-}
-
-/// The agent's status as one line, e.g. `connected, tunnel https://{port}-k3v9.example.com
-/// (open), 2 streams open`.
-pub fn status_line(status: &Status) -> String {
-    let mut line = match status.state {
-        State::Connected => "connected to the edge".to_owned(),
-        State::Standby => "standby: another agent with this token is connected".to_owned(),
-        State::Draining => "draining".to_owned(),
-        State::Connecting | State::Disconnected => {
-            let mut s = format!("{}, not connected to the edge", status.state.as_str());
-            if let Some(error) = &status.last_error {
-                s.push_str(&format!(" (last error: {error})"));
-            }
-            s
-        }
-    };
-    match &status.tunnel {
-        Some(tunnel) => line.push_str(&format!(
-            ", tunnel {} ({})",
-            tunnel.url_template,
-            tunnel.auth_mode.as_str()
-        )),
-        None if status.devbox_id.is_some() => line.push_str(", tunnel disabled"),
-        None => {}
-    }
-    let plural = if status.streams == 1 { "" } else { "s" };
-    line.push_str(&format!(", {} stream{plural} open", status.streams));
-    line
 }
 
 /// `$NOTIFY_SOCKET` as an address: an absolute path, or `@name` in the abstract namespace.
@@ -268,8 +239,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use std::sync::atomic::{AtomicU32, Ordering};
-
-    use burrow_protocol::{AuthMode, TunnelState};
 
     use super::*;
 
@@ -418,53 +387,30 @@ mod tests {
         messages_in_order(Manager::abstract_name()).await;
     }
 
-    fn connected(streams: u64) -> Status {
-        Status {
-            state: State::Connected,
-            connected: true,
-            devbox_id: Some("db1".into()),
-            tunnel: Some(TunnelState {
-                key: "k3v9x2q7ma".into(),
-                auth_mode: AuthMode::Open,
-                url_template: "https://{port}-k3v9x2q7ma.tunnel.example.com".into(),
-            }),
-            sessions: 1,
-            streams,
-            ..Status::default()
-        }
+    /// A status for the tests: a count, shown as a line.
+    fn line(streams: &u64) -> String {
+        format!("{streams} streams open")
     }
 
     #[tokio::test]
-    async fn agent_task_reports_status_pets_the_watchdog_through_an_outage_and_says_stopping() {
+    async fn status_task_reports_pets_the_watchdog_whatever_the_status_and_says_stopping() {
         // 100 ms timeout: a ping every 50 ms.
         let manager = Manager::abstract_name().with_watchdog(100_000);
         let notifier = manager.notifier();
-        let (tx, rx) = watch::channel(Status {
-            last_error: Some("edge unreachable".into()),
-            ..Status::default()
-        });
+        let (tx, rx) = watch::channel(0u64);
         let shutdown = CancellationToken::new();
         notifier.ready();
-        let task = tokio::spawn(run(notifier, rx, shutdown.clone()));
+        let task = tokio::spawn(run(notifier, rx, line, shutdown.clone()));
 
         assert_eq!(manager.recv().await, "READY=1");
-        assert_eq!(
-            manager.recv().await,
-            "STATUS=disconnected, not connected to the edge (last error: edge unreachable), \
-             0 streams open"
-        );
-        // The edge stays unreachable: the pings go on regardless.
+        assert_eq!(manager.recv().await, "STATUS=0 streams open");
+        // The status stays the same: the pings go on regardless.
         for _ in 0..3 {
             assert_eq!(manager.recv().await, "WATCHDOG=1");
         }
 
-        tx.send_replace(connected(2));
-        let got = manager
-            .recv_until(
-                "STATUS=connected to the edge, tunnel \
-                 https://{port}-k3v9x2q7ma.tunnel.example.com (open), 2 streams open",
-            )
-            .await;
+        tx.send_replace(2);
+        let got = manager.recv_until("STATUS=2 streams open").await;
         assert!(
             got[..got.len() - 1].iter().all(|m| m == "WATCHDOG=1"),
             "{got:?}"
@@ -484,14 +430,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn agent_task_folds_quick_changes_into_one_line() {
+    async fn status_task_folds_quick_changes_into_one_line() {
         let manager = Manager::at_path();
-        let (tx, rx) = watch::channel(connected(0));
+        let (tx, rx) = watch::channel(0u64);
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(run(manager.notifier(), rx, shutdown.clone()));
+        let task = tokio::spawn(run(manager.notifier(), rx, line, shutdown.clone()));
         assert!(manager.recv().await.ends_with(", 0 streams open"));
         for streams in 1..=50 {
-            tx.send_replace(connected(streams));
+            tx.send_replace(streams);
             tokio::task::yield_now().await;
         }
         // No watchdog here: the next message is the folded status line.
@@ -505,7 +451,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn edge_keepalive_pets_the_watchdog_then_says_stopping() {
+    async fn keepalive_pets_the_watchdog_then_says_stopping() {
         let manager = Manager::at_path().with_watchdog(100_000);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(keepalive(manager.notifier(), shutdown.clone()));
@@ -518,35 +464,5 @@ mod tests {
             "{got:?}"
         );
         task.await.unwrap();
-    }
-
-    #[test]
-    fn status_lines() {
-        assert_eq!(
-            status_line(&connected(1)),
-            "connected to the edge, tunnel https://{port}-k3v9x2q7ma.tunnel.example.com (open), \
-             1 stream open"
-        );
-        let disabled = Status {
-            tunnel: None,
-            ..connected(0)
-        };
-        assert_eq!(
-            status_line(&disabled),
-            "connected to the edge, tunnel disabled, 0 streams open"
-        );
-        let draining = Status {
-            state: State::Draining,
-            ..connected(3)
-        };
-        assert!(status_line(&draining).starts_with("draining, tunnel https://"));
-        let connecting = Status {
-            state: State::Connecting,
-            ..Status::default()
-        };
-        assert_eq!(
-            status_line(&connecting),
-            "connecting, not connected to the edge, 0 streams open"
-        );
     }
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use burrow_agent::sources::parse_duration;
+use burrow_runtime::sources::parse_duration;
 
 const AGENT_UNIT: &str = "burrow-agent.service";
 const EDGE_UNIT: &str = "burrow-edge.service";

@@ -4,6 +4,8 @@
 //! `RUST_LOG`, when set, is the default level; `log.level` (file, `BURROW_LOG_LEVEL`,
 //! `--log-level`) wins over it.
 
+use std::collections::HashMap;
+
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
@@ -113,6 +115,13 @@ fn filter(level: &str) -> Result<EnvFilter, tracing_subscriber::filter::ParseErr
         .collect::<Vec<_>>()
         .join(",");
     EnvFilter::builder().with_regex(false).parse(directives)
+}
+
+/// Installs a plain logger (`RUST_LOG` or info), for callers without a configuration.
+pub fn init_from_env() {
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let settings = LogSettings::parse(None, None, &env).unwrap_or_default();
+    init(&settings);
 }
 
 #[cfg(test)]

@@ -1,7 +1,0 @@
-//! The `burrow` client binary (`burrow connect`); everything lives in the library.
-
-#![forbid(unsafe_code)]
-
-fn main() -> std::process::ExitCode {
-    burrow_agent::connect::main()
-}
