@@ -11,7 +11,8 @@
 //!
 //! Every message is one frame: `type: u8 | body_len: u16 big-endian | body`, with the body at most
 //! [`frame::MAX_BODY`] bytes. This crate is sans-IO: it turns messages into bytes and bytes into
-//! messages, and knows nothing about sockets, tasks or clocks.
+//! messages, and knows nothing about sockets, tasks or clocks: its state machines are handed the
+//! time.
 //!
 //! # Layout
 //!
@@ -23,9 +24,13 @@
 //! - [`control`]: messages of the control stream ([`ControlMsg`]).
 //! - [`machine`]: the control stream's rules for each side ([`machine::AgentControl`],
 //!   [`machine::EdgeControl`]): which message may come when, and what it asks for.
+//! - [`liveness`]: the heartbeat on the control stream ([`liveness::Liveness`]): when to ping,
+//!   the round trip, what a missed pong means (rebind, then dead), go-away both ways.
 //! - `port`: [`Port`], a non-zero TCP port (re-exported from [`stream`]).
 //! - [`stream`]: the header and answer that open each data stream ([`StreamHeader`],
 //!   [`StreamAnswer`]).
+//! - [`codes`]: the QUIC application codes that close a connection ([`close`]) or cut a data
+//!   stream ([`reset`]), re-exported at the root.
 //! - `error`: [`DecodeError`], which tells "need more bytes" apart from "invalid".
 //!
 //! # Decoding
@@ -37,14 +42,17 @@
 
 #![forbid(unsafe_code)]
 
+pub mod codes;
 pub mod control;
 mod error;
 pub mod frame;
+pub mod liveness;
 pub mod machine;
 mod port;
 pub mod stream;
 mod tunnel;
 
+pub use codes::{close, reset};
 pub use control::{
     AgentToken, AuthMode, ControlMsg, GoAway, GoAwayReason, Hello, Reject, RejectReason,
     TunnelState, Welcome,

@@ -435,14 +435,14 @@ mod tests {
         let (tx, rx) = watch::channel(0u64);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(run(manager.notifier(), rx, line, shutdown.clone()));
-        assert!(manager.recv().await.ends_with(", 0 streams open"));
+        assert!(manager.recv().await == "STATUS=0 streams open");
         for streams in 1..=50 {
             tx.send_replace(streams);
             tokio::task::yield_now().await;
         }
         // No watchdog here: the next message is the folded status line.
         assert!(
-            manager.recv().await.ends_with(", 50 streams open"),
+            manager.recv().await == "STATUS=50 streams open",
             "intermediate counts were sent"
         );
         shutdown.cancel();
