@@ -7,7 +7,7 @@
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use burrow_protocol::{Port, RefuseReason, StreamAnswer, StreamHeader, VERSION};
+use burrow_protocol::{Port, RefuseReason, StreamAnswer, StreamHeader, VERSION, reset};
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
@@ -24,9 +24,6 @@ const TO_SERVICE_BUF: usize = 64 * 1024;
 const FROM_SERVICE_BUF: usize = 16 * 1024;
 /// How long the edge may take to send the stream header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Application error code for a stream reset by the agent.
-const RESET_CODE: u32 = 1;
 
 /// What this stream needs from the agent.
 #[derive(Debug, Clone)]
@@ -117,8 +114,8 @@ pub async fn serve(
         Err(e) => {
             debug!(%port, error = %e, "stream reset");
             let (mut recv, mut send) = quic.into_inner();
-            let _ = send.reset(RESET_CODE.into());
-            let _ = recv.stop(RESET_CODE.into());
+            let _ = send.reset(reset::AGENT_ABORT.into());
+            let _ = recv.stop(reset::AGENT_ABORT.into());
             Ok((port, Outcome::Reset))
         }
     }

@@ -6,6 +6,9 @@
 //!        +------- failure (backoff) -----+                       +-- replaced --> Standby
 //! ```
 //!
+//! `Link` is that state (standby is `Disconnected` with a long delay, shown in the status); each
+//! state's step is one method of `Redial`, which returns the next state.
+//!
 //! The policy lives in [`crate::backoff`]: the first redial after a session ends is immediate
 //! (a resume, a dead path, the edge's go-away), failures back off with full jitter up to a low
 //! cap, and a session that stayed up `healthy_after` resets it. A new endpoint (UDP socket) and
@@ -20,7 +23,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, Span, error, info, info_span, warn};
 
 use crate::backoff::{Backoff, Policy};
 use crate::clock::{Clocks, SystemClocks};
@@ -58,7 +61,7 @@ pub async fn run_with_clocks(
     shutdown: CancellationToken,
 ) -> Result<(), tls::TlsError> {
     let client = tls::client_config(config.ca.as_deref(), &config.liveness, config.max_streams)?;
-    let (resume_tx, mut resumes) = watch::channel(0u64);
+    let (resume_tx, resumes) = watch::channel(0u64);
     let background = TaskTracker::new();
     background.spawn(resume::watch(
         clocks,
@@ -68,136 +71,263 @@ pub async fn run_with_clocks(
         metrics.clone(),
         shutdown.clone(),
     ));
-    if let Some(addr) = config.metrics_listen {
-        match crate::metrics::bind(addr).await {
-            Ok(listener) => {
-                background.spawn(crate::metrics::serve(
-                    listener,
-                    metrics.clone(),
-                    status.subscribe(),
-                    config.edge.clone(),
-                    shutdown.clone(),
-                ));
+    serve_metrics(&config, &status, &metrics, &shutdown, &background).await;
+    background.spawn(count_resumes(
+        resumes.clone(),
+        status.clone(),
+        shutdown.clone(),
+    ));
+
+    let mut redial = Redial {
+        backoff: Backoff::new(config.reconnect.backoff),
+        refused: Backoff::new(REFUSED),
+        identity: Identity {
+            instance: random_instance(),
+            takeover: true,
+        },
+        config,
+        client,
+        status,
+        metrics,
+        resumes,
+        background,
+        shutdown,
+    };
+    let mut link = Link::Disconnected {
+        delay: Duration::ZERO,
+    };
+    while let Some(next) = redial.step(link).await {
+        link = next;
+    }
+    redial.status.send_modify(|s| {
+        s.state = State::Draining;
+        s.connected = false;
+    });
+    redial.background.close();
+    redial.background.wait().await;
+    Ok(())
+}
+
+/// Serves the metrics listener in `background`, if one is configured. A listener that cannot
+/// bind is logged, not fatal.
+async fn serve_metrics(
+    config: &Config,
+    status: &watch::Sender<Status>,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+    background: &TaskTracker,
+) {
+    let Some(addr) = config.metrics_listen else {
+        return;
+    };
+    match crate::metrics::bind(addr).await {
+        Ok(listener) => {
+            background.spawn(crate::metrics::serve(
+                listener,
+                metrics.clone(),
+                status.subscribe(),
+                config.edge.clone(),
+                shutdown.clone(),
+            ));
+        }
+        Err(e) => warn!("{e}; metrics are not served"),
+    }
+}
+
+/// Counts the detected resumes in the status, until shutdown.
+async fn count_resumes(
+    mut resumes: watch::Receiver<u64>,
+    status: watch::Sender<Status>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = resumes.changed() => {
+                if changed.is_err() { return }
+                status.send_modify(|s| s.resumes += 1);
             }
-            Err(e) => warn!("{e}; metrics are not served"),
         }
     }
-    let mut count_resumes = resumes.clone();
-    let counter_status = status.clone();
-    let counter_shutdown = shutdown.clone();
-    background.spawn(async move {
-        loop {
-            tokio::select! {
-                () = counter_shutdown.cancelled() => return,
-                changed = count_resumes.changed() => {
-                    if changed.is_err() { return }
-                    counter_status.send_modify(|s| s.resumes += 1);
-                }
-            }
-        }
-    });
+}
 
-    let mut identity = Identity {
-        instance: random_instance(),
-        takeover: true,
-    };
-    let mut backoff = Backoff::new(config.reconnect.backoff);
-    let mut refused = Backoff::new(REFUSED);
-    let mut delay = Duration::ZERO;
-    loop {
-        status.send_modify(|s| {
+/// Where the agent stands with the edge.
+enum Link {
+    /// Waiting `delay` before the next dial.
+    Disconnected {
+        /// Zero right after a session ended; a backoff after a failure.
+        delay: Duration,
+    },
+    /// Dialing the edge.
+    Connecting,
+    /// A session is established.
+    Connected(Box<Session>),
+}
+
+/// What the reconnect loop keeps from one dial to the next: the mechanism (how to dial, where to
+/// report) and the policy's state (the backoffs, whether to take over).
+struct Redial {
+    config: Config,
+    client: quinn::ClientConfig,
+    status: watch::Sender<Status>,
+    metrics: Arc<Metrics>,
+    resumes: watch::Receiver<u64>,
+    background: TaskTracker,
+    shutdown: CancellationToken,
+    identity: Identity,
+    /// For dial failures and short-lived sessions.
+    backoff: Backoff,
+    /// For a refused or revoked token.
+    refused: Backoff,
+}
+
+impl Redial {
+    /// Takes `link` one step; `None` once shutdown was asked for.
+    async fn step(&mut self, link: Link) -> Option<Link> {
+        match link {
+            Link::Disconnected { delay } => self.wait(delay).await,
+            Link::Connecting => self.dial().await,
+            Link::Connected(session) => self.serve(*session).await,
+        }
+    }
+
+    /// `Disconnected`: waits out `delay`, then dials. `None` on shutdown.
+    async fn wait(&mut self, delay: Duration) -> Option<Link> {
+        self.status.send_modify(|s| {
             if s.state != State::Standby {
                 s.state = State::Disconnected;
             }
         });
         if !delay.is_zero() {
             tokio::select! {
-                () = shutdown.cancelled() => break,
+                () = self.shutdown.cancelled() => return None,
                 () = tokio::time::sleep(delay) => {}
             }
         }
         // A resume while waiting makes the wait moot: dial now.
-        resumes.borrow_and_update();
-        status.send_modify(|s| {
+        self.resumes.borrow_and_update();
+        Some(Link::Connecting)
+    }
+
+    /// `Connecting`: one dial, within the dial timeout. `None` on shutdown.
+    async fn dial(&mut self) -> Option<Link> {
+        self.status.send_modify(|s| {
             if s.state != State::Standby {
                 s.state = State::Connecting;
             }
         });
+        let timeout = self.config.reconnect.dial_timeout;
         let dial = tokio::time::timeout(
-            config.reconnect.dial_timeout,
-            Session::connect(&config, &client, identity),
+            timeout,
+            Session::connect(&self.config, &self.client, self.identity),
         );
         let attempt = tokio::select! {
-            () = shutdown.cancelled() => break,
-            r = dial => r.unwrap_or(Err(SessionError::Timeout(config.reconnect.dial_timeout))),
+            () = self.shutdown.cancelled() => return None,
+            r = dial => r.unwrap_or(Err(SessionError::Timeout(timeout))),
         };
-        let session = match attempt {
-            Ok(session) => session,
-            Err(SessionError::Rejected(reject)) if reject.reason == RejectReason::Replaced => {
-                metrics.dial_failures.with_label_values(&["standby"]).inc();
+        let delay = match attempt {
+            Ok(session) => return Some(Link::Connected(Box::new(session))),
+            Err(e) => self.dial_failed(e),
+        };
+        Some(Link::Disconnected { delay })
+    }
+
+    /// Reports a failed dial; returns how long to wait before the next.
+    fn dial_failed(&mut self, e: SessionError) -> Duration {
+        match e {
+            SessionError::Rejected(reject) if reject.reason == RejectReason::Replaced => {
+                self.metrics
+                    .dial_failures
+                    .with_label_values(&["standby"])
+                    .inc();
                 info!("another agent with this token is connected; standing by");
-                status.send_modify(|s| {
+                self.status.send_modify(|s| {
                     s.state = State::Standby;
                     s.last_error = Some(reject.message.clone());
                 });
-                delay = jitter(STANDBY);
-                continue;
+                jitter(STANDBY)
             }
-            Err(e @ SessionError::Rejected(_)) => {
-                metrics.dial_failures.with_label_values(&["refused"]).inc();
-                delay = refused.next_delay().max(REFUSED.initial);
+            e @ SessionError::Rejected(_) => {
+                self.metrics
+                    .dial_failures
+                    .with_label_values(&["refused"])
+                    .inc();
+                let delay = self.refused.next_delay().max(REFUSED.initial);
                 error!(error = %e, retry_in = ?delay, "the edge refused this agent; check its token");
-                status.send_modify(|s| s.last_error = Some(e.to_string()));
-                continue;
+                self.status
+                    .send_modify(|s| s.last_error = Some(e.to_string()));
+                delay
             }
-            Err(e) => {
+            e => {
                 let cause = match e {
                     SessionError::Timeout(_) => "timeout",
                     SessionError::Resolve(..) => "resolve",
                     _ => "unreachable",
                 };
-                metrics.dial_failures.with_label_values(&[cause]).inc();
-                delay = backoff.next_delay();
-                warn!(edge = %config.edge, error = %e, retry_in = ?delay, "cannot reach the edge; retrying");
-                status.send_modify(|s| s.last_error = Some(e.to_string()));
-                continue;
+                self.metrics.dial_failures.with_label_values(&[cause]).inc();
+                let delay = self.backoff.next_delay();
+                warn!(edge = %self.config.edge, error = %e, retry_in = ?delay, "cannot reach the edge; retrying");
+                self.status
+                    .send_modify(|s| s.last_error = Some(e.to_string()));
+                delay
             }
-        };
+        }
+    }
 
-        identity.takeover = true;
-        refused.reset();
+    /// `Connected`: serves the session until it ends. `None` when it ended for shutdown.
+    async fn serve(&mut self, session: Session) -> Option<Link> {
+        self.identity.takeover = true;
+        self.refused.reset();
+        let span = self.connected(&session);
+        let started = Instant::now();
+        let ended = session
+            .serve(
+                &self.config,
+                &self.status,
+                &mut self.resumes,
+                &self.background,
+                &self.metrics,
+                &self.shutdown,
+            )
+            .instrument(span.clone())
+            .await;
+        self.disconnected(&ended, started);
+        let delay = span.in_scope(|| self.after(ended))?;
+        Some(Link::Disconnected { delay })
+    }
+
+    /// Reports a new session; returns its span.
+    fn connected(&self, session: &Session) -> Span {
         let devbox = session.devbox_id().to_owned();
         let span = info_span!("session", devbox = %devbox);
+        let edge = &self.config.edge;
         match session.tunnel() {
-            Some(t) => span.in_scope(|| info!(edge = %config.edge, url = %t.url_template, mode = t.auth_mode.as_str(), "connected")),
-            None => span.in_scope(|| info!(edge = %config.edge, "connected; the tunnel is not enabled yet")),
+            Some(t) => span.in_scope(
+                || info!(%edge, url = %t.url_template, mode = t.auth_mode.as_str(), "connected"),
+            ),
+            None => span.in_scope(|| info!(%edge, "connected; the tunnel is not enabled yet")),
         }
         let tunnel = session.tunnel().cloned();
-        status.send_modify(|s| {
+        self.status.send_modify(|s| {
             s.state = State::Connected;
             s.connected = true;
-            s.devbox_id = Some(devbox.clone());
+            s.devbox_id = Some(devbox);
             s.tunnel = tunnel;
             s.sessions += 1;
             s.last_error = None;
         });
-        metrics.connects.inc();
-        metrics.set_connection(Some(session.connection().clone()));
-        let started = Instant::now();
-        let ended = session
-            .serve(
-                &config,
-                &status,
-                &mut resumes,
-                &background,
-                &metrics,
-                &shutdown,
-            )
-            .instrument(span.clone())
-            .await;
-        status.send_modify(|s| s.connected = false);
-        metrics.set_connection(None);
-        let cause = match &ended {
+        self.metrics.connects.inc();
+        self.metrics
+            .set_connection(Some(session.connection().clone()));
+        span
+    }
+
+    /// Reports a session that ended, however it ended; a session that stayed up long enough
+    /// resets the backoff.
+    fn disconnected(&mut self, ended: &Ended, started: Instant) {
+        self.status.send_modify(|s| s.connected = false);
+        self.metrics.set_connection(None);
+        let cause = match ended {
             Ended::Shutdown => "shutdown",
             Ended::GoAway(g) => match g.reason {
                 GoAwayReason::Replaced => "replaced",
@@ -207,20 +337,23 @@ pub async fn run_with_clocks(
             Ended::Dead(_) => "dead_path",
             Ended::Lost(_) => "connection_lost",
         };
-        metrics.disconnects.with_label_values(&[cause]).inc();
-        if started.elapsed() >= config.reconnect.healthy_after {
-            backoff.reset();
+        self.metrics.disconnects.with_label_values(&[cause]).inc();
+        if started.elapsed() >= self.config.reconnect.healthy_after {
+            self.backoff.reset();
         }
-        // The first redial after a session ends is immediate; failures then back off.
-        delay = Duration::ZERO;
-        let _enter = span.enter();
+    }
+
+    /// The policy after a session: how long to wait before dialing again (`None`: shutdown).
+    /// The first redial after a session ends is immediate; failures then back off.
+    fn after(&mut self, ended: Ended) -> Option<Duration> {
+        let mut delay = Duration::ZERO;
         match ended {
-            Ended::Shutdown => break,
+            Ended::Shutdown => return None,
             Ended::GoAway(go_away) => match go_away.reason {
                 GoAwayReason::Replaced => {
                     warn!(message = %go_away.message, "replaced by another agent with this token; standing by");
-                    identity.takeover = false;
-                    status.send_modify(|s| {
+                    self.identity.takeover = false;
+                    self.status.send_modify(|s| {
                         s.state = State::Standby;
                         s.last_error = Some(go_away.message.clone());
                     });
@@ -228,32 +361,29 @@ pub async fn run_with_clocks(
                 }
                 GoAwayReason::Revoked => {
                     error!(message = %go_away.message, "the edge revoked this agent's token");
-                    status.send_modify(|s| s.last_error = Some(go_away.message.clone()));
-                    delay = refused.next_delay().max(REFUSED.initial);
+                    self.status
+                        .send_modify(|s| s.last_error = Some(go_away.message.clone()));
+                    delay = self.refused.next_delay().max(REFUSED.initial);
                 }
                 _ => info!(message = %go_away.message, "the edge is going away; reconnecting"),
             },
             Ended::Dead(why) => {
                 warn!(why, "the connection stopped answering; reconnecting");
-                status.send_modify(|s| s.last_error = Some(why.to_owned()));
+                self.status
+                    .send_modify(|s| s.last_error = Some(why.to_owned()));
             }
             Ended::Lost(e) => {
                 warn!(error = %e, "disconnected; reconnecting");
-                status.send_modify(|s| s.last_error = Some(e.to_string()));
-                if backoff.failures() > 0 {
+                self.status
+                    .send_modify(|s| s.last_error = Some(e.to_string()));
+                if self.backoff.failures() > 0 {
                     // The last session was short-lived: keep backing off rather than loop.
-                    delay = backoff.next_delay();
+                    delay = self.backoff.next_delay();
                 }
             }
         }
+        Some(delay)
     }
-    status.send_modify(|s| {
-        s.state = State::Draining;
-        s.connected = false;
-    });
-    background.close();
-    background.wait().await;
-    Ok(())
 }
 
 /// A delay uniform in [d/2, d].

@@ -2,15 +2,18 @@
 //! stream until the connection ends, the edge asks the agent to go away, the path proves dead,
 //! or shutdown is asked for.
 //!
-//! Liveness: a heartbeat ping every `heartbeat_interval`; a pong late by `heartbeat_timeout`
-//! makes the path suspect, so the endpoint moves to a fresh UDP socket (the connection migrates
-//! if the edge still has it) and probes once more; a second miss ends the session as dead. A
-//! detected resume probes at once with the same deadline.
+//! Liveness is decided by [`burrow_protocol::liveness::Liveness`]; this module only drives it:
+//! it sleeps until the machine's deadline, feeds it pongs, resumes and the edge's go-away, and
+//! carries out what it asks (write a ping, move to a fresh UDP socket, give up on the path).
+//! The heartbeat stops once either side says go-away: a draining connection is not probed.
 
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
+use burrow_protocol::liveness::{Heartbeat, Liveness, Output, Probe};
+use burrow_protocol::machine::{AgentAction, AgentControl};
 use burrow_protocol::{
     ControlMsg, GoAway, GoAwayReason, Hello, RefuseReason, Reject, TunnelState, VERSION, Welcome,
 };
@@ -20,23 +23,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use burrow_protocol::machine::{AgentAction, AgentControl};
-
 use crate::config::Config;
 use crate::forward::{self, Limits};
 use crate::metrics::Metrics;
 use crate::status::Status;
 use burrow_runtime::wire::{self, WireError};
 
-/// QUIC application close codes the agent uses.
-pub mod close {
-    /// Clean shutdown, or a drained connection.
-    pub const SHUTDOWN: u32 = 0;
-    /// The peer broke the protocol.
-    pub const PROTOCOL: u32 = 2;
-    /// The path stopped answering; the agent dials anew.
-    pub const DEAD: u32 = 5;
-}
+/// The QUIC application close codes, named in the protocol crate (the agent sends `SHUTDOWN`,
+/// `PROTOCOL` and `DEAD`).
+pub use burrow_protocol::close;
 
 /// Why a session could not be established or ended with an error.
 #[derive(Debug, thiserror::Error)]
@@ -107,25 +102,6 @@ pub struct Session {
     control: mpsc::Receiver<Result<ControlMsg, WireError>>,
     welcome: Welcome,
     machine: AgentControl,
-}
-
-/// Where a heartbeat stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Probe {
-    /// A regular heartbeat.
-    Heartbeat,
-    /// After a missed heartbeat, on a fresh socket.
-    Rebound,
-    /// After a detected resume.
-    Resume,
-}
-
-#[derive(Debug)]
-struct Outstanding {
-    seq: u64,
-    sent: Instant,
-    deadline: Instant,
-    probe: Probe,
 }
 
 impl Session {
@@ -207,193 +183,265 @@ impl Session {
         metrics: &Arc<Metrics>,
         shutdown: &CancellationToken,
     ) -> Ended {
-        let Session {
-            endpoint,
-            conn,
-            mut control_send,
-            mut control,
-            welcome: _,
-            mut machine,
-        } = self;
-        let limits = Arc::new(Limits {
-            policy: config.policy.clone(),
-            connect_timeout: config.connect_timeout,
-        });
-        let slots = Arc::new(Semaphore::new(config.max_streams));
-        let tasks = TaskTracker::new();
-        let liveness = config.liveness;
-        let mut heartbeat = tokio::time::interval(liveness.heartbeat_interval);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut seq = 0u64;
-        let mut outstanding: Option<Outstanding> = None;
+        let mut serving = Serving::new(self, config, status, metrics);
         resumes.borrow_and_update();
-        let mut resumes_open = true;
+        let ended = serving.run(resumes, shutdown).await;
+        serving.end(ended, config.drain_grace, drains).await
+    }
+}
 
-        let ended = loop {
-            let deadline = outstanding.as_ref().map(|o| o.deadline);
-            tokio::select! {
-                () = shutdown.cancelled() => break Ended::Shutdown,
-                accepted = conn.accept_bi() => {
-                    let (send, recv) = match accepted {
-                        Ok(pair) => pair,
-                        Err(e) => break Ended::Lost(e.into()),
-                    };
-                    let permit = slots.clone().try_acquire_owned().ok();
-                    let refuse = permit.is_none().then_some(RefuseReason::TooManyStreams);
-                    let limits = limits.clone();
-                    let span = info_span!("stream", stream_id = %send.id());
-                    let status = status.clone();
-                    let metrics = metrics.clone();
-                    status.send_modify(|s| s.streams += 1);
-                    metrics.streams_open.inc();
-                    tasks.spawn(async move {
-                        let started = Instant::now();
-                        let answered = |port, answer| metrics.answered(port, answer);
-                        match forward::serve(send, recv, &limits, refuse, answered).await {
-                            Ok((port, outcome)) => metrics.ended(port, outcome, started.elapsed()),
-                            Err(e) => debug!(error = %e, "stream ended early"),
-                        }
-                        metrics.streams_open.dec();
-                        status.send_modify(|s| s.streams = s.streams.saturating_sub(1));
-                        drop(permit);
-                    }.instrument(span));
-                }
-                msg = control.recv() => {
-                    let step = match msg.transpose() {
-                        Ok(Some(msg)) => machine.on_message(msg),
-                        Ok(None) => machine.on_end_of_stream().map(|()| AgentAction::Nothing),
-                        Err(e) => {
-                            if matches!(e, WireError::Decode(_) | WireError::Truncated) {
-                                conn.close(close::PROTOCOL.into(), b"bad control frame");
-                            }
-                            break Ended::Lost(e.into());
-                        }
-                    };
-                    match step {
-                        Ok(AgentAction::Reply(reply)) => {
-                            if let Err(e) = wire::write_frame(&mut control_send, reply.encoded()).await {
-                                break Ended::Lost(e.into());
-                            }
-                        }
-                        Ok(AgentAction::Answered { seq: answered }) => {
-                            if let Some(o) = outstanding.take_if(|o| o.seq == answered) {
-                                let rtt = o.sent.elapsed();
-                                if o.probe != Probe::Heartbeat {
-                                    info!(rtt_ms = rtt.as_millis() as u64, "the connection answered the probe");
-                                }
-                                status.send_modify(|s| s.rtt = Some(rtt));
-                                metrics.pong(rtt);
-                            }
-                        }
-                        Ok(AgentAction::TunnelChanged(update)) => {
-                            match &update {
-                                Some(t) => info!(key = %t.key, mode = t.auth_mode.as_str(), url = %t.url_template, "tunnel updated"),
-                                None => info!("tunnel disabled"),
-                            }
-                            status.send_modify(|s| s.tunnel = update);
-                        }
-                        Ok(AgentAction::PeerGoingAway(go_away)) => break Ended::GoAway(go_away),
-                        Ok(AgentAction::Nothing | AgentAction::Welcomed(_) | AgentAction::Rejected(_)) => {}
-                        Err(violation) => {
-                            let what = violation.to_string();
-                            conn.close(close::PROTOCOL.into(), what.as_bytes());
-                            break Ended::Lost(SessionError::Protocol(what));
-                        }
+/// A session while it serves: the connection, the control stream with its two machines (the
+/// message order and liveness), and the data streams it runs.
+struct Serving<'a> {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    control_send: quinn::SendStream,
+    control: mpsc::Receiver<Result<ControlMsg, WireError>>,
+    machine: AgentControl,
+    live: Liveness,
+    limits: Arc<Limits>,
+    slots: Arc<Semaphore>,
+    tasks: TaskTracker,
+    status: &'a watch::Sender<Status>,
+    metrics: &'a Arc<Metrics>,
+}
+
+impl<'a> Serving<'a> {
+    fn new(
+        session: Session,
+        config: &Config,
+        status: &'a watch::Sender<Status>,
+        metrics: &'a Arc<Metrics>,
+    ) -> Self {
+        let heartbeat = Heartbeat {
+            interval: config.liveness.heartbeat_interval,
+            timeout: config.liveness.heartbeat_timeout,
+        };
+        Serving {
+            endpoint: session.endpoint,
+            conn: session.conn,
+            control_send: session.control_send,
+            control: session.control,
+            machine: session.machine,
+            live: Liveness::new(now(), heartbeat),
+            limits: Arc::new(Limits {
+                policy: config.policy.clone(),
+                connect_timeout: config.connect_timeout,
+            }),
+            slots: Arc::new(Semaphore::new(config.max_streams)),
+            tasks: TaskTracker::new(),
+            status,
+            metrics,
+        }
+    }
+
+    /// Serves until something ends the session. Every event goes to its handler, then the
+    /// liveness machine's outputs are carried out.
+    async fn run(
+        &mut self,
+        resumes: &mut watch::Receiver<u64>,
+        shutdown: &CancellationToken,
+    ) -> Ended {
+        let mut resumes_open = true;
+        loop {
+            let deadline = self.live.poll_timeout().map(Instant::from_std);
+            let step = tokio::select! {
+                () = shutdown.cancelled() => ControlFlow::Break(Ended::Shutdown),
+                accepted = self.conn.accept_bi() => match accepted {
+                    Ok((send, recv)) => {
+                        self.spawn_stream(send, recv);
+                        ControlFlow::Continue(())
                     }
-                }
-                _ = heartbeat.tick(), if outstanding.is_none() => {
-                    seq += 1;
-                    outstanding = Some(ping(&mut control_send, &mut machine, seq, Probe::Heartbeat, liveness.heartbeat_timeout).await);
-                }
+                    Err(e) => ControlFlow::Break(Ended::Lost(e.into())),
+                },
+                msg = self.control.recv() => self.on_control(msg).await,
                 changed = resumes.changed(), if resumes_open => {
-                    if changed.is_err() {
-                        resumes_open = false;
-                        continue;
+                    match changed {
+                        Ok(()) => self.live.handle_resume(now()),
+                        Err(_) => resumes_open = false,
                     }
-                    seq += 1;
-                    outstanding = Some(ping(&mut control_send, &mut machine, seq, Probe::Resume, liveness.heartbeat_timeout).await);
+                    ControlFlow::Continue(())
                 }
-                () = sleep_until(deadline) => {
-                    let Some(missed) = outstanding.take() else { continue };
-                    match missed.probe {
-                        Probe::Heartbeat => {
-                            warn!("heartbeat unanswered; moving to a fresh UDP socket and probing");
-                            match std::net::UdpSocket::bind(unspecified(conn.remote_address())) {
-                                Ok(socket) => {
-                                    if let Err(e) = endpoint.rebind(socket) {
-                                        debug!(error = %e, "rebind failed");
-                                    }
-                                }
-                                Err(e) => debug!(error = %e, "no fresh UDP socket"),
-                            }
-                            seq += 1;
-                            outstanding = Some(ping(&mut control_send, &mut machine, seq, Probe::Rebound, liveness.heartbeat_timeout).await);
-                        }
-                        Probe::Rebound => break Ended::Dead("heartbeats unanswered"),
-                        Probe::Resume => break Ended::Dead("no answer after resume"),
-                    }
+                () = sleep_until(deadline), if deadline.is_some() => {
+                    self.live.handle_timeout(now());
+                    ControlFlow::Continue(())
                 }
+            };
+            if let ControlFlow::Break(ended) = step {
+                return ended;
+            }
+            if let ControlFlow::Break(ended) = self.drive().await {
+                return ended;
+            }
+        }
+    }
+
+    /// Serves one data stream the edge opened, in a task of its own.
+    fn spawn_stream(&self, send: quinn::SendStream, recv: quinn::RecvStream) {
+        let permit = self.slots.clone().try_acquire_owned().ok();
+        let refuse = permit.is_none().then_some(RefuseReason::TooManyStreams);
+        let limits = self.limits.clone();
+        let span = info_span!("stream", stream_id = %send.id());
+        let status = self.status.clone();
+        let metrics = self.metrics.clone();
+        status.send_modify(|s| s.streams += 1);
+        metrics.streams_open.inc();
+        self.tasks.spawn(
+            async move {
+                let started = Instant::now();
+                let answered = |port, answer| metrics.answered(port, answer);
+                match forward::serve(send, recv, &limits, refuse, answered).await {
+                    Ok((port, outcome)) => metrics.ended(port, outcome, started.elapsed()),
+                    Err(e) => debug!(error = %e, "stream ended early"),
+                }
+                metrics.streams_open.dec();
+                status.send_modify(|s| s.streams = s.streams.saturating_sub(1));
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Takes what the control stream brought: a message, its end, or a read error.
+    async fn on_control(
+        &mut self,
+        msg: Option<Result<ControlMsg, WireError>>,
+    ) -> ControlFlow<Ended> {
+        let step = match msg.transpose() {
+            Ok(Some(msg)) => self.machine.on_message(msg),
+            Ok(None) => self
+                .machine
+                .on_end_of_stream()
+                .map(|()| AgentAction::Nothing),
+            Err(e) => {
+                if matches!(e, WireError::Decode(_) | WireError::Truncated) {
+                    self.conn
+                        .close(close::PROTOCOL.into(), b"bad control frame");
+                }
+                return ControlFlow::Break(Ended::Lost(e.into()));
             }
         };
+        match step {
+            Ok(AgentAction::Reply(reply)) => {
+                if let Err(e) = wire::write_frame(&mut self.control_send, reply.encoded()).await {
+                    return ControlFlow::Break(Ended::Lost(e.into()));
+                }
+            }
+            Ok(AgentAction::Answered { seq }) => self.live.handle_pong(now(), seq),
+            Ok(AgentAction::TunnelChanged(update)) => {
+                match &update {
+                    Some(t) => {
+                        info!(key = %t.key, mode = t.auth_mode.as_str(), url = %t.url_template, "tunnel updated")
+                    }
+                    None => info!("tunnel disabled"),
+                }
+                self.status.send_modify(|s| s.tunnel = update);
+            }
+            Ok(AgentAction::PeerGoingAway(go_away)) => self.live.handle_go_away(go_away),
+            Ok(AgentAction::Nothing | AgentAction::Welcomed(_) | AgentAction::Rejected(_)) => {}
+            Err(violation) => {
+                let what = violation.to_string();
+                self.conn.close(close::PROTOCOL.into(), what.as_bytes());
+                return ControlFlow::Break(Ended::Lost(SessionError::Protocol(what)));
+            }
+        }
+        ControlFlow::Continue(())
+    }
 
-        tasks.close();
+    /// Carries out what the liveness machine asks, in order; breaks when the session ends.
+    async fn drive(&mut self) -> ControlFlow<Ended> {
+        while let Some(output) = self.live.poll() {
+            match output {
+                Output::Transmit(msg) => {
+                    self.machine.sent(&msg);
+                    // A failed write needs no handling here: a ping that did not go out shows
+                    // up as a missed pong, and a go-away is followed by the close anyway.
+                    let _ = wire::write_frame(&mut self.control_send, msg.encoded()).await;
+                }
+                Output::Rebind => self.rebind(),
+                Output::Answered { probe, rtt } => {
+                    if probe != Probe::Heartbeat {
+                        let rtt_ms = rtt.as_millis() as u64;
+                        info!(rtt_ms, "the connection answered the probe");
+                    }
+                    self.status.send_modify(|s| s.rtt = Some(rtt));
+                    self.metrics.pong(rtt);
+                }
+                Output::Dead(why) => return ControlFlow::Break(Ended::Dead(why.as_str())),
+                Output::PeerGoingAway(go_away) => {
+                    return ControlFlow::Break(Ended::GoAway(go_away));
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// Moves the endpoint to a fresh UDP socket: the connection migrates if the edge still
+    /// holds it. Failing that, the probe that follows goes out on the old socket.
+    fn rebind(&self) {
+        warn!("heartbeat unanswered; moving to a fresh UDP socket and probing");
+        match std::net::UdpSocket::bind(unspecified(self.conn.remote_address())) {
+            Ok(socket) => {
+                if let Err(e) = self.endpoint.rebind(socket) {
+                    debug!(error = %e, "rebind failed");
+                }
+            }
+            Err(e) => debug!(error = %e, "no fresh UDP socket"),
+        }
+    }
+
+    /// Closes the session the way it ended. The liveness machine is no longer driven: no
+    /// heartbeat goes out while streams drain.
+    async fn end(mut self, ended: Ended, grace: Duration, drains: &TaskTracker) -> Ended {
+        self.tasks.close();
         match &ended {
             Ended::Shutdown => {
                 // Tell the edge first, so new requests wait for another agent session (or
                 // fail fast) instead of landing here; then let running streams finish.
-                let bye = ControlMsg::GoAway(GoAway {
+                self.live.start_drain(GoAway {
                     reason: GoAwayReason::Shutdown,
                     message: "the agent is shutting down".into(),
                 });
-                let _ = wire::write_frame(&mut control_send, bye.encoded()).await;
-                if tokio::time::timeout(config.drain_grace, tasks.wait())
+                let _ = self.drive().await;
+                if tokio::time::timeout(grace, self.tasks.wait())
                     .await
                     .is_err()
                 {
                     warn!(
-                        streams = tasks.len(),
+                        streams = self.tasks.len(),
                         "drain grace over; closing running streams"
                     );
                 }
-                conn.close(close::SHUTDOWN.into(), b"agent shutting down");
-                endpoint.wait_idle().await;
+                self.conn
+                    .close(close::SHUTDOWN.into(), b"agent shutting down");
+                self.endpoint.wait_idle().await;
             }
             Ended::GoAway(_) => {
                 // The edge keeps serving running streams on this connection; finish them in
                 // the background while the reconnect loop dials again.
-                let grace = config.drain_grace;
+                let Serving {
+                    endpoint,
+                    conn,
+                    tasks,
+                    ..
+                } = self;
                 drains.spawn(async move {
                     let _ = tokio::time::timeout(grace, tasks.wait()).await;
                     conn.close(close::SHUTDOWN.into(), b"drained");
                     endpoint.wait_idle().await;
                 });
             }
-            Ended::Dead(why) => conn.close(close::DEAD.into(), why.as_bytes()),
+            Ended::Dead(why) => self.conn.close(close::DEAD.into(), why.as_bytes()),
             Ended::Lost(_) => {}
         }
         ended
     }
 }
 
-/// Sends a ping and returns what to wait for.
-async fn ping(
-    control: &mut quinn::SendStream,
-    machine: &mut AgentControl,
-    seq: u64,
-    probe: Probe,
-    timeout: Duration,
-) -> Outstanding {
-    let msg = ControlMsg::Ping { seq };
-    machine.sent(&msg);
-    // A failed write shows up as a missed pong.
-    let _ = wire::write_frame(control, msg.encoded()).await;
-    let sent = Instant::now();
-    Outstanding {
-        seq,
-        sent,
-        deadline: sent + timeout,
-        probe,
-    }
+/// The current time, as the liveness machine takes it. tokio's clock, so `tokio::time::pause()`
+/// moves it too.
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
 }
 
 /// Sleeps until `deadline`, or forever without one.

@@ -1,12 +1,19 @@
 //! The QUIC listener for agents: handshake, hello, token check, welcome, then the control
 //! stream for as long as the connection lives. One live session per devbox: a newer connection
 //! replaces an older one.
+//!
+//! The edge answers the agent's heartbeats and never pings itself; its side of liveness is a
+//! passive [`Liveness`] machine that keeps the go-aways both ways, so an agent hears at most one
+//! go-away from a connection (told to stand by, then the edge shutting down: only the first).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use burrow_protocol::liveness::{Liveness, Output};
 use burrow_protocol::machine::{EdgeAction, EdgeControl};
-use burrow_protocol::{ControlMsg, GoAway, GoAwayReason, Reject, RejectReason, VERSION, Welcome};
+use burrow_protocol::{
+    ControlMsg, GoAway, GoAwayReason, Hello, Reject, RejectReason, VERSION, Welcome,
+};
 use burrow_runtime::wire::{self, WireError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -19,19 +26,9 @@ use crate::registry::{AgentSession, AttachError, Attached, Registry};
 /// How long an agent has to complete the handshake and send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// QUIC application close codes the edge uses.
-pub mod close {
-    /// The edge is shutting down.
-    pub const SHUTDOWN: u32 = 0;
-    /// The agent was refused (bad token, version).
-    pub const REJECTED: u32 = 1;
-    /// The agent broke the protocol.
-    pub const PROTOCOL: u32 = 2;
-    /// A newer connection of the same devbox took over.
-    pub const REPLACED: u32 = 3;
-    /// The devbox was deleted.
-    pub const REVOKED: u32 = 4;
-}
+/// The QUIC application close codes, named in the protocol crate (the edge sends `SHUTDOWN`,
+/// `REJECTED`, `PROTOCOL`, `REPLACED` and `REVOKED`).
+pub use burrow_protocol::close;
 
 /// Accepts agent connections until `shutdown` fires, then tells every agent to go away.
 pub async fn serve(
@@ -115,19 +112,85 @@ enum SessionError {
     Refused(&'static str),
 }
 
+/// One agent connection: its hello, admission, then its control stream until it ends.
 async fn session(
     incoming: quinn::Incoming,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<(), SessionError> {
+    let mut greeted = greet(incoming).await?;
+    let (control_tx, control_rx) = mpsc::channel(16);
+    let attached = admit(&mut greeted, &registry, &metrics, control_tx).await?;
+    let Greeted {
+        conn,
+        send,
+        recv,
+        hello,
+        machine,
+    } = greeted;
+    let Attached {
+        devbox_id,
+        generation,
+        replaced,
+        tunnel,
+    } = attached;
+    metrics.agent_hellos.with_label_values(&["accepted"]).inc();
+    let span = info_span!("session", devbox = %devbox_id);
+    if let Some(old) = replaced {
+        span.in_scope(|| replace(&old, &hello));
+    }
+    let welcome = ControlMsg::Welcome(Welcome {
+        version: VERSION,
+        devbox_id: devbox_id.clone(),
+        tunnel,
+    });
+    let mut control = Control {
+        conn,
+        send,
+        control: wire::spawn_control_reader(recv),
+        outbox: control_rx,
+        machine,
+        live: Liveness::passive(),
+        registry: registry.clone(),
+        devbox_id,
+        generation,
+    };
+    let result = async {
+        wire::write_frame(&mut control.send, welcome.encoded()).await?;
+        let remote = control.conn.remote_address();
+        info!(agent = %hello.agent, %remote, "agent connected");
+        control.serve(&shutdown).await
+    }
+    .instrument(span.clone())
+    .await;
+    registry.detach(&control.devbox_id, generation);
+    span.in_scope(|| match &result {
+        Ok(()) => info!("agent disconnected"),
+        Err(e) => info!(error = %e, "agent disconnected"),
+    });
+    result
+}
+
+/// An agent connection whose first message was a hello.
+struct Greeted {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    hello: Hello,
+    machine: EdgeControl,
+}
+
+/// Completes the handshake and reads the hello, within [`HELLO_TIMEOUT`]. Anything but a hello
+/// first closes the connection as a protocol error.
+async fn greet(incoming: quinn::Incoming) -> Result<Greeted, SessionError> {
     let setup = async {
         let conn = incoming.await?;
         let (send, mut recv) = conn.accept_bi().await?;
         let hello = wire::read_msg(&mut recv, ControlMsg::decode).await?;
         Ok::<_, SessionError>((conn, send, recv, hello))
     };
-    let (conn, mut send, recv, hello) = tokio::time::timeout(HELLO_TIMEOUT, setup)
+    let (conn, send, recv, hello) = tokio::time::timeout(HELLO_TIMEOUT, setup)
         .await
         .map_err(|_| SessionError::Timeout(HELLO_TIMEOUT))??;
     let mut machine = EdgeControl::new();
@@ -135,141 +198,194 @@ async fn session(
         Some(msg) => machine.on_message(msg),
         None => machine.on_end_of_stream().map(|()| EdgeAction::Nothing),
     };
-    let hello = match step {
-        Ok(EdgeAction::Hello(hello)) => hello,
-        Ok(_) => {
-            let what = "the agent did not start with a hello".to_owned();
-            conn.close(close::PROTOCOL.into(), what.as_bytes());
-            return Err(SessionError::Protocol(what));
+    let what = match step {
+        Ok(EdgeAction::Hello(hello)) => {
+            return Ok(Greeted {
+                conn,
+                send,
+                recv,
+                hello,
+                machine,
+            });
         }
-        Err(violation) => {
-            let what = violation.to_string();
-            conn.close(close::PROTOCOL.into(), what.as_bytes());
-            return Err(SessionError::Protocol(what));
-        }
+        Ok(_) => "the agent did not start with a hello".to_owned(),
+        Err(violation) => violation.to_string(),
     };
+    conn.close(close::PROTOCOL.into(), what.as_bytes());
+    Err(SessionError::Protocol(what))
+}
+
+/// Checks the hello's version and token and attaches the session to its devbox; rejects the
+/// agent otherwise.
+async fn admit(
+    greeted: &mut Greeted,
+    registry: &Registry,
+    metrics: &Metrics,
+    control: mpsc::Sender<ControlMsg>,
+) -> Result<Attached, SessionError> {
+    let Greeted {
+        conn, send, hello, ..
+    } = greeted;
     if !(hello.min_version..=hello.max_version).contains(&VERSION) {
         metrics
             .agent_hellos
             .with_label_values(&["bad_version"])
             .inc();
         let message = format!("this edge speaks protocol version {VERSION}");
-        reject(&conn, &mut send, RejectReason::UnsupportedVersion, &message).await;
+        reject(conn, send, RejectReason::UnsupportedVersion, &message).await;
         return Err(SessionError::Refused("unsupported version"));
     }
-    let (control_tx, mut control_rx) = mpsc::channel(16);
     let attached = registry.attach(hello.token.expose(), hello.takeover, |generation| {
         AgentSession {
             conn: conn.clone(),
             since: SystemTime::now(),
             generation,
-            control: control_tx,
+            control,
             instance: hello.instance,
         }
     });
-    let Attached {
-        devbox_id,
-        generation,
-        replaced,
-        tunnel,
-    } = match attached {
-        Ok(attached) => attached,
+    match attached {
+        Ok(attached) => Ok(attached),
         Err(AttachError::BadToken) => {
             metrics.agent_hellos.with_label_values(&["bad_token"]).inc();
             warn!(agent = %hello.agent, "agent presented an unknown or revoked token");
             let message = "unknown or revoked agent token";
-            reject(&conn, &mut send, RejectReason::BadToken, message).await;
-            return Err(SessionError::Refused("bad token"));
+            reject(conn, send, RejectReason::BadToken, message).await;
+            Err(SessionError::Refused("bad token"))
         }
         Err(AttachError::Busy) => {
             metrics.agent_hellos.with_label_values(&["busy"]).inc();
             let message = "another agent with this token is connected";
-            reject(&conn, &mut send, RejectReason::Replaced, message).await;
-            return Err(SessionError::Refused("another instance is connected"));
-        }
-    };
-
-    metrics.agent_hellos.with_label_values(&["accepted"]).inc();
-    let span = info_span!("session", devbox = %devbox_id);
-    if let Some(old) = replaced {
-        if old.instance == hello.instance {
-            // The same agent dialed again: it has given up on the old connection (a dead
-            // path, a resume). Close it so requests stuck on it retry on the new one.
-            span.in_scope(|| info!("the agent reconnected; closing its previous connection"));
-            old.conn
-                .close(close::REPLACED.into(), b"replaced by a newer connection");
-        } else {
-            // Another agent holds the same token (a cloned snapshot): the newest wins, the
-            // other is told why and finishes its running streams.
-            span.in_scope(|| warn!("a second agent with this devbox's token connected; the previous one is told to stand by"));
-            let _ = old.control.try_send(ControlMsg::GoAway(GoAway {
-                reason: GoAwayReason::Replaced,
-                message: "another agent with this devbox's token connected (a cloned devbox?); \
-                          this one stands by"
-                    .into(),
-            }));
+            reject(conn, send, RejectReason::Replaced, message).await;
+            Err(SessionError::Refused("another instance is connected"))
         }
     }
-    let welcome = ControlMsg::Welcome(Welcome {
-        version: VERSION,
-        devbox_id: devbox_id.clone(),
-        tunnel,
-    });
-    let mut control = wire::spawn_control_reader(recv);
-    let result = async {
-        wire::write_frame(&mut send, welcome.encoded()).await?;
-        info!(agent = %hello.agent, remote = %conn.remote_address(), "agent connected");
+}
+
+/// Deals with the session the new one `hello` replaced.
+fn replace(old: &AgentSession, hello: &Hello) {
+    if old.instance == hello.instance {
+        // The same agent dialed again: it has given up on the old connection (a dead
+        // path, a resume). Close it so requests stuck on it retry on the new one.
+        info!("the agent reconnected; closing its previous connection");
+        old.conn
+            .close(close::REPLACED.into(), b"replaced by a newer connection");
+    } else {
+        // Another agent holds the same token (a cloned snapshot): the newest wins, the
+        // other is told why and finishes its running streams.
+        warn!(
+            "a second agent with this devbox's token connected; the previous one is told to stand by"
+        );
+        let _ = old.control.try_send(ControlMsg::GoAway(GoAway {
+            reason: GoAwayReason::Replaced,
+            message: "another agent with this devbox's token connected (a cloned devbox?); \
+                      this one stands by"
+                .into(),
+        }));
+    }
+}
+
+/// An attached agent's control stream: what it reads and writes, its two machines (the message
+/// order and liveness), and where it is registered.
+struct Control {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    /// Messages read from the agent.
+    control: mpsc::Receiver<Result<ControlMsg, WireError>>,
+    /// Messages for the agent, from the registry, the admin API and the listener.
+    outbox: mpsc::Receiver<ControlMsg>,
+    machine: EdgeControl,
+    /// Passive: the edge answers the agent's pings and never pings itself; it keeps the
+    /// go-aways, so the agent hears at most one from this connection.
+    live: Liveness,
+    registry: Arc<Registry>,
+    devbox_id: String,
+    generation: u64,
+}
+
+impl Control {
+    /// Serves the control stream until it ends, the connection closes, or shutdown.
+    async fn serve(&mut self, shutdown: &CancellationToken) -> Result<(), SessionError> {
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => {
                     // The listener sends the go-away; keep serving the control stream.
-                    if let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(1), control_rx.recv()).await {
-                        machine.sent(&msg);
-                        let _ = wire::write_frame(&mut send, msg.encoded()).await;
+                    let next = tokio::time::timeout(Duration::from_secs(1), self.outbox.recv());
+                    if let Ok(Some(msg)) = next.await {
+                        let _ = self.send_msg(msg).await;
                     }
                     return Ok(());
                 }
-                msg = control_rx.recv() => {
+                msg = self.outbox.recv() => {
                     let Some(msg) = msg else { return Ok(()) };
-                    machine.sent(&msg);
-                    wire::write_frame(&mut send, msg.encoded()).await?;
+                    self.send_msg(msg).await?;
                 }
-                msg = control.recv() => {
-                    let step = match msg.transpose()? {
-                        Some(msg) => machine.on_message(msg),
-                        None => return Ok(()),
-                    };
-                    match step {
-                        Ok(EdgeAction::Reply(reply)) => {
-                            wire::write_frame(&mut send, reply.encoded()).await?;
-                        }
-                        Ok(EdgeAction::PeerGoingAway(go_away)) => {
-                            // The agent is leaving: no new requests for it; running streams
-                            // finish on this connection until the agent closes it.
-                            info!(message = %go_away.message, "agent going away");
-                            registry.detach(&devbox_id, generation);
-                        }
-                        Ok(EdgeAction::Nothing | EdgeAction::Answered { .. } | EdgeAction::Hello(_)) => {}
-                        Err(violation) => {
-                            let what = violation.to_string();
-                            conn.close(close::PROTOCOL.into(), what.as_bytes());
-                            return Err(SessionError::Protocol(what));
-                        }
-                    }
+                msg = self.control.recv() => {
+                    let Some(msg) = msg.transpose()? else { return Ok(()) };
+                    self.on_message(msg).await?;
                 }
-                reason = conn.closed() => {
+                reason = self.conn.closed() => {
                     debug!(%reason, "connection closed");
                     return Ok(());
                 }
             }
         }
     }
-    .instrument(span.clone())
-    .await;
-    registry.detach(&devbox_id, generation);
-    span.in_scope(|| match &result {
-        Ok(()) => info!("agent disconnected"),
-        Err(e) => info!(error = %e, "agent disconnected"),
-    });
-    result
+
+    /// Sends a message to the agent. A go-away goes through the liveness machine, which lets
+    /// only the first one out (a replaced session that then sees shutdown says nothing more).
+    async fn send_msg(&mut self, msg: ControlMsg) -> Result<(), SessionError> {
+        match msg {
+            ControlMsg::GoAway(go_away) => {
+                self.live.start_drain(go_away);
+                self.drive().await
+            }
+            msg => {
+                self.machine.sent(&msg);
+                wire::write_frame(&mut self.send, msg.encoded()).await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Takes one message from the agent.
+    async fn on_message(&mut self, msg: ControlMsg) -> Result<(), SessionError> {
+        match self.machine.on_message(msg) {
+            Ok(EdgeAction::Reply(reply)) => {
+                wire::write_frame(&mut self.send, reply.encoded()).await?;
+            }
+            Ok(EdgeAction::PeerGoingAway(go_away)) => {
+                self.live.handle_go_away(go_away);
+                self.drive().await?;
+            }
+            Ok(EdgeAction::Nothing | EdgeAction::Answered { .. } | EdgeAction::Hello(_)) => {}
+            Err(violation) => {
+                let what = violation.to_string();
+                self.conn.close(close::PROTOCOL.into(), what.as_bytes());
+                return Err(SessionError::Protocol(what));
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out what the liveness machine asks, in order.
+    async fn drive(&mut self) -> Result<(), SessionError> {
+        while let Some(output) = self.live.poll() {
+            match output {
+                Output::Transmit(msg) => {
+                    self.machine.sent(&msg);
+                    wire::write_frame(&mut self.send, msg.encoded()).await?;
+                }
+                Output::PeerGoingAway(go_away) => {
+                    // The agent is leaving: no new requests for it; running streams finish
+                    // on this connection until the agent closes it.
+                    info!(message = %go_away.message, "agent going away");
+                    self.registry.detach(&self.devbox_id, self.generation);
+                }
+                // A passive machine never probes.
+                Output::Rebind | Output::Answered { .. } | Output::Dead(_) => {}
+            }
+        }
+        Ok(())
+    }
 }
