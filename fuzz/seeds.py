@@ -521,6 +521,30 @@ listen = "127.0.0.1:7081"
 
     # Reproducers of what the fuzzers found (see the README's "Long runs").
     # A Connection value that is not ASCII: the headers it names were not stripped.
+    # liveness: Input { passive, interval_ms, timeout_ms, steps } with Step = Advance(u16) |
+    # Jump(u32) | Pong(u64) | PongLast | Resume | PeerGoAway | Drain (7 variants).
+    lv = "liveness"
+
+    def run(passive, interval, timeout, steps):
+        return boolean(passive) + u16(interval) + u16(timeout) + rest_list(steps)
+
+    def advance(ms):
+        return tag(0, 7) + u16(ms)
+
+    pong_last, resume, peer_go_away, drain = tag(3, 7), tag(4, 7), tag(5, 7), tag(6, 7)
+    write(lv, "answered_on_time", run(False, 5000, 3000, [
+        advance(10), pong_last, advance(5000), advance(20), pong_last, advance(5000),
+    ]))
+    write(lv, "missed_then_dead", run(False, 5000, 3000, [advance(9000), advance(3500)]))
+    write(lv, "missed_then_answered", run(False, 5000, 3000, [
+        advance(3100), pong_last, advance(6000), pong_last,
+    ]))
+    write(lv, "resume_and_stale_pong", run(False, 5000, 3000, [
+        advance(100), resume, tag(2, 7) + u64(1), pong_last, advance(60000),
+    ]))
+    write(lv, "suspended_for_days", run(False, 5000, 3000, [tag(1, 7) + u32(400000), pong_last]))
+    write(lv, "go_away_both_ways", run(False, 1000, 500, [drain, drain, peer_go_away, advance(2000)]))
+    write(lv, "passive_edge", run(True, 0, 0, [tag(2, 7) + u64(7), drain, peer_go_away, advance(9)]))
     write(hf, "crash_connection_obs_text", b"Connection: x-a, \x80\nX-A: 1\n")
     # A log level whose field value regex has a DFA that doubles with every `.`: a hang.
     hang = '[{=x........................oc}]'

@@ -327,7 +327,7 @@ impl<'a> Serving<'a> {
                     return ControlFlow::Break(Ended::Lost(e.into()));
                 }
             }
-            Ok(AgentAction::Answered { seq }) => self.live.handle_pong(now(), seq),
+            Ok(AgentAction::Pong { seq }) => self.live.handle_pong(now(), seq),
             Ok(AgentAction::TunnelChanged(update)) => {
                 match &update {
                     Some(t) => {

@@ -358,7 +358,7 @@ impl Control {
                 self.live.handle_go_away(go_away);
                 self.drive().await?;
             }
-            Ok(EdgeAction::Nothing | EdgeAction::Answered { .. } | EdgeAction::Hello(_)) => {}
+            Ok(EdgeAction::Nothing | EdgeAction::Pong { .. } | EdgeAction::Hello(_)) => {}
             Err(violation) => {
                 let what = violation.to_string();
                 self.conn.close(close::PROTOCOL.into(), what.as_bytes());

@@ -3,10 +3,11 @@
 //!
 //! Each side keeps one machine per control stream and feeds it every message it decodes
 //! ([`AgentControl::on_message`], [`EdgeControl::on_message`]), the end of the stream
-//! (`on_end_of_stream`) and what it writes itself (`sent`, `ping`). The machine answers with
-//! what to do ([`AgentAction`], [`EdgeAction`]) or a [`Violation`], after which the caller
-//! closes the connection with a protocol error. Timers, sockets and policy (which token is good,
-//! when to ping) stay with the caller.
+//! (`on_end_of_stream`) and what it writes itself (`sent`). The machine answers with what to do
+//! ([`AgentAction`], [`EdgeAction`]) or a [`Violation`], after which the caller closes the
+//! connection with a protocol error. When to ping, which pong answers which ping and what
+//! silence means belong to the liveness machine ([`crate::liveness`]), which takes the pongs
+//! this one passes on; sockets and policy (which token is good) stay with the caller.
 //!
 //! Both sides go through the same [`Phase`]s:
 //!
@@ -51,7 +52,7 @@ pub struct Violation {
 /// What the agent does with a message from the edge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentAction {
-    /// Nothing (a pong that answers no outstanding ping: a late one).
+    /// Nothing to do (callers map the clean end of the stream to it).
     Nothing,
     /// Write this message back on the control stream (a `Pong` for a `Ping`).
     Reply(ControlMsg),
@@ -59,9 +60,10 @@ pub enum AgentAction {
     Welcomed(Welcome),
     /// The edge refused the hello; the edge closes the connection next.
     Rejected(Reject),
-    /// The outstanding ping (see [`AgentControl::ping`]) was answered.
-    Answered {
-        /// The ping's sequence number.
+    /// A pong arrived: hand it to the liveness machine ([`crate::liveness::Liveness`]), which
+    /// knows which ping is outstanding.
+    Pong {
+        /// The sequence number it answers.
         seq: u64,
     },
     /// The tunnel was enabled or changed (`Some`) or disabled (`None`).
@@ -73,15 +75,15 @@ pub enum AgentAction {
 /// What the edge does with a message from an agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EdgeAction {
-    /// Nothing (a pong that answers no outstanding ping).
+    /// Nothing to do (callers map the clean end of the stream to it).
     Nothing,
     /// Write this message back on the control stream (a `Pong` for a `Ping`).
     Reply(ControlMsg),
     /// The agent introduced itself: check it, then write a [`Welcome`] or a [`Reject`].
     Hello(Hello),
-    /// The outstanding ping (see [`EdgeControl::ping`]) was answered.
-    Answered {
-        /// The ping's sequence number.
+    /// A pong arrived: hand it to the liveness machine, if this side pings.
+    Pong {
+        /// The sequence number it answers.
         seq: u64,
     },
     /// The agent is leaving: send it no new streams; running ones finish.
@@ -110,10 +112,6 @@ impl AgentControl {
         self.core.phase
     }
 
-    /// The sequence number of the ping waiting for its pong, if any.
-    pub fn outstanding(&self) -> Option<u64> {
-        self.core.outstanding
-    }
 
     /// Takes one message from the edge.
     pub fn on_message(&mut self, msg: ControlMsg) -> Result<AgentAction, Violation> {
@@ -139,10 +137,7 @@ impl AgentControl {
             },
             Phase::Established | Phase::Draining => match msg {
                 ControlMsg::Ping { seq } => Ok(AgentAction::Reply(ControlMsg::Pong { seq })),
-                ControlMsg::Pong { seq } if self.core.answered(seq) => {
-                    Ok(AgentAction::Answered { seq })
-                }
-                ControlMsg::Pong { .. } => Ok(AgentAction::Nothing),
+                ControlMsg::Pong { seq } => Ok(AgentAction::Pong { seq }),
                 ControlMsg::TunnelUpdate(tunnel) => Ok(AgentAction::TunnelChanged(tunnel)),
                 ControlMsg::GoAway(go_away) => {
                     self.core.peer_goes_away(got, "after the edge's go-away")?;
@@ -168,17 +163,12 @@ impl AgentControl {
         self.core.end_of_stream(context)
     }
 
-    /// Records a message this side wrote: a `Ping` becomes the outstanding one; a `GoAway` starts
-    /// draining (at once, or when the welcome arrives). Other messages change nothing.
+    /// Records a message this side wrote: a `GoAway` starts draining (at once, or when the
+    /// welcome arrives). Other messages change nothing.
     pub fn sent(&mut self, msg: &ControlMsg) {
         self.core.sent(msg);
     }
 
-    /// A `Ping` with the next sequence number, recorded as outstanding (replacing an earlier one,
-    /// whose pong will then be ignored). The caller writes it and keeps the timing.
-    pub fn ping(&mut self) -> ControlMsg {
-        self.core.ping()
-    }
 }
 
 /// The edge's view of one agent's control stream, before its hello on.
@@ -198,10 +188,6 @@ impl EdgeControl {
         self.core.phase
     }
 
-    /// The sequence number of the ping waiting for its pong, if any.
-    pub fn outstanding(&self) -> Option<u64> {
-        self.core.outstanding
-    }
 
     /// Takes one message from the agent. A hello establishes the stream at once: the agent sends
     /// nothing else before the answer, and an edge that rejects closes the connection.
@@ -218,10 +204,7 @@ impl EdgeControl {
             },
             Phase::Established | Phase::Draining => match msg {
                 ControlMsg::Ping { seq } => Ok(EdgeAction::Reply(ControlMsg::Pong { seq })),
-                ControlMsg::Pong { seq } if self.core.answered(seq) => {
-                    Ok(EdgeAction::Answered { seq })
-                }
-                ControlMsg::Pong { .. } => Ok(EdgeAction::Nothing),
+                ControlMsg::Pong { seq } => Ok(EdgeAction::Pong { seq }),
                 ControlMsg::GoAway(go_away) => {
                     self.core.peer_goes_away(got, "after the agent's go-away")?;
                     Ok(EdgeAction::PeerGoingAway(go_away))
@@ -244,8 +227,7 @@ impl EdgeControl {
         self.core.end_of_stream(context)
     }
 
-    /// Records a message this side wrote: a `Ping` becomes the outstanding one; a `GoAway` starts
-    /// draining; a `Reject` closes the stream. Other messages change nothing (the edge's
+    /// Records a message this side wrote: a `GoAway` starts draining; a `Reject` closes the stream. Other messages change nothing (the edge's
     /// `Welcome` needs no record: the hello already established the stream).
     pub fn sent(&mut self, msg: &ControlMsg) {
         if let ControlMsg::Reject(_) = msg {
@@ -254,11 +236,6 @@ impl EdgeControl {
         self.core.sent(msg);
     }
 
-    /// A `Ping` with the next sequence number, recorded as outstanding (replacing an earlier one,
-    /// whose pong will then be ignored). The caller writes it and keeps the timing.
-    pub fn ping(&mut self) -> ControlMsg {
-        self.core.ping()
-    }
 }
 
 /// What both sides track: the phase, who said go-away, and the heartbeat.
@@ -271,8 +248,6 @@ struct Core {
     went_away: bool,
     /// Why the stream closed, as the context of later violations.
     closed_because: &'static str,
-    next_seq: u64,
-    outstanding: Option<u64>,
 }
 
 impl Default for Core {
@@ -288,8 +263,6 @@ impl Core {
             peer_went_away: false,
             went_away: false,
             closed_because: "after the stream closed",
-            next_seq: 1,
-            outstanding: None,
         }
     }
 
@@ -322,11 +295,6 @@ impl Core {
         }
     }
 
-    /// Whether a pong with `seq` answers the outstanding ping (which it then clears).
-    fn answered(&mut self, seq: u64) -> bool {
-        self.outstanding.take_if(|s| *s == seq).is_some()
-    }
-
     fn peer_goes_away(&mut self, got: &'static str, twice: &'static str) -> Result<(), Violation> {
         if self.peer_went_away {
             return Err(self.fail(got, twice));
@@ -349,7 +317,6 @@ impl Core {
 
     fn sent(&mut self, msg: &ControlMsg) {
         match msg {
-            ControlMsg::Ping { seq } => self.outstanding = Some(*seq),
             ControlMsg::GoAway(_) => {
                 self.went_away = true;
                 if self.phase == Phase::Established {
@@ -358,14 +325,6 @@ impl Core {
             }
             _ => {}
         }
-    }
-
-    fn ping(&mut self) -> ControlMsg {
-        let seq = self.next_seq;
-        self.next_seq = self.next_seq.wrapping_add(1);
-        let ping = ControlMsg::Ping { seq };
-        self.sent(&ping);
-        ping
     }
 }
 
@@ -511,24 +470,16 @@ mod tests {
     }
 
     #[test]
-    fn pongs_match_the_outstanding_ping_only() {
+    fn pongs_go_to_the_liveness_machine_whatever_their_seq() {
+        // Which ping a pong answers is the liveness machine's business, not the order's.
         let mut m = agent();
-        assert_eq!(m.ping(), ping(1));
-        assert_eq!(m.ping(), ping(2)); // replaces 1, which went unanswered
-        assert_eq!(m.outstanding(), Some(2));
-        assert_eq!(m.on_message(pong(1)), Ok(AgentAction::Nothing));
-        assert_eq!(m.on_message(pong(2)), Ok(AgentAction::Answered { seq: 2 }));
-        assert_eq!(m.outstanding(), None);
-        assert_eq!(
-            m.on_message(pong(2)),
-            Ok(AgentAction::Nothing),
-            "a duplicate"
-        );
+        m.sent(&ping(2));
+        assert_eq!(m.on_message(pong(1)), Ok(AgentAction::Pong { seq: 1 }));
+        assert_eq!(m.on_message(pong(2)), Ok(AgentAction::Pong { seq: 2 }));
+        assert_eq!(m.on_message(pong(2)), Ok(AgentAction::Pong { seq: 2 }));
 
         let mut e = edge();
-        assert_eq!(e.on_message(pong(1)), Ok(EdgeAction::Nothing));
-        e.sent(&ping(9));
-        assert_eq!(e.on_message(pong(9)), Ok(EdgeAction::Answered { seq: 9 }));
+        assert_eq!(e.on_message(pong(9)), Ok(EdgeAction::Pong { seq: 9 }));
     }
 
     #[test]
@@ -552,8 +503,8 @@ mod tests {
         ));
         assert_eq!(m.phase(), Phase::Draining);
         // The edge still answers heartbeats while streams drain.
-        assert_eq!(m.ping(), ping(1));
-        assert_eq!(m.on_message(pong(1)), Ok(AgentAction::Answered { seq: 1 }));
+        m.sent(&ping(1));
+        assert_eq!(m.on_message(pong(1)), Ok(AgentAction::Pong { seq: 1 }));
         assert_eq!(
             agent_err(&mut m, go_away()),
             "unexpected GoAway after the edge's go-away"
