@@ -316,14 +316,11 @@ impl Core {
     }
 
     fn sent(&mut self, msg: &ControlMsg) {
-        match msg {
-            ControlMsg::GoAway(_) => {
-                self.went_away = true;
-                if self.phase == Phase::Established {
-                    self.phase = Phase::Draining;
-                }
+        if let ControlMsg::GoAway(_) = msg {
+            self.went_away = true;
+            if self.phase == Phase::Established {
+                self.phase = Phase::Draining;
             }
-            _ => {}
         }
     }
 }
