@@ -3,7 +3,6 @@
 //! that doubles the ceiling up to a low cap (seconds, not minutes), and a session that stayed
 //! healthy long enough resets it.
 
-use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
 /// Backoff settings.
@@ -21,20 +20,26 @@ pub struct Policy {
 pub struct Backoff {
     policy: Policy,
     failures: u32,
-    rng: u64,
+    /// Jitter only: not a secret, so a fast non-cryptographic generator will do.
+    rng: fastrand::Rng,
 }
 
 impl Backoff {
-    /// A backoff with no failures yet.
+    /// A backoff with no failures yet, its jitter randomly seeded.
     pub fn new(policy: Policy) -> Backoff {
-        // Seeded from std's per-process random hasher keys: no extra dependency.
-        let seed = std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish();
+        Backoff::with_rng(policy, fastrand::Rng::new())
+    }
+
+    /// A backoff whose jitter is the same on every run for the same `seed` (tests).
+    pub fn with_seed(policy: Policy, seed: u64) -> Backoff {
+        Backoff::with_rng(policy, fastrand::Rng::with_seed(seed))
+    }
+
+    fn with_rng(policy: Policy, rng: fastrand::Rng) -> Backoff {
         Backoff {
             policy,
             failures: 0,
-            rng: seed | 1,
+            rng,
         }
     }
 
@@ -42,7 +47,8 @@ impl Backoff {
     pub fn next_delay(&mut self) -> Duration {
         let ceiling = self.ceiling();
         self.failures = self.failures.saturating_add(1);
-        ceiling.mul_f64(self.random_unit())
+        // Full jitter: uniform in [0, ceiling).
+        ceiling.mul_f64(self.rng.f64())
     }
 
     /// The current ceiling, before jitter.
@@ -62,15 +68,6 @@ impl Backoff {
     /// Forgets past failures (after a healthy session).
     pub fn reset(&mut self) {
         self.failures = 0;
-    }
-
-    /// Uniform in [0, 1), xorshift64*.
-    fn random_unit(&mut self) -> f64 {
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        let x = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d);
-        (x >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 
@@ -99,7 +96,7 @@ mod tests {
 
     #[test]
     fn delays_are_jittered_across_the_range() {
-        let mut b = Backoff::new(POLICY);
+        let mut b = Backoff::with_seed(POLICY, 7);
         for _ in 0..10 {
             b.next_delay();
         }
@@ -113,5 +110,19 @@ mod tests {
             .filter(|d| **d > Duration::from_millis(1500))
             .count();
         assert!(low > 150 && high > 150, "low {low}, high {high}");
+    }
+
+    #[test]
+    fn a_seed_repeats_its_delays_and_fresh_backoffs_differ() {
+        let delays = |mut b: Backoff| (0..20).map(|_| b.next_delay()).collect::<Vec<_>>();
+        assert_eq!(
+            delays(Backoff::with_seed(POLICY, 42)),
+            delays(Backoff::with_seed(POLICY, 42))
+        );
+        assert_ne!(
+            delays(Backoff::new(POLICY)),
+            delays(Backoff::new(POLICY)),
+            "two agents do not come back in lockstep"
+        );
     }
 }

@@ -158,17 +158,26 @@ impl Cli {
         .collect()
     }
 
-    /// Loads the configuration this command line names.
-    pub fn load(&self, env: &HashMap<String, String>) -> Result<Config, sources::ConfigError> {
-        let path = self
+    /// The config file named by `--config` or BURROW_CONFIG, and its text; `None` if none is.
+    fn config_file(
+        &self,
+        env: &HashMap<String, String>,
+    ) -> Result<Option<(PathBuf, String)>, sources::ConfigError> {
+        let Some(path) = self
             .config
             .clone()
-            .or_else(|| env.get("BURROW_CONFIG").map(PathBuf::from));
-        let text = path.as_deref().map(sources::read_file).transpose()?;
-        let file = path
-            .as_deref()
-            .zip(text.as_deref())
-            .map(|(path, text)| File { path, text });
+            .or_else(|| env.get("BURROW_CONFIG").map(PathBuf::from))
+        else {
+            return Ok(None);
+        };
+        let text = sources::read_file(&path)?;
+        Ok(Some((path, text)))
+    }
+
+    /// Loads the configuration this command line names.
+    pub fn load(&self, env: &HashMap<String, String>) -> Result<Config, sources::ConfigError> {
+        let read = self.config_file(env)?;
+        let file = read.as_ref().map(|(path, text)| File { path, text });
         Config::load(file, env, &self.flags())
     }
 
@@ -185,15 +194,8 @@ impl Cli {
         .filter(|(_, given)| *given)
         .map(|(key, _)| (key, "true".to_owned()))
         .collect();
-        let path = self
-            .config
-            .clone()
-            .or_else(|| env.get("BURROW_CONFIG").map(PathBuf::from));
-        let text = path.as_deref().map(sources::read_file).transpose()?;
-        let file = path
-            .as_deref()
-            .zip(text.as_deref())
-            .map(|(path, text)| File { path, text });
+        let read = self.config_file(env)?;
+        let file = read.as_ref().map(|(path, text)| File { path, text });
         Entrypoint::load(self.entrypoint.clone(), file, env, &flags)
     }
 }
@@ -269,26 +271,10 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
+    let (runtime, hangups) = match runtime_with_hangups() {
+        Ok(started) => started,
         Err(e) => {
-            eprintln!("burrow-agent: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    // The SIGHUP handler exists before READY=1 is sent (an early SIGHUP must not kill).
-    let hangups = {
-        use tokio::signal::unix::{SignalKind, signal};
-        let _entered = runtime.enter();
-        signal(SignalKind::hangup())
-    };
-    let hangups = match hangups {
-        Ok(hangups) => hangups,
-        Err(e) => {
-            eprintln!("burrow-agent: cannot handle SIGHUP: {e}");
+            eprintln!("burrow-agent: {e}");
             return ExitCode::from(1);
         }
     };
@@ -299,75 +285,108 @@ pub fn main() -> ExitCode {
         config.policy.clone(),
         level,
     ));
-    if let Some(entrypoint) = entrypoint {
-        // The sidecar installs its own handlers, for the signals it passes on, before READY=1.
-        let notifier = notify::Notifier::from_env(&env);
-        let code = match runtime.block_on(sidecar::run(config, entrypoint, notifier)) {
-            Ok(code) => code,
-            Err(e) => {
-                eprintln!("burrow-agent: {e}");
-                e.exit_code()
-            }
-        };
-        // Tasks still running (a dial, a DNS lookup) must not hold up the exit.
-        runtime.shutdown_timeout(std::time::Duration::from_millis(500));
-        return ExitCode::from(code);
+    match entrypoint {
+        Some(entrypoint) => run_sidecar(runtime, config, entrypoint, &env),
+        None => runtime.block_on(run_agent(config, &env)),
     }
-    runtime.block_on(async {
-        // SIGTERM and SIGINT are caught before READY=1: an early one drains, it does not kill.
-        let mut shutdown_signals = match ShutdownSignals::install() {
-            Ok(signals) => signals,
-            Err(e) => {
-                eprintln!("burrow-agent: cannot handle SIGTERM and SIGINT: {e}");
-                return ExitCode::from(1);
-            }
-        };
-        let shutdown = CancellationToken::new();
-        let agent = Agent::spawn(config, shutdown.clone());
-        // systemd: ready once the config is loaded; the watchdog and the status line from here.
-        let notify = notify::Notifier::from_env(&env).map(|notifier| {
-            notifier.ready();
-            tokio::spawn(notify::run(
-                notifier,
-                agent.status.clone(),
-                crate::status::status_line,
-                shutdown.clone(),
-            ))
-        });
-        let mut task = agent.task;
-        let ended = tokio::select! {
-            () = shutdown_signals.recv() => {
-                tracing::info!("shutting down: draining running streams (a second signal exits at once)");
-                shutdown.cancel();
-                tokio::select! {
-                    ended = &mut task => ended,
-                    () = shutdown_signals.recv() => {
-                        eprintln!("burrow-agent: second signal; exiting now");
-                        std::process::exit(130);
-                    }
+}
+
+/// The runtime, with the SIGHUP handler installed in it: it exists before READY=1 is sent (an
+/// early SIGHUP must not kill).
+fn runtime_with_hangups() -> Result<(tokio::runtime::Runtime, tokio::signal::unix::Signal), String>
+{
+    use tokio::signal::unix::{SignalKind, signal};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let hangups = {
+        let _entered = runtime.enter();
+        signal(SignalKind::hangup()).map_err(|e| format!("cannot handle SIGHUP: {e}"))?
+    };
+    Ok((runtime, hangups))
+}
+
+/// Runs the agent next to the devbox's entrypoint (`-- CMD`), and exits with CMD's code.
+fn run_sidecar(
+    runtime: tokio::runtime::Runtime,
+    config: Config,
+    entrypoint: Entrypoint,
+    env: &HashMap<String, String>,
+) -> ExitCode {
+    // The sidecar installs its own handlers, for the signals it passes on, before READY=1.
+    let notifier = notify::Notifier::from_env(env);
+    let code = match runtime.block_on(sidecar::run(config, entrypoint, notifier)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("burrow-agent: {e}");
+            e.exit_code()
+        }
+    };
+    // Tasks still running (a dial, a DNS lookup) must not hold up the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    ExitCode::from(code)
+}
+
+/// Runs the agent alone until SIGTERM or SIGINT (drained; a second signal exits at once) or
+/// until it fails.
+async fn run_agent(config: Config, env: &HashMap<String, String>) -> ExitCode {
+    // SIGTERM and SIGINT are caught before READY=1: an early one drains, it does not kill.
+    let mut shutdown_signals = match ShutdownSignals::install_or_exit("burrow-agent") {
+        Ok(signals) => signals,
+        Err(code) => return code,
+    };
+    let shutdown = CancellationToken::new();
+    let agent = Agent::spawn(config, shutdown.clone());
+    // systemd: ready once the config is loaded; the watchdog and the status line from here.
+    let notify = notify::Notifier::from_env(env).map(|notifier| {
+        notifier.ready();
+        tokio::spawn(notify::run(
+            notifier,
+            agent.status.clone(),
+            crate::status::status_line,
+            shutdown.clone(),
+        ))
+    });
+    let mut task = agent.task;
+    let ended = tokio::select! {
+        () = shutdown_signals.recv() => {
+            tracing::info!("shutting down: draining running streams (a second signal exits at once)");
+            shutdown.cancel();
+            tokio::select! {
+                ended = &mut task => ended,
+                () = shutdown_signals.recv() => {
+                    eprintln!("burrow-agent: second signal; exiting now");
+                    std::process::exit(130);
                 }
             }
-            ended = &mut task => ended,
-        };
-        // Sends STOPPING=1 (at once on a signal: the task wakes on the cancel) and ends.
-        shutdown.cancel();
-        if let Some(notify) = notify {
-            let _ = notify.await;
         }
-        match ended {
-            Ok(Ok(())) => ExitCode::SUCCESS,
-            Ok(Err(e @ tls::TlsError::Ca { .. })) | Ok(Err(e @ tls::TlsError::NoSystemRoots)) => {
-                eprintln!("burrow-agent: {e}");
-                ExitCode::from(2)
-            }
-            Ok(Err(e)) => {
-                eprintln!("burrow-agent: {e}");
-                ExitCode::from(1)
-            }
-            Err(e) => {
-                eprintln!("burrow-agent: {e}");
-                ExitCode::from(1)
-            }
+        ended = &mut task => ended,
+    };
+    // Sends STOPPING=1 (at once on a signal: the task wakes on the cancel) and ends.
+    shutdown.cancel();
+    if let Some(notify) = notify {
+        let _ = notify.await;
+    }
+    exit_code(ended)
+}
+
+/// The exit code for how the agent's task ended: 2 for a configuration problem found only at
+/// run time (the CA file), 1 for any other failure.
+fn exit_code(ended: Result<Result<(), tls::TlsError>, tokio::task::JoinError>) -> ExitCode {
+    match ended {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e @ tls::TlsError::Ca { .. })) | Ok(Err(e @ tls::TlsError::NoSystemRoots)) => {
+            eprintln!("burrow-agent: {e}");
+            ExitCode::from(2)
         }
-    })
+        Ok(Err(e)) => {
+            eprintln!("burrow-agent: {e}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("burrow-agent: {e}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -297,102 +297,26 @@ impl Config {
             _ => p,
         };
 
-        let edge = raw.edge.ok_or_else(|| ConfigError::Missing {
-            key: "edge",
-            hint: "set `edge = \"host:port\"` in the file, BURROW_EDGE, or --edge".into(),
-        })?;
-        let host = edge_host(&edge).ok_or_else(|| ConfigError::Invalid {
-            key: "edge",
-            message: format!("`{edge}` is not host:port (e.g. edge.example.com:443)"),
-        })?;
-        let server_name = raw.server_name.unwrap_or_else(|| host.to_owned());
-
-        let mut token_file = None;
-        let token = match (env.get(TOKEN_ENV), raw.token_file) {
-            (Some(token), _) => token.trim().to_owned(),
-            (None, Some(path)) => {
-                let path = relative(path);
-                let token = read_token(&path).map_err(|e| ConfigError::Invalid {
-                    key: "token_file",
-                    message: format!("cannot read {}: {e}", path.display()),
-                })?;
-                token_file = Some(path);
-                token
-            }
-            (None, None) => {
-                return Err(ConfigError::Missing {
-                    key: "token_file",
-                    hint: format!(
-                        "set `token_file`, BURROW_TOKEN_FILE, --token-file, or {TOKEN_ENV}"
-                    ),
-                });
-            }
-        };
-        if token.is_empty() {
-            return Err(ConfigError::Invalid {
-                key: "token_file",
-                message: "the agent token is empty".into(),
-            });
-        }
-
-        let metrics_listen = match raw.metrics.listen {
-            None => None,
-            Some(s) => Some(s.parse().map_err(|_| ConfigError::Invalid {
-                key: "metrics.listen",
-                message: format!("`{s}` is not an address:port"),
-            })?),
-        };
-        let ports = |key: &'static str, list: Vec<u16>| -> Result<Vec<Port>, ConfigError> {
-            list.into_iter()
-                .map(|p| {
-                    Port::new(p).ok_or_else(|| ConfigError::Invalid {
-                        key,
-                        message: "0 is not a port (1-65535)".into(),
-                    })
-                })
-                .collect()
-        };
-        let mut deny = ports("forward.deny_ports", raw.forward.deny_ports)?;
-        if let Some(port) = metrics_listen.and_then(|a: SocketAddr| Port::new(a.port())) {
-            deny.push(port);
-        }
-        let policy = PortPolicy::new(ports("forward.allow_ports", raw.forward.allow_ports)?, deny);
-
+        let (edge, server_name) = edge(raw.edge, raw.server_name)?;
+        let (token, token_file) = token(env, raw.token_file.map(relative))?;
+        let metrics_listen = metrics_listen(raw.metrics.listen)?;
+        let policy = policy(
+            raw.forward.allow_ports,
+            raw.forward.deny_ports,
+            metrics_listen,
+        )?;
         let liveness = liveness(raw.liveness)?;
         let log = burrow_runtime::logging::LogSettings::parse(raw.log.level, raw.log.format, env)?;
         Ok(Config {
             edge,
             server_name,
             ca: raw.ca.map(relative),
-            token: AgentToken::new(token),
+            token,
             token_file,
             policy,
             metrics_listen,
             liveness,
-            reconnect: Reconnect {
-                backoff: crate::backoff::Policy {
-                    initial: duration(
-                        "reconnect.backoff_initial",
-                        raw.reconnect.backoff_initial,
-                        Duration::from_millis(100),
-                    )?,
-                    max: duration(
-                        "reconnect.backoff_max",
-                        raw.reconnect.backoff_max,
-                        Duration::from_secs(2),
-                    )?,
-                },
-                healthy_after: duration(
-                    "reconnect.healthy_after",
-                    raw.reconnect.healthy_after,
-                    Duration::from_secs(30),
-                )?,
-                dial_timeout: duration(
-                    "reconnect.dial_timeout",
-                    raw.reconnect.dial_timeout,
-                    Duration::from_secs(3),
-                )?,
-            },
+            reconnect: reconnect(raw.reconnect)?,
             drain_grace: duration("drain_grace", raw.drain_grace, Duration::from_secs(10))?,
             log,
             connect_timeout: duration(
@@ -408,6 +332,119 @@ impl Config {
             )?,
         })
     }
+}
+
+/// `edge` (required, `host:port`) and the TLS name to verify (`server_name`, by default the
+/// edge's host).
+fn edge(
+    edge: Option<String>,
+    server_name: Option<String>,
+) -> Result<(String, String), ConfigError> {
+    let edge = edge.ok_or_else(|| ConfigError::Missing {
+        key: "edge",
+        hint: "set `edge = \"host:port\"` in the file, BURROW_EDGE, or --edge".into(),
+    })?;
+    let host = edge_host(&edge).ok_or_else(|| ConfigError::Invalid {
+        key: "edge",
+        message: format!("`{edge}` is not host:port (e.g. edge.example.com:443)"),
+    })?;
+    let server_name = server_name.unwrap_or_else(|| host.to_owned());
+    Ok((edge, server_name))
+}
+
+/// The agent token: from [`TOKEN_ENV`] itself, or read from `token_file` (already resolved
+/// against the config file's directory), which is then kept to be read again on every dial.
+fn token(
+    env: &HashMap<String, String>,
+    token_file: Option<PathBuf>,
+) -> Result<(AgentToken, Option<PathBuf>), ConfigError> {
+    let (token, token_file) = match (env.get(TOKEN_ENV), token_file) {
+        (Some(token), _) => (token.trim().to_owned(), None),
+        (None, Some(path)) => {
+            let token = read_token(&path).map_err(|e| ConfigError::Invalid {
+                key: "token_file",
+                message: format!("cannot read {}: {e}", path.display()),
+            })?;
+            (token, Some(path))
+        }
+        (None, None) => {
+            return Err(ConfigError::Missing {
+                key: "token_file",
+                hint: format!("set `token_file`, BURROW_TOKEN_FILE, --token-file, or {TOKEN_ENV}"),
+            });
+        }
+    };
+    if token.is_empty() {
+        return Err(ConfigError::Invalid {
+            key: "token_file",
+            message: "the agent token is empty".into(),
+        });
+    }
+    Ok((AgentToken::new(token), token_file))
+}
+
+/// `metrics.listen`, an address and port, if set.
+fn metrics_listen(listen: Option<String>) -> Result<Option<SocketAddr>, ConfigError> {
+    listen
+        .map(|s| {
+            s.parse().map_err(|_| ConfigError::Invalid {
+                key: "metrics.listen",
+                message: format!("`{s}` is not an address:port"),
+            })
+        })
+        .transpose()
+}
+
+/// Which ports may be forwarded: `forward.allow_ports` less `forward.deny_ports`, and never
+/// the metrics listener's port.
+fn policy(
+    allow: Vec<u16>,
+    deny: Vec<u16>,
+    metrics_listen: Option<SocketAddr>,
+) -> Result<PortPolicy, ConfigError> {
+    let ports = |key: &'static str, list: Vec<u16>| -> Result<Vec<Port>, ConfigError> {
+        list.into_iter()
+            .map(|p| {
+                Port::new(p).ok_or_else(|| ConfigError::Invalid {
+                    key,
+                    message: "0 is not a port (1-65535)".into(),
+                })
+            })
+            .collect()
+    };
+    let mut deny = ports("forward.deny_ports", deny)?;
+    if let Some(port) = metrics_listen.and_then(|a| Port::new(a.port())) {
+        deny.push(port);
+    }
+    Ok(PortPolicy::new(ports("forward.allow_ports", allow)?, deny))
+}
+
+/// The reconnect settings.
+fn reconnect(raw: RawReconnect) -> Result<Reconnect, ConfigError> {
+    Ok(Reconnect {
+        backoff: crate::backoff::Policy {
+            initial: duration(
+                "reconnect.backoff_initial",
+                raw.backoff_initial,
+                Duration::from_millis(100),
+            )?,
+            max: duration(
+                "reconnect.backoff_max",
+                raw.backoff_max,
+                Duration::from_secs(2),
+            )?,
+        },
+        healthy_after: duration(
+            "reconnect.healthy_after",
+            raw.healthy_after,
+            Duration::from_secs(30),
+        )?,
+        dial_timeout: duration(
+            "reconnect.dial_timeout",
+            raw.dial_timeout,
+            Duration::from_secs(3),
+        )?,
+    })
 }
 
 /// The liveness settings, checked against each other.

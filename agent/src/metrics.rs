@@ -70,115 +70,94 @@ struct PortStats {
 /// Ports remembered for the status view; past this, new ports are not tracked.
 const MAX_TRACKED_PORTS: usize = 4096;
 
+/// Bucket bounds of `burrow_agent_stream_duration_seconds`: a millisecond to half an hour.
+const STREAM_DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 60.0, 300.0, 1800.0,
+];
+
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Arc<Metrics> {
         let registry = Registry::new();
+        let r = &registry;
         let m = Metrics {
-            connected: IntGauge::new(
+            connected: int_gauge(
+                r,
                 "burrow_agent_connected",
                 "1 while a session with the edge is up",
-            )
-            .expect("valid metric"),
-            connects: IntCounter::new("burrow_agent_connects_total", "Sessions established")
-                .expect("valid metric"),
-            disconnects: IntCounterVec::new(
-                Opts::new("burrow_agent_disconnects_total", "Sessions ended, by cause"),
+            ),
+            connects: register(
+                r,
+                IntCounter::new("burrow_agent_connects_total", "Sessions established"),
+            ),
+            disconnects: counter_vec(
+                r,
+                "burrow_agent_disconnects_total",
+                "Sessions ended, by cause",
                 &["cause"],
-            )
-            .expect("valid metric"),
-            dial_failures: IntCounterVec::new(
-                Opts::new(
-                    "burrow_agent_dial_failures_total",
-                    "Dials that failed, by cause",
-                ),
+            ),
+            dial_failures: counter_vec(
+                r,
+                "burrow_agent_dial_failures_total",
+                "Dials that failed, by cause",
                 &["cause"],
-            )
-            .expect("valid metric"),
-            resumes: IntCounterVec::new(
-                Opts::new("burrow_agent_resumes_total", "Resumes detected, by kind"),
+            ),
+            resumes: counter_vec(
+                r,
+                "burrow_agent_resumes_total",
+                "Resumes detected, by kind",
                 &["kind"],
-            )
-            .expect("valid metric"),
-            rtt: Gauge::new(
+            ),
+            rtt: gauge(
+                r,
                 "burrow_agent_rtt_seconds",
                 "Round trip of the last heartbeat answered by the edge",
-            )
-            .expect("valid metric"),
-            streams_open: IntGauge::new("burrow_agent_streams_open", "Data streams open now")
-                .expect("valid metric"),
-            streams: IntCounterVec::new(
-                Opts::new(
-                    "burrow_agent_streams_total",
-                    "Data streams, by port class (system, user, dynamic) and outcome",
-                ),
+            ),
+            streams_open: int_gauge(r, "burrow_agent_streams_open", "Data streams open now"),
+            streams: counter_vec(
+                r,
+                "burrow_agent_streams_total",
+                "Data streams, by port class (system, user, dynamic) and outcome",
                 &["port_class", "outcome"],
-            )
-            .expect("valid metric"),
-            bytes: IntCounterVec::new(
-                Opts::new(
-                    "burrow_agent_bytes_total",
-                    "Bytes copied between edge and local services, by direction",
-                ),
+            ),
+            bytes: counter_vec(
+                r,
+                "burrow_agent_bytes_total",
+                "Bytes copied between edge and local services, by direction",
                 &["direction"],
-            )
-            .expect("valid metric"),
-            stream_duration: Histogram::with_opts(
-                HistogramOpts::new(
-                    "burrow_agent_stream_duration_seconds",
-                    "How long accepted data streams lasted",
-                )
-                .buckets(vec![
-                    0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 60.0, 300.0, 1800.0,
-                ]),
-            )
-            .expect("valid metric"),
-            heartbeat_age: Gauge::new(
+            ),
+            stream_duration: histogram(
+                r,
+                "burrow_agent_stream_duration_seconds",
+                "How long accepted data streams lasted",
+                STREAM_DURATION_BUCKETS,
+            ),
+            heartbeat_age: gauge(
+                r,
                 "burrow_agent_heartbeat_age_seconds",
                 "Time since the edge last answered a heartbeat (absent before the first)",
-            )
-            .expect("valid metric"),
-            quic_lost_packets: IntGauge::new(
+            ),
+            quic_lost_packets: int_gauge(
+                r,
                 "burrow_agent_quic_lost_packets",
                 "Packets lost on the current connection",
-            )
-            .expect("valid metric"),
-            quic_cwnd: IntGauge::new(
+            ),
+            quic_cwnd: int_gauge(
+                r,
                 "burrow_agent_quic_congestion_window_bytes",
                 "Congestion window of the current connection",
-            )
-            .expect("valid metric"),
-            quic_path_rtt: Gauge::new(
+            ),
+            quic_path_rtt: gauge(
+                r,
                 "burrow_agent_quic_path_rtt_seconds",
                 "QUIC's smoothed RTT estimate of the current connection",
-            )
-            .expect("valid metric"),
+            ),
             last_pong: Mutex::new(None),
             conn: Mutex::new(None),
             ports: Mutex::new(HashMap::new()),
             started: Instant::now(),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
-            Box::new(m.connected.clone()),
-            Box::new(m.connects.clone()),
-            Box::new(m.disconnects.clone()),
-            Box::new(m.dial_failures.clone()),
-            Box::new(m.resumes.clone()),
-            Box::new(m.rtt.clone()),
-            Box::new(m.streams_open.clone()),
-            Box::new(m.streams.clone()),
-            Box::new(m.bytes.clone()),
-            Box::new(m.stream_duration.clone()),
-            Box::new(m.heartbeat_age.clone()),
-            Box::new(m.quic_lost_packets.clone()),
-            Box::new(m.quic_cwnd.clone()),
-            Box::new(m.quic_path_rtt.clone()),
-        ];
-        for c in collectors {
-            // Invariant: the names above are distinct and valid.
-            m.registry.register(c).expect("metric registers once");
-        }
         Arc::new(m)
     }
 
@@ -305,6 +284,41 @@ impl Metrics {
         }
         String::from_utf8(out).unwrap_or_default()
     }
+}
+
+/// Registers a metric just made, and hands it back to be kept.
+fn register<C>(registry: &Registry, metric: prometheus::Result<C>) -> C
+where
+    C: prometheus::core::Collector + Clone + 'static,
+{
+    // Invariant: every name and help text in `Metrics::new` is valid, and each is registered
+    // once.
+    let metric = metric.expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric registers once");
+    metric
+}
+
+/// A gauge, registered.
+fn gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
+    register(registry, Gauge::new(name, help))
+}
+
+/// An integer gauge, registered.
+fn int_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    register(registry, IntGauge::new(name, help))
+}
+
+/// A histogram with these bucket bounds, registered.
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+    register(registry, Histogram::with_opts(opts))
+}
+
+/// A counter with labels, registered.
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(registry, IntCounterVec::new(Opts::new(name, help), labels))
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown`.

@@ -211,63 +211,12 @@ impl Config {
             hint: "set `state_dir = \"/var/lib/burrow-edge\"` (the store lives there)".into(),
         })?);
 
-        let http = raw
-            .public
-            .http
-            .map(|s| addr("public.http", &s))
-            .transpose()?;
-        let https = match (raw.public.https, raw.public.cert, raw.public.key) {
-            (None, _, _) => None,
-            (Some(listen), Some(cert), Some(key)) => Some(Https {
-                listen: addr("public.https", &listen)?,
-                tls: CertFiles {
-                    cert: path(cert),
-                    key: path(key),
-                },
-            }),
-            (Some(_), None, _) => {
-                return Err(ConfigError::Missing {
-                    key: "public.cert",
-                    hint: "`public.https` needs a certificate chain for *.{domain}".into(),
-                });
-            }
-            (Some(_), _, None) => {
-                return Err(ConfigError::Missing {
-                    key: "public.key",
-                    hint: "`public.https` needs the certificate's private key".into(),
-                });
-            }
-        };
-        if http.is_none() && https.is_none() {
-            return Err(ConfigError::Missing {
-                key: "public.http",
-                hint: "set `public.http` or `public.https` (or both): the public listeners".into(),
-            });
-        }
-
+        let (http, https) = public(raw.public, path)?;
         let agents_listen = addr(
             "agents.listen",
             raw.agents.listen.as_deref().unwrap_or("0.0.0.0:443"),
         )?;
-        let agents_tls = match (raw.agents.cert, raw.agents.key) {
-            (None, None) => None,
-            (Some(cert), Some(key)) => Some(CertFiles {
-                cert: path(cert),
-                key: path(key),
-            }),
-            (Some(_), None) => {
-                return Err(ConfigError::Missing {
-                    key: "agents.key",
-                    hint: "`agents.cert` needs its private key".into(),
-                });
-            }
-            (None, Some(_)) => {
-                return Err(ConfigError::Missing {
-                    key: "agents.cert",
-                    hint: "`agents.key` needs its certificate chain".into(),
-                });
-            }
-        };
+        let agents_tls = agents_tls(raw.agents.cert, raw.agents.key, path)?;
         let agents_server_name = raw.agents.server_name.unwrap_or_else(|| domain.clone());
         let admin_listen = addr(
             "admin.listen",
@@ -290,15 +239,13 @@ impl Config {
             admin_listen,
             admin_token_file: raw.admin.token_file.map(path),
             metrics_listen,
-            agent_wait: match raw.agents.wait {
-                Some(w) => sources::parse_duration("agents.wait", &w)?,
-                None => Duration::from_secs(5),
-            },
+            agent_wait: duration("agents.wait", raw.agents.wait, Duration::from_secs(5))?,
             max_waiting: raw.agents.max_waiting.unwrap_or(64),
-            pool_idle: match raw.agents.pool_idle {
-                Some(w) => sources::parse_duration("agents.pool_idle", &w)?,
-                None => Duration::from_secs(30),
-            },
+            pool_idle: duration(
+                "agents.pool_idle",
+                raw.agents.pool_idle,
+                Duration::from_secs(30),
+            )?,
             pool_max_idle: int(
                 "agents.pool_max_idle",
                 raw.agents.pool_max_idle,
@@ -307,20 +254,82 @@ impl Config {
             )?,
             log: burrow_runtime::logging::LogSettings::parse(raw.log.level, raw.log.format, env)?,
             limits: limits(raw.limits)?,
-            drain_grace: match raw.drain_grace {
-                Some(g) => sources::parse_duration("drain_grace", &g)?,
-                None => Duration::from_secs(10),
-            },
+            drain_grace: duration("drain_grace", raw.drain_grace, Duration::from_secs(10))?,
         })
     }
 }
 
+/// The public listeners: plain HTTP, HTTPS with its certificate, at least one of them.
+fn public(
+    raw: RawPublic,
+    path: impl Fn(PathBuf) -> PathBuf,
+) -> Result<(Option<SocketAddr>, Option<Https>), ConfigError> {
+    let http = raw.http.map(|s| addr("public.http", &s)).transpose()?;
+    let https = match (raw.https, raw.cert, raw.key) {
+        (None, _, _) => None,
+        (Some(listen), Some(cert), Some(key)) => Some(Https {
+            listen: addr("public.https", &listen)?,
+            tls: CertFiles {
+                cert: path(cert),
+                key: path(key),
+            },
+        }),
+        (Some(_), None, _) => {
+            return Err(ConfigError::Missing {
+                key: "public.cert",
+                hint: "`public.https` needs a certificate chain for *.{domain}".into(),
+            });
+        }
+        (Some(_), _, None) => {
+            return Err(ConfigError::Missing {
+                key: "public.key",
+                hint: "`public.https` needs the certificate's private key".into(),
+            });
+        }
+    };
+    if http.is_none() && https.is_none() {
+        return Err(ConfigError::Missing {
+            key: "public.http",
+            hint: "set `public.http` or `public.https` (or both): the public listeners".into(),
+        });
+    }
+    Ok((http, https))
+}
+
+/// The agents' certificate and key, both or neither (then the edge generates them).
+fn agents_tls(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    path: impl Fn(PathBuf) -> PathBuf,
+) -> Result<Option<CertFiles>, ConfigError> {
+    match (cert, key) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => Ok(Some(CertFiles {
+            cert: path(cert),
+            key: path(key),
+        })),
+        (Some(_), None) => Err(ConfigError::Missing {
+            key: "agents.key",
+            hint: "`agents.cert` needs its private key".into(),
+        }),
+        (None, Some(_)) => Err(ConfigError::Missing {
+            key: "agents.cert",
+            hint: "`agents.key` needs its certificate chain".into(),
+        }),
+    }
+}
+
+/// A duration key: its value parsed, or the default.
+fn duration(
+    key: &'static str,
+    value: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    value.map_or(Ok(default), |v| sources::parse_duration(key, &v))
+}
+
 fn limits(raw: RawLimits) -> Result<Limits, ConfigError> {
     let d = Limits::default();
-    let duration = |key, value: Option<String>, default| match value {
-        Some(v) => sources::parse_duration(key, &v),
-        None => Ok(default),
-    };
     let limits = Limits {
         max_head_bytes: int(
             "limits.max_head_bytes",

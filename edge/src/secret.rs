@@ -3,11 +3,9 @@
 
 use std::fmt;
 
-use sha2::{Digest, Sha256};
+use data_encoding::{BASE32_NOPAD, HEXLOWER, HEXLOWER_PERMISSIVE};
+use ring::digest::{SHA256, digest};
 use subtle::ConstantTimeEq;
-
-/// Lowercase RFC 4648 base32: DNS-label safe, unambiguous, 5 bits a character.
-const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
 
 /// A token handed out once (agent, tunnel or admin token). 256 bits of randomness.
 #[derive(Clone, PartialEq, Eq)]
@@ -31,7 +29,10 @@ impl Secret {
 
     /// The hash under which the token is stored.
     pub fn hash(&self) -> TokenHash {
-        TokenHash(Sha256::digest(self.0.as_bytes()).into())
+        let mut hash = [0u8; 32];
+        // Invariant: a SHA-256 digest is 32 bytes, so the lengths match.
+        hash.copy_from_slice(digest(&SHA256, self.0.as_bytes()).as_ref());
+        TokenHash(hash)
     }
 }
 
@@ -69,19 +70,16 @@ impl TokenHash {
 
 /// `bytes` in lowercase hex.
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    HEXLOWER.encode(bytes)
 }
 
-/// 32 bytes from exactly 64 hex digits (nothing else: no sign, no space).
+/// 32 bytes from exactly 64 hex digits (nothing else: no sign, no space), in either case.
 pub fn from_hex32(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(out)
+    HEXLOWER_PERMISSIVE
+        .decode(s.as_bytes())
+        .ok()?
+        .try_into()
+        .ok()
 }
 
 impl PartialEq for TokenHash {
@@ -104,25 +102,19 @@ pub fn tunnel_key() -> Result<String, getrandom::Error> {
     })
 }
 
-/// `bytes` random bytes as base32 (no padding).
+/// `bytes` random bytes as base32 (see [`base32`]).
 fn random_base32(bytes: usize) -> Result<String, getrandom::Error> {
     let mut buf = vec![0u8; bytes];
     getrandom::fill(&mut buf)?;
-    let mut out = String::with_capacity(bytes * 8 / 5 + 1);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for b in buf {
-        acc = (acc << 8) | u32::from(b);
-        bits += 8;
-        while bits >= 5 {
-            bits -= 5;
-            out.push(char::from(ALPHABET[((acc >> bits) & 31) as usize]));
-        }
-        acc &= (1 << bits) - 1;
-    }
-    if bits > 0 {
-        out.push(char::from(ALPHABET[((acc << (5 - bits)) & 31) as usize]));
-    }
-    Ok(out)
+    Ok(base32(&buf))
+}
+
+/// Lowercase RFC 4648 base32 without padding: letters `a`-`z` and digits `2`-`7`, DNS-label
+/// safe, unambiguous, 5 bits a character.
+fn base32(bytes: &[u8]) -> String {
+    let mut out = BASE32_NOPAD.encode(bytes);
+    out.make_ascii_lowercase();
+    out
 }
 
 #[cfg(test)]
@@ -141,6 +133,29 @@ mod tests {
         let hex = a.hash().to_hex();
         assert_eq!(TokenHash::from_hex(&hex), Some(a.hash()));
         assert_eq!(TokenHash::from_hex("zz"), None);
+    }
+
+    #[test]
+    fn hashes_are_sha256_in_lowercase_hex() {
+        // The store keeps these: they must stay byte-identical (FIPS 180-2's "abc" vector).
+        let hash = Secret::new("abc").hash();
+        let hex = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(hash.to_hex(), hex);
+        assert_eq!(TokenHash::from_hex(&hex.to_ascii_uppercase()), Some(hash));
+        for bad in [
+            "",
+            &hex[1..],
+            &format!("{hex}00"),
+            &format!(" {}", &hex[1..]),
+        ] {
+            assert_eq!(from_hex32(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn base32_is_rfc4648_lowercase_unpadded() {
+        assert_eq!(base32(b"foobar"), "mzxw6ytboi");
+        assert_eq!(base32(b"f"), "my");
     }
 
     #[test]

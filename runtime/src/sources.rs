@@ -5,6 +5,7 @@
 //! environment variable, the kind of value). [`layer`] merges the three sources into one TOML
 //! table, which the binary's `RawConfig` then deserializes with `deny_unknown_fields`, so a typo
 //! in any source names the key it came from. The burrow-edge binary uses this module too.
+//! Durations are read by [`parse_duration`] (humantime's forms, plus a bare number of seconds).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -227,9 +228,37 @@ pub fn int<T: TryFrom<i64> + Copy>(
         })
 }
 
+/// Parses a duration the way [`humantime::parse_duration`] does: `250ms`, `5s`, `1.5s`, `2m`,
+/// `1h`, `1h 30m`, `3 sec`. Two forms that burrow accepted before it used humantime still work,
+/// so that existing configs keep loading: a bare number is seconds (`5`, `1.5`), and a number
+/// may start or end with its decimal point (`.5s`, `5.s`). The error names `key`.
+pub fn parse_duration(key: &'static str, text: &str) -> Result<std::time::Duration, ConfigError> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (number, rest) = t.split_at(split);
+    let mut number = number.to_owned();
+    // humantime wants digits on both sides of a decimal point.
+    if number.len() > 1 && number.matches('.').count() == 1 {
+        if number.starts_with('.') {
+            number.insert(0, '0');
+        }
+        if number.ends_with('.') {
+            number.pop();
+        }
+    }
+    let unit = if rest.trim().is_empty() { "s" } else { rest };
+    humantime::parse_duration(&format!("{number}{unit}")).map_err(|e| ConfigError::Invalid {
+        key,
+        message: format!("`{text}` is not a duration like 250ms, 5s or 2m ({e})"),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const SETTINGS: &[Setting] = &[
         Setting {
@@ -293,41 +322,6 @@ mod tests {
         let err = layer(SETTINGS, file("edge = "), &HashMap::new(), &[]).unwrap_err();
         assert!(err.to_string().contains("agent.toml"), "{err}");
     }
-}
-
-/// Parses a duration written like `250ms`, `5s`, `2m` or `1h` (a bare number is seconds).
-pub fn parse_duration(key: &'static str, text: &str) -> Result<std::time::Duration, ConfigError> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let value: f64 = number.parse().map_err(|_| ConfigError::Invalid {
-        key,
-        message: format!("`{text}` is not a duration like 250ms, 5s or 2m"),
-    })?;
-    let scale = match unit.trim() {
-        "ms" => 0.001,
-        "" | "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        _ => {
-            return Err(ConfigError::Invalid {
-                key,
-                message: format!("`{text}`: unknown unit; use ms, s, m or h"),
-            });
-        }
-    };
-    std::time::Duration::try_from_secs_f64(value * scale).map_err(|_| ConfigError::Invalid {
-        key,
-        message: format!("`{text}` is out of range"),
-    })
-}
-
-#[cfg(test)]
-mod duration_tests {
-    use super::*;
-    use std::time::Duration;
 
     #[test]
     fn durations_parse_with_units_and_name_the_key() {
@@ -342,6 +336,29 @@ mod duration_tests {
             Duration::from_millis(1500)
         );
         assert_eq!(parse_duration("k", "2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(
+            parse_duration("k", "1h").unwrap(),
+            Duration::from_secs(3600)
+        );
+        assert_eq!(
+            parse_duration("k", " 0.5m ").unwrap(),
+            Duration::from_secs(30)
+        );
+        assert_eq!(parse_duration("k", "5 s").unwrap(), Duration::from_secs(5));
+        assert_eq!(
+            parse_duration("k", "1.5").unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            parse_duration("k", ".5s").unwrap(),
+            Duration::from_millis(500)
+        );
+        assert_eq!(parse_duration("k", "5.s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("k", "0").unwrap(), Duration::ZERO);
+        assert_eq!(
+            parse_duration("k", "1h 30m").unwrap(),
+            Duration::from_secs(5400)
+        );
         let err = parse_duration("liveness.heartbeat_interval", "5 parsecs").unwrap_err();
         assert!(
             err.to_string().contains("liveness.heartbeat_interval"),
@@ -349,5 +366,15 @@ mod duration_tests {
         );
         assert!(parse_duration("k", "").is_err());
         assert!(parse_duration("k", "-1s").is_err());
+        for bad in [
+            ".",
+            "1.2.3s",
+            "5S",
+            "1e3s",
+            "5 s 3",
+            "99999999999999999999s",
+        ] {
+            assert!(parse_duration("k", bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -20,8 +20,8 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use ring::digest::{Context, SHA256, digest};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -51,7 +51,8 @@ pub fn pattern(i: u64) -> u8 {
 
 /// SHA-256 hex of a byte slice.
 pub fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
+    digest(&SHA256, data)
+        .as_ref()
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
@@ -142,7 +143,7 @@ async fn handle(req: Request<Incoming>, seen: Arc<Mutex<Seen>>) -> Response<Body
     }
     let method = req.method().to_string();
     let query = req.uri().query().map(str::to_owned);
-    let mut hasher = Sha256::new();
+    let mut hasher = Context::new(&SHA256);
     let mut len = 0u64;
     let mut body = req.into_body();
     while let Some(frame) = body.frame().await {
@@ -153,7 +154,8 @@ async fn handle(req: Request<Incoming>, seen: Arc<Mutex<Seen>>) -> Response<Body
         }
     }
     let sha: String = hasher
-        .finalize()
+        .finish()
+        .as_ref()
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();

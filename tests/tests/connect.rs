@@ -13,12 +13,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use burrow_tests::postgres::{Postgres, psql};
+use burrow_tests::testkit::{AsyncChildGuard, Lines};
 use burrow_tests::{DOMAIN, TestAgent, TestEdge, WAIT, binary};
-use sha2::{Digest, Sha256};
+use ring::digest::{Context, SHA256};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, ChildStderr, ChildStdout, Command};
-use tokio::sync::watch;
+use tokio::process::{ChildStdout, Command};
 use tokio::time::{Instant, timeout};
 
 const MIB: u64 = 1024 * 1024;
@@ -73,7 +73,7 @@ async fn stdio_carries_a_stream_and_exits_0_when_the_service_ends() {
     );
 
     let status = burrow.exit().await;
-    let stderr = burrow.stderr.all().await;
+    let stderr = burrow.stderr.ended_async(WAIT).await;
     assert_eq!(
         status.code(),
         Some(0),
@@ -121,7 +121,7 @@ async fn psql_through_listen_reaches_a_real_postgres() {
     assert!(
         listening.burrow.running(),
         "the listener serves every psql; stderr:\n{}",
-        listening.burrow.stderr.so_far()
+        listening.burrow.stderr.text()
     );
 }
 
@@ -153,7 +153,7 @@ async fn stdio_to_an_authenticated_tunnel_needs_its_token() {
         .await
         .assert_complete();
     let status = burrow.exit().await;
-    let stderr = burrow.stderr.all().await;
+    let stderr = burrow.stderr.ended_async(WAIT).await;
     assert_eq!(
         status.code(),
         Some(0),
@@ -195,7 +195,7 @@ async fn listen_uses_the_token_file_and_closes_refused_connections() {
         let read = timeout(WAIT, tcp.read(&mut buf)).await.unwrap_or_else(|_| {
             panic!(
                 "connection {attempt} was not closed within {WAIT:?}; stderr:\n{}",
-                refusing.burrow.stderr.so_far()
+                refusing.burrow.stderr.text()
             )
         });
         // EOF, or a reset if burrow closed it with our bytes unread.
@@ -205,12 +205,12 @@ async fn listen_uses_the_token_file_and_closes_refused_connections() {
         refusing
             .burrow
             .stderr
-            .lines_containing("401", attempt)
+            .wait_count_async("401", attempt, WAIT)
             .await;
         assert!(
             refusing.burrow.running(),
             "a refused connection does not stop the listener; stderr:\n{}",
-            refusing.burrow.stderr.so_far()
+            refusing.burrow.stderr.text()
         );
     }
 }
@@ -232,14 +232,14 @@ fn connect(edge: &TestEdge, port: u16, key: &str) -> Command {
             cmd.env_remove(name);
         }
     }
-    cmd.env("NO_COLOR", "1").kill_on_drop(true);
+    cmd.env("NO_COLOR", "1");
     cmd
 }
 
 /// A running `burrow` (killed on drop), its stderr collected line by line.
 struct Burrow {
-    child: Child,
-    stderr: Stderr,
+    child: AsyncChildGuard,
+    stderr: Lines,
 }
 
 impl Burrow {
@@ -252,8 +252,9 @@ impl Burrow {
     }
 
     fn spawn(mut cmd: Command) -> Burrow {
-        let mut child = cmd.stderr(Stdio::piped()).spawn().expect("burrow starts");
-        let stderr = Stderr::collect(child.stderr.take().expect("piped stderr"));
+        let mut child = AsyncChildGuard::spawn(cmd.stderr(Stdio::piped()));
+        let stderr = Lines::new();
+        stderr.read_async(child.stderr.take().expect("piped stderr"));
         Burrow { child, stderr }
     }
 
@@ -263,7 +264,7 @@ impl Burrow {
             Ok(status) => status.expect("wait for burrow"),
             Err(_) => panic!(
                 "burrow did not exit within {WAIT:?}; stderr:\n{}",
-                self.stderr.so_far()
+                self.stderr.text()
             ),
         }
     }
@@ -295,7 +296,7 @@ impl Listening {
             let status = burrow.child.try_wait();
             panic!(
                 "no `listening on` line within {WAIT:?} ({read:?}, exit {status:?}); stderr:\n{}",
-                burrow.stderr.so_far()
+                burrow.stderr.text()
             );
         }
         let addr = line
@@ -337,7 +338,7 @@ async fn refused_stdio(cmd: Command) -> String {
     let mut stdout = burrow.child.stdout.take().expect("piped stdout");
     let _ = stdin.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").await;
     let status = burrow.exit().await;
-    let stderr = burrow.stderr.all().await;
+    let stderr = burrow.stderr.ended_async(WAIT).await;
     let mut out = Vec::new();
     let _ = timeout(WAIT, stdout.read_to_end(&mut out)).await;
     assert_eq!(status.code(), Some(1), "refused: exit 1; stderr:\n{stderr}");
@@ -348,60 +349,6 @@ async fn refused_stdio(cmd: Command) -> String {
     );
     drop(stdin);
     stderr
-}
-
-/// A child's stderr, collected line by line as it comes.
-struct Stderr(watch::Receiver<Log>);
-
-#[derive(Debug, Default)]
-struct Log {
-    lines: Vec<String>,
-    /// Whether the pipe has ended (the process exited).
-    ended: bool,
-}
-
-impl Stderr {
-    fn collect(pipe: ChildStderr) -> Stderr {
-        let (tx, rx) = watch::channel(Log::default());
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(pipe).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                tx.send_modify(|log| log.lines.push(line));
-            }
-            tx.send_modify(|log| log.ended = true);
-        });
-        Stderr(rx)
-    }
-
-    /// Everything so far.
-    fn so_far(&self) -> String {
-        self.0.borrow().lines.join("\n")
-    }
-
-    /// Everything, once the pipe has ended (within [`WAIT`]).
-    async fn all(&self) -> String {
-        let mut rx = self.0.clone();
-        match timeout(WAIT, rx.wait_for(|log| log.ended)).await {
-            Ok(Ok(log)) => log.lines.join("\n"),
-            _ => panic!("burrow's stderr did not end; so far:\n{}", self.so_far()),
-        }
-    }
-
-    /// Waits up to [`WAIT`] for `count` lines containing `needle`.
-    async fn lines_containing(&self, needle: &str, count: usize) {
-        let mut rx = self.0.clone();
-        let matching = |log: &Log| log.lines.iter().filter(|l| l.contains(needle)).count();
-        // `is_ok_and` drops the borrow of the log before `so_far` takes one.
-        let found = timeout(WAIT, rx.wait_for(|log| matching(log) >= count))
-            .await
-            .is_ok_and(|seen| seen.is_ok());
-        if !found {
-            panic!(
-                "not {count} stderr lines with `{needle}` within {WAIT:?}; stderr:\n{}",
-                self.so_far()
-            );
-        }
-    }
 }
 
 // ---- The devbox side ----
@@ -478,7 +425,7 @@ async fn digest_echo() -> SocketAddr {
 async fn serve_digest_echo(tcp: TcpStream) -> std::io::Result<()> {
     let (mut read, mut write) = tcp.into_split();
     let mut buf = vec![0u8; 64 * 1024];
-    let mut hasher = Sha256::new();
+    let mut hasher = Context::new(&SHA256);
     let mut received = 0u64;
     loop {
         let n = read.read(&mut buf).await?;
@@ -490,7 +437,7 @@ async fn serve_digest_echo(tcp: TcpStream) -> std::io::Result<()> {
         write.write_all(&buf[..n]).await?;
     }
     write
-        .write_all(digest_line(received, &hex(&hasher.finalize())).as_bytes())
+        .write_all(digest_line(received, &hex(hasher.finish().as_ref())).as_bytes())
         .await?;
     write.shutdown().await
 }
@@ -581,7 +528,7 @@ impl Exchange {
 
 /// Writes `len` bytes of [`Noise`] to `write` while reading the echo from `read`, then
 /// half-closes and reads to EOF; bounded by [`TRANSFER`].
-async fn exchange<W, R>(write: W, read: R, len: u64, stderr: &Stderr) -> Exchange
+async fn exchange<W, R>(write: W, read: R, len: u64, stderr: &Lines) -> Exchange
 where
     W: AsyncWrite + Unpin,
     R: AsyncRead + Unpin,
@@ -594,7 +541,7 @@ where
              stderr:\n{}",
             progress.sent.load(Ordering::Relaxed),
             progress.received.load(Ordering::Relaxed),
-            stderr.so_far()
+            stderr.text()
         );
     };
     Exchange {
@@ -611,7 +558,7 @@ async fn send<W: AsyncWrite + Unpin>(
 ) -> Result<String, String> {
     let mut noise = Noise::new();
     let mut block = vec![0u8; BLOCK];
-    let mut hasher = Sha256::new();
+    let mut hasher = Context::new(&SHA256);
     let mut sent = 0u64;
     while sent < len {
         noise.block(&mut block);
@@ -630,7 +577,7 @@ async fn send<W: AsyncWrite + Unpin>(
         .await
         .map_err(|e| format!("half-close: {e}"))?;
     drop(write);
-    Ok(hex(&hasher.finalize()))
+    Ok(hex(hasher.finish().as_ref()))
 }
 
 /// Reads to EOF: the echo of the first `len` bytes, compared as it comes with the same
