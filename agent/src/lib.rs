@@ -3,13 +3,15 @@
 //!
 //! # Layout
 //!
-//! In data-flow order:
+//! In data-flow order (config sources, logging, systemd notify, signals and QUIC framing come
+//! from `burrow-runtime`, the session's rules and liveness from `burrow-protocol`):
 //! - [`config`]: the agent's checked [`Config`].
 //! - [`tls`]: TLS 1.3 client settings, the edge's certificate verified, ALPN `burrow/1`.
 //! - [`reconnect`]: the state machine that dials, serves, and dials again.
 //! - [`backoff`]: when to dial again (exponential, full jitter, low cap).
 //! - [`resume`] and [`clock`]: noticing that the devbox slept or was frozen.
-//! - [`session`]: one connection: hello, welcome, control stream, accepting data streams.
+//! - [`session`]: one connection: hello, welcome, the control stream driving the protocol's
+//!   liveness machine, accepting data streams.
 //! - [`forward`]: one data stream: port policy, loopback dial, accept/refuse, byte copy.
 //! - [`policy`]: the allow/deny port lists.
 //! - [`status`]: what the agent reports about itself.

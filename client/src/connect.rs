@@ -441,13 +441,11 @@ pub fn main() -> ExitCode {
 
 /// Accepts local connections on `listen` and carries each, until SIGINT or SIGTERM.
 async fn listen_and_carry(connector: Connector, listen: SocketAddr) -> ExitCode {
-    let mut signals = match burrow_runtime::signals::ShutdownSignals::install() {
-        Ok(signals) => signals,
-        Err(e) => {
-            eprintln!("burrow connect: cannot handle SIGTERM and SIGINT: {e}");
-            return ExitCode::from(1);
-        }
-    };
+    let mut signals =
+        match burrow_runtime::signals::ShutdownSignals::install_or_exit("burrow connect") {
+            Ok(signals) => signals,
+            Err(code) => return code,
+        };
     let listener = match TcpListener::bind(listen).await {
         Ok(listener) => listener,
         Err(e) => {

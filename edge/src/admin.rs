@@ -29,13 +29,13 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use crate::agents::close;
+use crate::auth;
+use crate::body::{self, Body};
 use crate::limits::{self, Rate};
 use crate::metrics::Metrics;
-use crate::pages;
-use crate::proxy::Body;
 use crate::registry::{DevboxView, IssuedTunnel, Registry, RegistryError, TunnelSpec};
 use crate::secret::TokenHash;
+use burrow_protocol::close;
 
 /// Seconds a throttled admin client is told to wait.
 const RETRY_AFTER_SECS: u32 = 10;
@@ -80,6 +80,9 @@ impl EnableTunnel {
 
 /// An API error: status and message.
 struct ApiError(StatusCode, String);
+
+/// A call's answer: status and JSON body.
+type Reply = Result<(StatusCode, Option<Value>), ApiError>;
 
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
@@ -141,13 +144,46 @@ impl Admin {
         }
     }
 
-    async fn route(
-        &self,
-        req: Request<Incoming>,
-        client: IpAddr,
-    ) -> Result<(StatusCode, Option<Value>), ApiError> {
-        // Guessing is throttled before the token is looked at, so a guess made while
-        // throttled tells nothing even when it is right.
+    /// Checks the caller, then runs the call the method and path name.
+    async fn route(&self, req: Request<Incoming>, client: IpAddr) -> Reply {
+        self.authorize(&req, client)?;
+        let path = req.uri().path().to_owned();
+        let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+        let method = req.method().clone();
+        match (&method, segments.as_slice()) {
+            (&Method::POST, ["v1", "devboxes"]) => self.create(req).await,
+            (&Method::GET, ["v1", "devboxes"]) => Ok(self.list()),
+            (&Method::GET, ["v1", "devboxes", id]) => self.show(id),
+            (&Method::DELETE, ["v1", "devboxes", id]) => self.delete(id).await,
+            (&Method::POST, ["v1", "devboxes", id, "tunnel"]) => self.enable_tunnel(id, req).await,
+            (&Method::POST, ["v1", "devboxes", id, "tunnel", "rotate-token"]) => {
+                self.rotate_tunnel_token(id).await
+            }
+            (&Method::POST, ["v1", "devboxes", id, "rotate-agent-token"]) => {
+                self.rotate_agent_token(id).await
+            }
+            (&Method::DELETE, ["v1", "devboxes", id, "tunnel"]) => self.disable_tunnel(id).await,
+            (
+                _,
+                ["v1", "devboxes"]
+                | ["v1", "devboxes", _]
+                | ["v1", "devboxes", _, "tunnel"]
+                | ["v1", "devboxes", _, "tunnel", "rotate-token"]
+                | ["v1", "devboxes", _, "rotate-agent-token"],
+            ) => Err(ApiError(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not supported on {path}"),
+            )),
+            _ => Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no such API path: {path}"),
+            )),
+        }
+    }
+
+    /// Lets a call with the admin token through. Guessing is throttled before the token is
+    /// looked at, so a guess made while throttled tells nothing even when it is right.
+    fn authorize(&self, req: &Request<Incoming>, client: IpAddr) -> Result<(), ApiError> {
         if !self.failures.has(&client) {
             self.metrics
                 .limited
@@ -158,12 +194,7 @@ impl Admin {
                 "too many failed admin calls from this address; wait a minute".into(),
             ));
         }
-        let authorized = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| self.token.matches(t.trim()));
+        let authorized = auth::bearer(req.headers()).is_some_and(|t| self.token.matches(t));
         if !authorized {
             let _ = self.failures.take(&client);
             return Err(ApiError(
@@ -171,110 +202,103 @@ impl Admin {
                 "missing or wrong admin token: send `Authorization: Bearer <admin token>`".into(),
             ));
         }
-        let path = req.uri().path().to_owned();
-        let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
-        let method = req.method().clone();
-        let method_name = method.to_string();
-        match (method, segments.as_slice()) {
-            (Method::POST, ["v1", "devboxes"]) => {
-                let body: CreateDevbox = read_json(req).await?;
-                if let Some(id) = &body.id {
-                    check_id(id)?;
-                }
-                let mode = body.tunnel.as_ref().map(EnableTunnel::spec).transpose()?;
-                let (record, token, issued) =
-                    self.blocking(move |r| r.create(body.id, mode)).await?;
-                info!(devbox = %record.id, "devbox registered");
-                let mut out = json!({ "id": record.id, "agent_token": token.expose() });
-                if let Some(issued) = issued {
-                    out["tunnel"] = self.issued_json(&issued);
-                }
-                Ok((StatusCode::CREATED, Some(out)))
-            }
-            (Method::GET, ["v1", "devboxes"]) => {
-                let list: Vec<Value> = self
-                    .registry
-                    .list()
-                    .iter()
-                    .map(|d| self.devbox_json(d))
-                    .collect();
-                Ok((StatusCode::OK, Some(Value::Array(list))))
-            }
-            (Method::GET, ["v1", "devboxes", id]) => {
-                let view = self.registry.get(id).ok_or_else(|| not_found(id))?;
-                Ok((StatusCode::OK, Some(self.devbox_json(&view))))
-            }
-            (Method::DELETE, ["v1", "devboxes", id]) => {
-                let id = (*id).to_owned();
-                let target = id.clone();
-                if let Some(session) = self.blocking(move |r| r.delete(&target)).await? {
-                    let _ = session.control.try_send(ControlMsg::GoAway(GoAway {
-                        reason: GoAwayReason::Revoked,
-                        message: "the devbox was deleted".into(),
-                    }));
-                    session.conn.close(close::REVOKED.into(), b"devbox deleted");
-                }
-                info!(devbox = %id, "devbox deleted");
-                Ok((StatusCode::NO_CONTENT, None))
-            }
-            (Method::POST, ["v1", "devboxes", id, "tunnel"]) => {
-                let id = (*id).to_owned();
-                let body: EnableTunnel = read_json(req).await?;
-                let spec = body.spec()?;
-                let target = id.clone();
-                let issued = self
-                    .blocking(move |r| r.enable_tunnel(&target, spec))
-                    .await?;
-                info!(
-                    devbox = %id,
-                    mode = issued.record.auth_mode.as_str(),
-                    rewrite_host = issued.record.rewrite_host,
-                    raw_tcp = issued.record.raw_tcp,
-                    "tunnel enabled"
-                );
-                Ok((StatusCode::OK, Some(self.issued_json(&issued))))
-            }
-            (Method::POST, ["v1", "devboxes", id, "tunnel", "rotate-token"]) => {
-                let target = (*id).to_owned();
-                let issued = self
-                    .blocking(move |r| r.rotate_tunnel_token(&target))
-                    .await?;
-                info!(devbox = %id, "tunnel token rotated");
-                Ok((StatusCode::OK, Some(self.issued_json(&issued))))
-            }
-            (Method::POST, ["v1", "devboxes", id, "rotate-agent-token"]) => {
-                let target = (*id).to_owned();
-                let token = self
-                    .blocking(move |r| r.rotate_agent_token(&target))
-                    .await?;
-                info!(devbox = %id, "agent token rotated");
-                Ok((
-                    StatusCode::OK,
-                    Some(json!({ "id": id, "agent_token": token.expose() })),
-                ))
-            }
-            (Method::DELETE, ["v1", "devboxes", id, "tunnel"]) => {
-                let target = (*id).to_owned();
-                self.blocking(move |r| r.disable_tunnel(&target)).await?;
-                info!(devbox = %id, "tunnel disabled");
-                Ok((StatusCode::NO_CONTENT, None))
-            }
-            (
-                _,
-                ["v1", "devboxes"]
-                | ["v1", "devboxes", _]
-                | ["v1", "devboxes", _, "tunnel"]
-                | ["v1", "devboxes", _, "tunnel", "rotate-token"]
-                | ["v1", "devboxes", _, "rotate-agent-token"],
-            ) => Err(ApiError(
-                StatusCode::METHOD_NOT_ALLOWED,
-                format!("{method_name} is not supported on {path}"),
-            )),
-            _ => Err(ApiError(
-                StatusCode::NOT_FOUND,
-                format!("no such API path: {path}"),
-            )),
+        Ok(())
+    }
+
+    /// `POST /v1/devboxes`
+    async fn create(&self, req: Request<Incoming>) -> Reply {
+        let body: CreateDevbox = read_json(req).await?;
+        if let Some(id) = &body.id {
+            check_id(id)?;
         }
+        let mode = body.tunnel.as_ref().map(EnableTunnel::spec).transpose()?;
+        let (record, token, issued) = self.blocking(move |r| r.create(body.id, mode)).await?;
+        info!(devbox = %record.id, "devbox registered");
+        let mut out = json!({ "id": record.id, "agent_token": token.expose() });
+        if let Some(issued) = issued {
+            out["tunnel"] = self.issued_json(&issued);
+        }
+        Ok((StatusCode::CREATED, Some(out)))
+    }
+
+    /// `GET /v1/devboxes`
+    fn list(&self) -> (StatusCode, Option<Value>) {
+        let list: Vec<Value> = self
+            .registry
+            .list()
+            .iter()
+            .map(|d| self.devbox_json(d))
+            .collect();
+        (StatusCode::OK, Some(Value::Array(list)))
+    }
+
+    /// `GET /v1/devboxes/{id}`
+    fn show(&self, id: &str) -> Reply {
+        let view = self.registry.get(id).ok_or_else(|| not_found(id))?;
+        Ok((StatusCode::OK, Some(self.devbox_json(&view))))
+    }
+
+    /// `DELETE /v1/devboxes/{id}`: the agent is told to go away and its connection closed.
+    async fn delete(&self, id: &str) -> Reply {
+        let target = id.to_owned();
+        if let Some(session) = self.blocking(move |r| r.delete(&target)).await? {
+            let _ = session.control.try_send(ControlMsg::GoAway(GoAway {
+                reason: GoAwayReason::Revoked,
+                message: "the devbox was deleted".into(),
+            }));
+            session.conn.close(close::REVOKED.into(), b"devbox deleted");
+        }
+        info!(devbox = %id, "devbox deleted");
+        Ok((StatusCode::NO_CONTENT, None))
+    }
+
+    /// `POST /v1/devboxes/{id}/tunnel`
+    async fn enable_tunnel(&self, id: &str, req: Request<Incoming>) -> Reply {
+        let body: EnableTunnel = read_json(req).await?;
+        let spec = body.spec()?;
+        let target = id.to_owned();
+        let issued = self
+            .blocking(move |r| r.enable_tunnel(&target, spec))
+            .await?;
+        info!(
+            devbox = %id,
+            mode = issued.record.auth_mode.as_str(),
+            rewrite_host = issued.record.rewrite_host,
+            raw_tcp = issued.record.raw_tcp,
+            "tunnel enabled"
+        );
+        Ok((StatusCode::OK, Some(self.issued_json(&issued))))
+    }
+
+    /// `POST /v1/devboxes/{id}/tunnel/rotate-token`
+    async fn rotate_tunnel_token(&self, id: &str) -> Reply {
+        let target = id.to_owned();
+        let issued = self
+            .blocking(move |r| r.rotate_tunnel_token(&target))
+            .await?;
+        info!(devbox = %id, "tunnel token rotated");
+        Ok((StatusCode::OK, Some(self.issued_json(&issued))))
+    }
+
+    /// `POST /v1/devboxes/{id}/rotate-agent-token`
+    async fn rotate_agent_token(&self, id: &str) -> Reply {
+        let target = id.to_owned();
+        let token = self
+            .blocking(move |r| r.rotate_agent_token(&target))
+            .await?;
+        info!(devbox = %id, "agent token rotated");
+        Ok((
+            StatusCode::OK,
+            Some(json!({ "id": id, "agent_token": token.expose() })),
+        ))
+    }
+
+    /// `DELETE /v1/devboxes/{id}/tunnel`
+    async fn disable_tunnel(&self, id: &str) -> Reply {
+        let target = id.to_owned();
+        self.blocking(move |r| r.disable_tunnel(&target)).await?;
+        info!(devbox = %id, "tunnel disabled");
+        Ok((StatusCode::NO_CONTENT, None))
     }
 
     /// Runs a registry change (SQLite, fsync) off the async workers.
@@ -391,14 +415,14 @@ fn json_response(status: StatusCode, body: Option<Value>) -> Response<Body> {
         Some(v) => {
             let mut text = v.to_string();
             text.push('\n');
-            let mut r = Response::new(pages::full(text));
+            let mut r = Response::new(body::full(text));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             );
             r
         }
-        None => Response::new(pages::full(Bytes::new())),
+        None => Response::new(body::empty()),
     };
     *r.status_mut() = status;
     r.headers_mut()

@@ -1,5 +1,6 @@
-//! Who may use an `authenticated` tunnel: a request with the tunnel's token as a bearer token,
-//! or a browser holding the tunnel's cookie.
+//! The access step: who may use a tunnel. An open tunnel lets everyone through; an
+//! `authenticated` one, a request with the tunnel's token as a bearer token, or a browser
+//! holding the tunnel's cookie.
 //!
 //! A browser cannot add a header to a link, so a person opens the tunnel once with the token in
 //! the query (`?burrow_token=...`). The edge checks it and answers with a redirect to the same
@@ -10,16 +11,22 @@
 //! `state_dir`, not in the store), the edge refuses it once it is older than its Max-Age
 //! (a copied value does not outlive the browser's), and it stops working when the token is
 //! rotated, because the hash changes. Neither the cookie nor the tunnel's bearer token ever
-//! reaches the service.
+//! reaches the service, on any tunnel.
+//!
+//! [`bearer`] reads `Authorization: Bearer` for the admin API too.
 
 use std::path::Path;
+use std::sync::Arc;
 
+use burrow_protocol::AuthMode;
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{Response, StatusCode, Uri};
+use http::{Request, Response, StatusCode, Uri};
 use ring::hmac;
 
-use crate::pages;
-use crate::proxy::Body;
+use crate::body::{self, Body};
+use crate::metrics::Metrics;
+use crate::pages::{self, Answer};
+use crate::route::{Routed, Scheme};
 use crate::secret::{self, Secret, TokenHash};
 
 /// The query parameter that carries the token on a browser's first visit.
@@ -31,6 +38,100 @@ pub const COOKIE: &str = "burrow_auth";
 const COOKIE_MAX_AGE_SECS: u64 = 7 * 24 * 60 * 60;
 /// How far in the future an issue time may be (clocks of restarted edges drift a little).
 const CLOCK_SKEW_SECS: u64 = 5 * 60;
+
+/// The access step: the key browsers' cookies are signed with, and the metric of refusals.
+#[derive(Debug)]
+pub struct Access {
+    cookie_key: CookieKey,
+    metrics: Arc<Metrics>,
+}
+
+impl Access {
+    /// Checks requests; browsers' cookies are signed with `cookie_key`.
+    pub fn new(cookie_key: CookieKey, metrics: Arc<Metrics>) -> Access {
+        Access {
+            cookie_key,
+            metrics,
+        }
+    }
+
+    /// Lets a request through to its tunnel (`Ok`), or answers it here: a browser's first
+    /// visit with the token in the query, or a refusal (401). The tunnel's token and the
+    /// edge's cookie are taken out of a request that passes: they never reach the service.
+    pub fn check<B>(&self, req: &mut Request<B>, routed: &Routed) -> Result<(), Answer> {
+        if routed.route.auth_mode == AuthMode::Authenticated {
+            self.authenticate(req, routed)?;
+        }
+        // On every tunnel: one that was authenticated keeps getting the cookie from browsers
+        // for a while after it turned open.
+        strip_cookie(req.headers_mut());
+        Ok(())
+    }
+
+    /// The check of an authenticated tunnel.
+    fn authenticate<B>(&self, req: &mut Request<B>, routed: &Routed) -> Result<(), Answer> {
+        let key = routed.target.key.as_str();
+        let refuse = |detail: &str| {
+            self.metrics.auth_failures.inc();
+            pages::error(StatusCode::UNAUTHORIZED, detail, routed.html)
+        };
+        // No token hash means the tunnel cannot be opened at all.
+        let Some(hash) = routed.route.auth_token else {
+            return Err(refuse(
+                "this tunnel has no token; rotate it through the admin API",
+            ));
+        };
+        if let Some((token, rest)) = query_token(req.uri()) {
+            if !hash.matches(token.expose()) {
+                return Err(refuse(
+                    "the burrow_token in the URL is not this tunnel's token",
+                ));
+            }
+            let value = self.cookie_key.value(key, &hash, now());
+            // Absolute, on this host: a path like `//elsewhere.example/` must not turn the
+            // redirect into one to another site, nor one without a leading `/` (an HTTP/2
+            // `:path` can lack it) into `http://host@elsewhere`.
+            let slash = if rest.starts_with('/') { "" } else { "/" };
+            let location = format!("{}://{}{slash}{rest}", routed.scheme.as_str(), routed.host);
+            return Err(Box::new(redirect_with_cookie(
+                &location,
+                &value,
+                routed.scheme == Scheme::Https,
+            )));
+        }
+        // The tunnel's token, or a browser's cookie. A request may carry both the cookie and
+        // an `Authorization` of the application's own (a single-page app's bearer token):
+        // that header then goes to the service untouched.
+        let presented = bearer(req.headers());
+        let by_token = presented.is_some_and(|token| hash.matches(token));
+        let now = now();
+        let by_cookie =
+            !by_token && cookies(req.headers()).any(|c| self.cookie_key.verify(key, &hash, c, now));
+        if !(by_token || by_cookie) {
+            let detail = if presented.is_some() {
+                "the bearer token is not this tunnel's token"
+            } else if cookies(req.headers()).next().is_some() {
+                "this browser's tunnel cookie is not valid here (expired, the token was rotated, or it is another tunnel's); open the URL with ?burrow_token=<token> again"
+            } else {
+                "this tunnel needs `Authorization: Bearer <token>`, or, in a browser, the URL opened once with ?burrow_token=<token>"
+            };
+            return Err(refuse(detail));
+        }
+        if by_token {
+            // The tunnel's own token never reaches the service.
+            req.headers_mut().remove(header::AUTHORIZATION);
+        }
+        Ok(())
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header, surrounding spaces trimmed. The
+/// scheme name is case-insensitive (RFC 9110, 11.1; RFC 6750, 2.1).
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
 
 /// The key the cookie values are signed with, kept in `state_dir` across restarts.
 pub struct CookieKey(hmac::Key);
@@ -93,18 +194,20 @@ pub fn now() -> u64 {
     u64::try_from(crate::store::now_unix()).unwrap_or(0)
 }
 
-/// The token in the query (the first `burrow_token`, percent-decoded) and the request's path
-/// and query without any `burrow_token`, or `None` when the query has none.
+/// The token in the query (the first `burrow_token`, decoded as a form value) and the
+/// request's path and query without any `burrow_token`, or `None` when the query has none.
+/// The other parameters are kept as they were written.
 pub fn query_token(uri: &Uri) -> Option<(Secret, String)> {
     let query = uri.query()?;
     let mut token = None;
     let mut kept = Vec::new();
     for pair in query.split('&') {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        if name == QUERY_PARAM {
-            token.get_or_insert_with(|| percent_decode(value));
-        } else {
-            kept.push(pair);
+        // One pair at a time, so the others can be kept byte for byte.
+        match form_urlencoded::parse(pair.as_bytes()).next() {
+            Some((name, value)) if name == QUERY_PARAM => {
+                token.get_or_insert(value);
+            }
+            _ => kept.push(pair),
         }
     }
     let token = Secret::new(token?);
@@ -114,35 +217,6 @@ pub fn query_token(uri: &Uri) -> Option<(Secret, String)> {
         rest.push_str(&kept.join("&"));
     }
     Some((token, rest))
-}
-
-/// `%XX` and `+` decoded; an invalid escape is kept as it is.
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
-                (Some(hi), Some(lo)) => {
-                    out.push(hi << 4 | lo);
-                    i += 3;
-                    continue;
-                }
-                _ => out.push(b'%'),
-            },
-            b'+' => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn hex(b: u8) -> Option<u8> {
-    char::from(b)
-        .to_digit(16)
-        .and_then(|d| u8::try_from(d).ok())
 }
 
 /// Every value of the [`COOKIE`] cookie in the request. There can be several: a service on
@@ -189,7 +263,7 @@ pub fn strip_cookie(headers: &mut HeaderMap) {
 /// The answer to a visit with the right token in the query: 303 to `location` (the same URL
 /// without the token, absolute), setting the cookie.
 pub fn redirect_with_cookie(location: &str, value: &str, secure: bool) -> Response<Body> {
-    let mut response = Response::new(pages::full(bytes::Bytes::new()));
+    let mut response = Response::new(body::empty());
     *response.status_mut() = StatusCode::SEE_OTHER;
     let headers = response.headers_mut();
     if let Ok(location) = HeaderValue::from_str(location) {
@@ -273,8 +347,29 @@ mod tests {
         assert_eq!(shown(&uri), Some(("t".to_owned(), "/".to_owned())));
         assert!(query_token(&"/?x_burrow_token=t".parse().unwrap()).is_none());
         assert!(query_token(&"/page".parse().unwrap()).is_none());
-        assert_eq!(percent_decode("%zz%4"), "%zz%4");
-        assert_eq!(percent_decode("%\u{e9}%C3%A9"), "%\u{e9}\u{e9}");
+        let uri: Uri = "/?burrow_token=%zz%4&x=%20+".parse().unwrap();
+        assert_eq!(
+            shown(&uri),
+            Some(("%zz%4".to_owned(), "/?x=%20+".to_owned())),
+            "an invalid escape stays as it is; the other parameters are untouched"
+        );
+        let uri: Uri = "/?burrow_token=%C3%A9+x".parse().unwrap();
+        assert_eq!(shown(&uri), Some(("\u{e9} x".to_owned(), "/".to_owned())));
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        let with = |value: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, HeaderValue::from_static(value));
+            bearer(&h).map(str::to_owned)
+        };
+        assert_eq!(with("Bearer  abc ").as_deref(), Some("abc"));
+        assert_eq!(with("bearer abc").as_deref(), Some("abc"));
+        assert_eq!(with("BEARER abc").as_deref(), Some("abc"));
+        assert_eq!(with("Basic abc"), None);
+        assert_eq!(with("Bearerabc"), None);
+        assert_eq!(bearer(&HeaderMap::new()), None);
     }
 
     #[test]

@@ -181,15 +181,9 @@ impl ServeArgs {
 /// `burrow-edge serve`: loads the configuration, runs an edge until SIGTERM or SIGINT (SIGHUP
 /// reloads its certificates), and says why it stopped in the exit code.
 pub fn serve_main(args: &ServeArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("burrow-edge: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
+    let runtime = match burrow_runtime::signals::runtime("burrow-edge") {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
     };
     let env: HashMap<String, String> = std::env::vars().collect();
     let config = match args.load(&env) {

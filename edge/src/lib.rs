@@ -3,18 +3,31 @@
 //!
 //! # Layout
 //!
-//! In data-flow order:
+//! Start-up first, then the modules in the order a public request goes through them, then the
+//! agents' side, the admin API and what they share:
 //! - [`config`]: the checked [`Config`] from file, environment and flags.
 //! - [`server`]: wiring of listeners, state directory and shutdown ([`Edge`]).
 //! - [`certs`]: TLS for agents (generated CA) and for the public HTTPS listener.
-//! - [`agents`]: the QUIC listener: hello, token check, welcome, control stream.
-//! - [`route`]: parsing `{port}-{key}.{domain}`.
-//! - [`proxy`]: a public request: access check, data stream, HTTP/1.1 to the service, upgrades.
-//! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` listener.
-//! - [`pages`]: the edge's own answers (HTML for browsers, text for others).
-//! - [`admin`]: the admin API.
+//! - [`listener`]: HTTP(S) on one TCP listener: accept, connections per client, TLS, drain.
+//! - [`proxy`]: a public request as a pipeline; one function lists the steps below.
+//! - [`route`]: step 1, the host `{port}-{key}.{domain}` parsed and looked up, once.
 //! - [`registry`]: devboxes, tunnels and live sessions in memory, written through to the store.
 //! - [`store`]: SQLite in `state_dir`.
+//! - [`auth`]: step 2, access: the tunnel's bearer token, or a browser's signed cookie.
+//! - [`throttle`]: step 3, the tunnel's request rate and the devbox's requests in flight.
+//! - [`limits`]: the bounds and the counters behind them (rates, slots, per-client keys).
+//! - [`forward`]: step 4, one of three: an HTTP/1.1 exchange with the service,
+//! - [`upgrade`]: or a WebSocket passed through to the service,
+//! - [`raw`]: or raw TCP for `burrow connect`.
+//! - [`pool`]: kept-alive connections to services, for the next request.
+//! - [`idle`]: copying an upgraded connection both ways, closed when nothing moves.
+//! - [`dial`]: a data stream to the devbox's agent, waiting a while for an agent that is away.
+//! - [`agents`]: the QUIC listener: hello, token check, welcome, control stream.
+//! - [`headers`]: header helpers the steps share: lists, hop-by-hop and forwarding headers.
+//! - [`pages`]: the edge's own answers (HTML for browsers, text for others).
+//! - [`body`]: the body type of every response the edge sends.
+//! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` listener.
+//! - [`admin`]: the admin API.
 //! - [`secret`]: tokens and keys: generation, hashing, constant-time comparison.
 //! - [`cli`]: `burrow-edge serve` (the binary, with `dev`, is built by burrow-quickstart).
 
@@ -23,11 +36,16 @@
 pub mod admin;
 pub mod agents;
 pub mod auth;
+pub mod body;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod dial;
+pub mod forward;
+pub mod headers;
 pub mod idle;
 pub mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod pages;
 pub mod pool;
@@ -38,6 +56,8 @@ pub mod route;
 pub mod secret;
 pub mod server;
 pub mod store;
+pub mod throttle;
+pub mod upgrade;
 
 pub use config::Config;
 pub use server::Edge;

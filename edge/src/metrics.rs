@@ -16,8 +16,7 @@ use prometheus::{
 };
 use tracing::warn;
 
-use crate::pages;
-use crate::proxy::Body;
+use crate::body::{self, Body};
 use crate::registry::Registry as Devboxes;
 
 /// Every metric of the edge.
@@ -198,7 +197,7 @@ impl Metrics {
 
     /// Answers a request on the metrics listener.
     pub fn handle(&self, path: &str, devboxes: &Devboxes) -> Response<Body> {
-        let (status, content_type, body) = match path {
+        let (status, content_type, text) = match path {
             "/metrics" => (
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
@@ -219,7 +218,7 @@ impl Metrics {
                 "try /metrics, /healthz or /readyz\n".to_owned(),
             ),
         };
-        let mut r = Response::new(pages::full(body));
+        let mut r = Response::new(body::full(text));
         *r.status_mut() = status;
         if let Ok(v) = header::HeaderValue::from_str(content_type) {
             r.headers_mut().insert(header::CONTENT_TYPE, v);

@@ -1,12 +1,11 @@
 //! The edge's own answers (errors, the 401 challenge): a short HTML page for browsers, plain
-//! text for everyone else, each saying what went wrong and what to do.
+//! text for everyone else, each saying what went wrong and what to do. Every step of a request
+//! that answers it itself renders its answer here.
 
-use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
 
-use crate::proxy::Body;
+use crate::body::{self, Body};
 
 /// Seconds a client is told to wait when the agent is away.
 pub const RETRY_AFTER_SECS: u32 = 5;
@@ -19,10 +18,15 @@ pub fn wants_html(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.contains("text/html"))
 }
 
+/// An answer a step of a public request gives instead of letting the request go on: an error
+/// page, a redirect. Boxed: a response is large, and the requests that go on need not make room
+/// for one at every step.
+pub type Answer = Box<Response<Body>>;
+
 /// An error answer with a one-line explanation.
-pub fn error(status: StatusCode, detail: &str, html: bool) -> Response<Body> {
+pub fn error(status: StatusCode, detail: &str, html: bool) -> Answer {
     let title = status.canonical_reason().unwrap_or("Error");
-    let (body, content_type) = if html {
+    let (text, content_type) = if html {
         (
             format!(
                 "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{code} {title}</title></head>\n\
@@ -37,7 +41,7 @@ pub fn error(status: StatusCode, detail: &str, html: bool) -> Response<Body> {
     } else {
         (format!("{detail}\n"), "text/plain; charset=utf-8")
     };
-    let mut response = Response::new(full(body));
+    let mut response = Response::new(body::full(text));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -54,12 +58,7 @@ pub fn error(status: StatusCode, detail: &str, html: bool) -> Response<Body> {
         }
         _ => {}
     }
-    response
-}
-
-/// A whole body from a string.
-pub fn full(s: impl Into<Bytes>) -> Body {
-    Full::new(s.into()).map_err(|never| match never {}).boxed()
+    Box::new(response)
 }
 
 fn escape(s: &str) -> String {

@@ -1,6 +1,7 @@
 //! The edge's view of every devbox: what the store holds (ids, token hashes, tunnels), indexed
 //! in memory for the hot paths (tunnel key -> devbox, agent token -> devbox), and the live
-//! agent session of each devbox.
+//! agent session of each devbox (in `registry/sessions.rs`: attach, detach, the requests
+//! waiting for an agent).
 //!
 //! Every change goes to the [`Store`] first and to memory second, so an answer the admin API
 //! gives is already durable. Changes are blocking (SQLite with fsync): call them from
@@ -11,10 +12,14 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 use std::time::SystemTime;
 
 use burrow_protocol::{AuthMode, ControlMsg, TunnelState};
-use tokio::sync::mpsc;
 
 use crate::secret::{self, Secret, TokenHash};
 use crate::store::{DevboxRecord, Store, StoreError, TunnelRecord, now_unix};
+
+mod sessions;
+
+use sessions::Live;
+pub use sessions::{AgentSession, AttachError, Attached, QueuePlace};
 
 /// How public URLs are written: `{scheme}://{port}-{key}.{domain}{suffix}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,22 +42,7 @@ impl UrlBase {
     }
 }
 
-/// A live agent connection.
-#[derive(Debug, Clone)]
-pub struct AgentSession {
-    /// The QUIC connection.
-    pub conn: quinn::Connection,
-    /// When it was established.
-    pub since: SystemTime,
-    /// Distinguishes this session from earlier ones of the same devbox.
-    pub generation: u64,
-    /// Messages for the agent's control stream.
-    pub control: mpsc::Sender<ControlMsg>,
-    /// The agent process's random instance id (from its hello).
-    pub instance: u64,
-}
-
-/// What the proxy needs to serve a tunnel key.
+/// What a request needs to know of its tunnel key: the route step's one registry lookup.
 #[derive(Debug, Clone)]
 pub struct Route {
     /// The devbox.
@@ -67,51 +57,6 @@ pub struct Route {
     pub raw_tcp: bool,
     /// The agent's connection, if it is connected.
     pub conn: Option<quinn::Connection>,
-}
-
-/// The result of attaching an agent session.
-#[derive(Debug)]
-pub struct Attached {
-    /// The devbox the token belongs to.
-    pub devbox_id: String,
-    /// The new session's generation.
-    pub generation: u64,
-    /// The session it replaced, if any.
-    pub replaced: Option<AgentSession>,
-    /// The devbox's tunnel, as the welcome announces it.
-    pub tunnel: Option<TunnelState>,
-}
-
-/// Why an agent could not attach.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttachError {
-    /// Unknown or revoked token.
-    BadToken,
-    /// Another agent instance holds the session and this one did not ask to take over.
-    Busy,
-}
-
-/// A place in a devbox's queue of requests waiting for its agent.
-#[derive(Debug)]
-pub struct QueuePlace {
-    registry: Arc<Registry>,
-    devbox_id: String,
-}
-
-impl Drop for QueuePlace {
-    fn drop(&mut self) {
-        let mut waiting = self
-            .registry
-            .waiting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = waiting.get_mut(&self.devbox_id) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                waiting.remove(&self.devbox_id);
-            }
-        }
-    }
 }
 
 /// A devbox as the admin API shows it.
@@ -176,8 +121,7 @@ pub struct Registry {
     urls: UrlBase,
     inner: RwLock<Inner>,
     writer: Mutex<()>,
-    attached: tokio::sync::Notify,
-    waiting: Mutex<HashMap<String, usize>>,
+    live: Live,
 }
 
 impl Registry {
@@ -199,8 +143,7 @@ impl Registry {
             urls,
             inner: RwLock::new(inner),
             writer: Mutex::new(()),
-            attached: tokio::sync::Notify::new(),
-            waiting: Mutex::new(HashMap::new()),
+            live: Live::default(),
         }))
     }
 
@@ -252,89 +195,6 @@ impl Registry {
                 .filter(|s| s.conn.close_reason().is_none())
                 .map(|s| s.conn.clone()),
         })
-    }
-
-    /// Finds the devbox an agent token belongs to and makes `make(generation)` its live
-    /// session, in one step so that no admin call slips in between. `None`: unknown or revoked
-    /// token.
-    ///
-    /// Without `takeover`, a live session of another agent instance stays and this one is
-    /// refused ([`AttachError::Busy`]): an agent that was replaced waits its turn.
-    pub fn attach(
-        &self,
-        token: &str,
-        takeover: bool,
-        make: impl FnOnce(u64) -> AgentSession,
-    ) -> Result<Attached, AttachError> {
-        let hash = Secret::new(token).hash();
-        let mut inner = self.write();
-        let id = inner
-            .by_token
-            .get(&hash.to_hex())
-            .ok_or(AttachError::BadToken)?
-            .clone();
-        inner.next_generation += 1;
-        let generation = inner.next_generation;
-        let entry = inner.devboxes.get_mut(&id).ok_or(AttachError::BadToken)?;
-        // The map lookup found the row by hash; compare once more in constant time.
-        if entry.record.agent_token != hash {
-            return Err(AttachError::BadToken);
-        }
-        let session = make(generation);
-        if !takeover
-            && entry
-                .session
-                .as_ref()
-                .is_some_and(|live| live.instance != session.instance)
-        {
-            return Err(AttachError::Busy);
-        }
-        let replaced = entry.session.replace(session);
-        let tunnel = entry.record.tunnel.as_ref().map(|t| self.tunnel_state(t));
-        drop(inner);
-        self.attached.notify_waiters();
-        Ok(Attached {
-            devbox_id: id,
-            generation,
-            replaced,
-            tunnel,
-        })
-    }
-
-    /// A future that completes at the next attach; create it before checking the route, so
-    /// an attach in between is not missed.
-    pub fn next_attach(&self) -> tokio::sync::futures::Notified<'_> {
-        self.attached.notified()
-    }
-
-    /// Takes a place in a devbox's queue of requests waiting for its agent; `None` when the
-    /// queue is full. The place is given back when the guard drops.
-    pub fn queue(self: &Arc<Self>, devbox_id: &str, max: usize) -> Option<QueuePlace> {
-        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        let n = waiting.entry(devbox_id.to_owned()).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(QueuePlace {
-            registry: self.clone(),
-            devbox_id: devbox_id.to_owned(),
-        })
-    }
-
-    /// Forgets a session if it is still the devbox's current one (it closed, or its agent
-    /// said go-away): new requests wait for the next one.
-    pub fn detach(&self, devbox_id: &str, generation: u64) {
-        let mut inner = self.write();
-        if let Some(entry) = inner.devboxes.get_mut(devbox_id) {
-            if entry
-                .session
-                .as_ref()
-                .is_some_and(|s| s.generation == generation)
-            {
-                entry.session = None;
-            }
-        }
     }
 
     /// Every devbox, oldest first.
@@ -518,15 +378,6 @@ impl Registry {
     /// Whether the store answers (for `/readyz`).
     pub fn store_ok(&self) -> Result<(), StoreError> {
         self.store.ping()
-    }
-
-    /// Every live session, for a go-away at shutdown.
-    pub fn sessions(&self) -> Vec<AgentSession> {
-        self.read()
-            .devboxes
-            .values()
-            .filter_map(|e| e.session.clone())
-            .collect()
     }
 }
 

@@ -1,36 +1,27 @@
 //! Wiring: state directory, admin token, store, certificates, the four listeners (public HTTP,
 //! public HTTPS, agents over QUIC, admin), and orderly shutdown.
 
-use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::info;
 
 use crate::admin::Admin;
 use crate::agents;
 use crate::auth::CookieKey;
 use crate::certs::{self, CertError, Identity, PublicCert};
 use crate::config::Config;
-use crate::limits::{self, PerKey};
+use crate::listener::{self, Handler};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
-use crate::proxy::{Body, Proxy, Scheme};
+use crate::proxy::Proxy;
 use crate::registry::{Registry, UrlBase};
+use crate::route::Scheme;
 use crate::secret::Secret;
 use crate::store::{Store, StoreError};
 
@@ -39,8 +30,6 @@ const STORE_FILE: &str = "burrow.db";
 const ADMIN_TOKEN_FILE: &str = "admin.token";
 const RESET_KEY_FILE: &str = "reset.key";
 const COOKIE_KEY_FILE: &str = "cookie.key";
-/// How long a client has to finish the TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the edge could not start.
 #[derive(Debug, thiserror::Error)]
@@ -75,10 +64,6 @@ pub enum StartError {
     Random(#[from] getrandom::Error),
 }
 
-/// TCP keep-alive on public connections: idle time before the first probe, and between probes.
-const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
-const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
-
 /// A running edge.
 #[derive(Debug)]
 pub struct Edge {
@@ -108,73 +93,20 @@ pub struct Edge {
     tasks: TaskTracker,
 }
 
-/// What the edge knows about a client connection.
-#[derive(Debug, Clone)]
-pub struct ConnInfo {
-    /// The client's address.
-    pub peer: SocketAddr,
-    /// The TLS server name the client asked for (HTTPS only).
-    pub sni: Option<Arc<str>>,
-}
-
-type Handler = Arc<
-    dyn Fn(Request<Incoming>, ConnInfo) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>>
-        + Send
-        + Sync,
->;
-
 impl Edge {
     /// Starts every listener. Returns once all are bound and serving.
     pub async fn start(config: Config) -> Result<Edge, StartError> {
         create_state_dir(&config.state_dir)?;
         let admin_token = admin_token(&config)?;
         let store = Store::open(&config.state_dir.join(STORE_FILE))?;
-
-        let http = match config.http {
-            Some(addr) => Some(bind("public.http", addr).await?),
-            None => None,
-        };
-        let public_cert = match &config.https {
-            Some(h) => Some(Arc::new(PublicCert::new(Identity::load(&h.tls)?)?)),
-            None => None,
-        };
-        let https = match (&config.https, &public_cert) {
-            (Some(h), Some(cert)) => {
-                let tls = certs::public_tls_config(cert.clone())?;
-                Some((
-                    bind("public.https", h.listen).await?,
-                    TlsAcceptor::from(Arc::new(tls)),
-                ))
-            }
-            _ => None,
-        };
-        let admin = bind("admin.listen", config.admin_listen).await?;
-        let metrics_listener = match config.metrics_listen {
-            Some(addr) => Some(bind("metrics.listen", addr).await?),
-            None => None,
-        };
-        let local = |l: &TcpListener| l.local_addr().ok();
-        let http_addr = http.as_ref().and_then(local);
-        let https_addr = https.as_ref().and_then(|(l, _)| local(l));
-        let urls = match (https_addr, http_addr) {
-            (Some(addr), _) => url_base("https", &config.domain, addr.port(), 443),
-            (None, Some(addr)) => url_base("http", &config.domain, addr.port(), 80),
-            (None, None) => url_base("http", &config.domain, 80, 80),
-        };
-        let registry = Registry::load(store, urls)?;
-
-        let (identity, agent_ca) = match &config.agents_tls {
-            Some(files) => (Identity::load(files)?, None),
-            None => {
-                let (identity, ca) =
-                    certs::generated_agent_identity(&config.state_dir, &config.agents_server_name)?;
-                (identity, Some(ca))
-            }
-        };
+        let listeners = Listeners::bind(&config).await?;
+        let (http_addr, https_addr) = (listeners.http_addr(), listeners.https_addr());
+        let registry = Registry::load(store, listeners.urls(&config.domain))?;
+        let (identity, agent_ca) = agents_identity(&config)?;
         let endpoint = agents_endpoint(&config, certs::agents_server_config(identity)?)?;
         let agents_endpoint = endpoint.clone();
         let agents_addr = endpoint.local_addr().unwrap_or(config.agents_listen);
-        let admin_addr = local(&admin).unwrap_or(config.admin_listen);
+        let admin_addr = local(&listeners.admin).unwrap_or(config.admin_listen);
 
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -186,7 +118,6 @@ impl Edge {
             config.drain_grace,
             shutdown.clone(),
         ));
-
         let proxy = Arc::new(Proxy::new(
             registry.clone(),
             metrics.clone(),
@@ -194,78 +125,40 @@ impl Edge {
             Pool::new(config.pool_max_idle, config.pool_idle),
             CookieKey::load_or_create(&config.state_dir.join(COOKIE_KEY_FILE))?,
         ));
-        let public = |scheme: Scheme| -> Handler {
-            let proxy = proxy.clone();
-            let metrics = metrics.clone();
-            Arc::new(move |req, conn| {
-                let proxy = proxy.clone();
-                let metrics = metrics.clone();
-                Box::pin(async move {
-                    let started = std::time::Instant::now();
-                    let response = proxy.handle(req, conn, scheme).await;
-                    metrics.answered(response.status(), started.elapsed());
-                    response
-                })
-            })
-        };
-        if let Some(listener) = http {
-            tasks.spawn(serve(
-                listener,
-                None,
-                public(Scheme::Http),
-                config.clone(),
-                metrics.clone(),
-                shutdown.clone(),
-            ));
-        }
-        if let Some((listener, tls)) = https {
-            tasks.spawn(serve(
-                listener,
-                Some(tls),
-                public(Scheme::Https),
-                config.clone(),
-                metrics.clone(),
-                shutdown.clone(),
-            ));
-        }
-        let admin_api = Arc::new(Admin::new(
+        let admin = Arc::new(Admin::new(
             registry.clone(),
             admin_token.hash(),
             metrics.clone(),
             config.limits.admin_failures,
         ));
-        let admin_handler: Handler = Arc::new(move |req, conn| {
-            let admin_api = admin_api.clone();
-            Box::pin(async move { admin_api.handle(req, conn.peer).await })
-        });
-        tasks.spawn(serve(
-            admin,
-            None,
-            admin_handler,
-            config.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        ));
-        let metrics_addr = match metrics_listener {
-            Some(listener) => {
-                let addr = local(&listener);
-                let (scraped, registry) = (metrics.clone(), registry.clone());
-                let handler: Handler = Arc::new(move |req, _conn| {
-                    let response = scraped.handle(req.uri().path(), &registry);
-                    Box::pin(async move { response })
-                });
-                tasks.spawn(serve(
-                    listener,
-                    None,
-                    handler,
-                    config.clone(),
-                    metrics.clone(),
-                    shutdown.clone(),
-                ));
-                addr
-            }
-            None => None,
+        let serve = |listener, tls, handler| {
+            let (config, metrics) = (config.clone(), metrics.clone());
+            tasks.spawn(listener::serve(
+                listener,
+                tls,
+                handler,
+                config,
+                metrics,
+                shutdown.clone(),
+            ));
         };
+        if let Some(listener) = listeners.http {
+            serve(
+                listener,
+                None,
+                public_handler(&proxy, &metrics, Scheme::Http),
+            );
+        }
+        if let Some((listener, tls)) = listeners.https {
+            let handler = public_handler(&proxy, &metrics, Scheme::Https);
+            serve(listener, Some(tls), handler);
+        }
+        serve(listeners.admin, None, admin_handler(admin));
+        let metrics_addr = listeners.metrics.and_then(|listener| {
+            let addr = local(&listener);
+            serve(listener, None, metrics_handler(&metrics, &registry));
+            addr
+        });
         tasks.close();
 
         info!(
@@ -283,7 +176,7 @@ impl Edge {
             agent_ca,
             server_name: config.agents_server_name.clone(),
             registry,
-            public_cert,
+            public_cert: listeners.public_cert,
             agents_endpoint,
             shutdown,
             tasks,
@@ -331,6 +224,117 @@ impl Edge {
     pub async fn wait(&self) {
         self.tasks.wait().await;
     }
+}
+
+/// The TCP listeners, all bound before anything starts serving.
+struct Listeners {
+    http: Option<TcpListener>,
+    https: Option<(TcpListener, TlsAcceptor)>,
+    /// The public HTTPS certificate, kept for reloads.
+    public_cert: Option<Arc<PublicCert>>,
+    admin: TcpListener,
+    metrics: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds every configured listener and loads the public certificate.
+    async fn bind(config: &Config) -> Result<Listeners, StartError> {
+        let http = match config.http {
+            Some(addr) => Some(bind("public.http", addr).await?),
+            None => None,
+        };
+        let public_cert = match &config.https {
+            Some(h) => Some(Arc::new(PublicCert::new(Identity::load(&h.tls)?)?)),
+            None => None,
+        };
+        let https = match (&config.https, &public_cert) {
+            (Some(h), Some(cert)) => {
+                let tls = certs::public_tls_config(cert.clone())?;
+                Some((
+                    bind("public.https", h.listen).await?,
+                    TlsAcceptor::from(Arc::new(tls)),
+                ))
+            }
+            _ => None,
+        };
+        let admin = bind("admin.listen", config.admin_listen).await?;
+        let metrics = match config.metrics_listen {
+            Some(addr) => Some(bind("metrics.listen", addr).await?),
+            None => None,
+        };
+        Ok(Listeners {
+            http,
+            https,
+            public_cert,
+            admin,
+            metrics,
+        })
+    }
+
+    fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(local)
+    }
+
+    fn https_addr(&self) -> Option<SocketAddr> {
+        self.https.as_ref().and_then(|(l, _)| local(l))
+    }
+
+    /// How public URLs are written: on the HTTPS listener's port if there is one.
+    fn urls(&self, domain: &str) -> UrlBase {
+        match (self.https_addr(), self.http_addr()) {
+            (Some(addr), _) => url_base("https", domain, addr.port(), 443),
+            (None, Some(addr)) => url_base("http", domain, addr.port(), 80),
+            (None, None) => url_base("http", domain, 80, 80),
+        }
+    }
+}
+
+fn local(listener: &TcpListener) -> Option<SocketAddr> {
+    listener.local_addr().ok()
+}
+
+/// The public listeners' handler: the request pipeline, timed and counted.
+fn public_handler(proxy: &Arc<Proxy>, metrics: &Arc<Metrics>, scheme: Scheme) -> Handler {
+    let (proxy, metrics) = (proxy.clone(), metrics.clone());
+    Arc::new(move |req, conn| {
+        let (proxy, metrics) = (proxy.clone(), metrics.clone());
+        Box::pin(async move {
+            let started = std::time::Instant::now();
+            let response = proxy.handle(req, conn, scheme).await;
+            metrics.answered(response.status(), started.elapsed());
+            response
+        })
+    })
+}
+
+/// The admin listener's handler.
+fn admin_handler(admin: Arc<Admin>) -> Handler {
+    Arc::new(move |req, conn| {
+        let admin = admin.clone();
+        Box::pin(async move { admin.handle(req, conn.peer).await })
+    })
+}
+
+/// The metrics listener's handler.
+fn metrics_handler(metrics: &Arc<Metrics>, registry: &Arc<Registry>) -> Handler {
+    let (metrics, registry) = (metrics.clone(), registry.clone());
+    Arc::new(move |req, _conn| {
+        let response = metrics.handle(req.uri().path(), &registry);
+        Box::pin(async move { response })
+    })
+}
+
+/// The agents' TLS identity: the configured certificate, or a leaf of the CA generated in
+/// `state_dir` (whose path is returned, for agents to trust).
+fn agents_identity(config: &Config) -> Result<(Identity, Option<PathBuf>), StartError> {
+    Ok(match &config.agents_tls {
+        Some(files) => (Identity::load(files)?, None),
+        None => {
+            let (identity, ca) =
+                certs::generated_agent_identity(&config.state_dir, &config.agents_server_name)?;
+            (identity, Some(ca))
+        }
+    })
 }
 
 /// The QUIC endpoint for agents, with the stateless reset key kept in `state_dir`: after a
@@ -416,109 +420,4 @@ fn admin_token(config: &Config) -> Result<Secret, StartError> {
         });
     }
     Ok(Secret::new(token))
-}
-
-/// Serves HTTP (1.1 and 2) on a listener until shutdown, then drains for `drain_grace`.
-async fn serve(
-    listener: TcpListener,
-    tls: Option<TlsAcceptor>,
-    handler: Handler,
-    config: Config,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
-    let limits = &config.limits;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.head_timeout)
-        .max_headers(limits.max_headers)
-        .max_buf_size(limits.max_head_bytes);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_head_bytes).unwrap_or(u32::MAX))
-        .keep_alive_interval(Some(TCP_KEEPALIVE))
-        .keep_alive_timeout(TCP_KEEPALIVE_INTERVAL * 2);
-    let per_client = PerKey::new(limits.connections_per_client);
-    let graceful = GracefulShutdown::new();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // Out of file descriptors and the like: pause instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let Some(slot) = per_client.acquire(&limits::client_key(peer.ip())) else {
-            debug!(%peer, "too many connections from this client; closing");
-            metrics.limited.with_label_values(&["connections"]).inc();
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
-        // A client that vanished (a laptop asleep) must not hold an upgraded stream forever.
-        let keepalive = socket2::TcpKeepalive::new()
-            .with_time(TCP_KEEPALIVE)
-            .with_interval(TCP_KEEPALIVE_INTERVAL);
-        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
-        let handler = handler.clone();
-        let builder = builder.clone();
-        let tls = tls.clone();
-        let watcher = graceful.watcher();
-        let head_timeout = limits.head_timeout;
-        tokio::spawn(async move {
-            let _slot = slot;
-            let service = |sni: Option<Arc<str>>| {
-                let info = ConnInfo { peer, sni };
-                service_fn(move |req| {
-                    let handler = handler.clone();
-                    let info = info.clone();
-                    async move { Ok::<_, Infallible>(handler(req, info).await) }
-                })
-            };
-            let result = match tls {
-                None => {
-                    let conn =
-                        builder.serve_connection_with_upgrades(TokioIo::new(tcp), service(None));
-                    watcher.watch(conn.into_owned()).await
-                }
-                Some(acceptor) => {
-                    // The handshake shares the head's deadline: a client that trickles its
-                    // ClientHello is as slow as one that trickles its headers.
-                    let handshake = TLS_HANDSHAKE_TIMEOUT.min(head_timeout);
-                    let stream = match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(e)) => {
-                            debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    let sni = stream.get_ref().1.server_name().map(Arc::from);
-                    let conn =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service(sni));
-                    watcher.watch(conn.into_owned()).await
-                }
-            };
-            if let Err(e) = result {
-                debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(config.drain_grace) => {
-            debug!("drain grace over; dropping remaining connections");
-        }
-    }
 }

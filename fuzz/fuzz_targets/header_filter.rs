@@ -1,4 +1,4 @@
-//! `burrow_edge::proxy::filter_headers`: what the edge does to a public request's headers before
+//! `burrow_edge::headers::filter_headers`: what the edge does to a public request's headers before
 //! they go to the service. The input is a header block, one `name: value` per line (spaces and
 //! tabs around the value and a `\r` at the end are dropped); lines that are not a valid header
 //! are skipped, so any bytes make some `HeaderMap`.
@@ -15,7 +15,7 @@
 
 #![no_main]
 
-use burrow_edge::proxy::filter_headers;
+use burrow_edge::headers::filter_headers;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 

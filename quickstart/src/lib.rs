@@ -42,7 +42,11 @@ pub struct DevOptions {
     pub state_dir: Option<PathBuf>,
 }
 
-/// Runs the dev setup until `shutdown` fires.
+/// The devbox the quickstart registers.
+const DEVBOX: &str = "dev";
+
+/// Runs the dev setup until `shutdown` fires: the edge, the devbox and its tunnel, a demo
+/// service, the agent, then the banner; at the end the agent and the edge stop in that order.
 pub async fn run(options: DevOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
     let temp = match options.state_dir {
         Some(_) => None,
@@ -53,13 +57,32 @@ pub async fn run(options: DevOptions, shutdown: CancellationToken) -> anyhow::Re
         .clone()
         .or_else(|| temp.as_ref().map(|t| t.path().to_owned()))
         .context("no state directory")?;
+    let edge = start_edge(options.http, &state_dir).await?;
+    let (key, agent_token) = register_devbox(&edge)?;
 
+    let demo = TcpListener::bind("127.0.0.1:0").await?;
+    let demo_port = demo.local_addr()?.port();
+    tokio::spawn(demo_service(demo, shutdown.clone()));
+
+    let agent = start_agent(&edge, agent_token, shutdown.clone()).await?;
+    print_banner(&edge, &key, demo_port, &state_dir)?;
+
+    shutdown.cancelled().await;
+    let _ = agent.task.await;
+    edge.stop().await;
+    if agent.status.borrow().connected {
+        bail!("the agent did not stop");
+    }
+    Ok(())
+}
+
+/// An edge on loopback: public HTTP on `http`, agents and admin on ports of the system's choice.
+async fn start_edge(http: SocketAddr, state_dir: &std::path::Path) -> anyhow::Result<Edge> {
     let text = format!(
         "domain = \"{DEV_DOMAIN}\"\n\
          [public]\nhttp = \"{http}\"\n\
          [agents]\nlisten = \"127.0.0.1:0\"\nserver_name = \"localhost\"\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n",
-        http = options.http,
     );
     let mut flags = vec![("state_dir", state_dir.display().to_string())];
     flags.retain(|(_, v)| !v.is_empty());
@@ -71,29 +94,32 @@ pub async fn run(options: DevOptions, shutdown: CancellationToken) -> anyhow::Re
         &HashMap::new(),
         &flags,
     )?;
-    let edge = Edge::start(config).await.context("starting the edge")?;
+    Edge::start(config).await.context("starting the edge")
+}
 
-    let devbox = "dev";
-    // Everything is on loopback: raw TCP (burrow connect) is on for the quickstart's tunnel.
+/// Registers the devbox with an open tunnel (raw TCP on: everything is on loopback) and returns
+/// the tunnel key and a fresh agent token. A kept state directory starts over with a new token.
+fn register_devbox(edge: &Edge) -> anyhow::Result<(String, burrow_edge::secret::Secret)> {
     let spec = TunnelSpec {
         raw_tcp: Some(true),
         ..TunnelSpec::new(AuthMode::Open)
     };
-    let (_, agent_token, issued) = match edge.registry.get(devbox) {
-        // A kept state directory: start over with a fresh token for the same devbox.
-        Some(_) => {
-            edge.registry.delete(devbox)?;
-            edge.registry.create(Some(devbox.into()), Some(spec))?
-        }
-        None => edge.registry.create(Some(devbox.into()), Some(spec))?,
-    };
+    if edge.registry.get(DEVBOX).is_some() {
+        edge.registry.delete(DEVBOX)?;
+    }
+    let (_, agent_token, issued) = edge.registry.create(Some(DEVBOX.into()), Some(spec))?;
     let issued = issued.context("tunnel not issued")?;
-    let key = issued.record.key;
+    Ok((issued.record.key, agent_token))
+}
 
-    let demo = TcpListener::bind("127.0.0.1:0").await?;
-    let demo_port = demo.local_addr()?.port();
-    tokio::spawn(demo_service(demo, shutdown.clone()));
-
+/// The devbox's agent, in this process, trusting the edge's generated CA; returns once it is
+/// connected.
+async fn start_agent(
+    edge: &Edge,
+    agent_token: burrow_edge::secret::Secret,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Agent> {
+    let ca = edge.agent_ca.as_ref().context("no generated CA")?;
     let agent_config = burrow_agent::Config::load(
         None,
         &HashMap::from([(
@@ -103,25 +129,28 @@ pub async fn run(options: DevOptions, shutdown: CancellationToken) -> anyhow::Re
         &[
             ("edge", edge.agents_addr.to_string()),
             ("server_name", edge.server_name.clone()),
-            (
-                "ca",
-                edge.agent_ca
-                    .as_ref()
-                    .context("no generated CA")?
-                    .display()
-                    .to_string(),
-            ),
+            ("ca", ca.display().to_string()),
         ],
     )?;
-    let agent = Agent::spawn(agent_config, shutdown.clone());
+    let agent = Agent::spawn(agent_config, shutdown);
     let mut status = agent.status.clone();
     tokio::time::timeout(Duration::from_secs(15), status.wait_for(|s| s.connected))
         .await
         .context("the agent did not connect within 15 s")??;
+    Ok(agent)
+}
 
+/// What the newcomer reads: the URL template, a curl line that works as printed, where the
+/// admin API and its token are.
+fn print_banner(
+    edge: &Edge,
+    key: &str,
+    demo_port: u16,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<()> {
     let http = edge.http_addr.context("no HTTP listener")?;
     let base = |port: &str| format!("http://{port}-{key}.{DEV_DOMAIN}:{}", http.port());
-    println!("burrow dev is running: an edge on loopback and an agent for the devbox `{devbox}`.");
+    println!("burrow dev is running: an edge on loopback and an agent for the devbox `{DEVBOX}`.");
     println!();
     println!("  URL template:  {}/", base("{port}"));
     println!("  Try it (a demo service on port {demo_port}):");
@@ -141,13 +170,6 @@ pub async fn run(options: DevOptions, shutdown: CancellationToken) -> anyhow::Re
         state_dir.join("admin.token").display()
     );
     println!("Press Ctrl-C to stop.");
-
-    shutdown.cancelled().await;
-    let _ = agent.task.await;
-    edge.stop().await;
-    if agent.status.borrow().connected {
-        bail!("the agent did not stop");
-    }
     Ok(())
 }
 

@@ -52,25 +52,16 @@ fn main() -> ExitCode {
 }
 
 fn dev(args: DevArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("burrow-edge: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
+    let runtime = match burrow_runtime::signals::runtime("burrow-edge") {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
     };
     runtime.block_on(async {
         burrow_runtime::logging::init_from_env();
         // Caught before the banner: a signal right after it drains, it does not kill.
-        let mut signals = match ShutdownSignals::install() {
+        let mut signals = match ShutdownSignals::install_or_exit("burrow-edge dev") {
             Ok(signals) => signals,
-            Err(e) => {
-                eprintln!("burrow-edge dev: cannot handle SIGTERM and SIGINT: {e}");
-                return ExitCode::from(1);
-            }
+            Err(code) => return code,
         };
         let shutdown = CancellationToken::new();
         let signal = shutdown.clone();

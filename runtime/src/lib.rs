@@ -6,7 +6,7 @@
 //! In the order a binary meets them:
 //! - [`sources`]: a config file, `BURROW_*` environment and flags layered into one set of values.
 //! - [`logging`]: text or JSON log lines, with a level a reload can change.
-//! - [`signals`]: SIGTERM and SIGINT, installed before the process says it is up.
+//! - [`signals`]: the tokio runtime and SIGTERM/SIGINT, set up before the process says it is up.
 //! - [`notify`]: systemd's notify protocol: ready, status line, watchdog, stopping.
 //! - [`trust`]: the roots a client verifies the edge against (a CA file or the system's).
 //! - [`wire`]: burrow frames on QUIC streams (feature `quic`: the agent and the edge).

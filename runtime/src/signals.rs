@@ -1,5 +1,8 @@
-//! Shutdown signals for the binaries' `main`: SIGTERM and SIGINT, installed before the process
-//! says it is up.
+//! What a binary's `main` sets up before anything else: the tokio runtime, and the shutdown
+//! signals (SIGTERM and SIGINT), installed before the process says it is up. A failure of either
+//! is reported with the program's name and becomes exit code 1.
+
+use std::process::ExitCode;
 
 /// SIGTERM and SIGINT, caught from the moment [`ShutdownSignals::install`] returns.
 ///
@@ -22,6 +25,15 @@ impl ShutdownSignals {
         })
     }
 
+    /// [`ShutdownSignals::install`], or the message `{program}: cannot handle SIGTERM and
+    /// SIGINT: ...` on stderr and exit code 1.
+    pub fn install_or_exit(program: &str) -> Result<ShutdownSignals, ExitCode> {
+        Self::install().map_err(|e| {
+            eprintln!("{program}: cannot handle SIGTERM and SIGINT: {e}");
+            ExitCode::from(1)
+        })
+    }
+
     /// Resolves on the next SIGTERM or SIGINT.
     pub async fn recv(&mut self) {
         tokio::select! {
@@ -29,4 +41,16 @@ impl ShutdownSignals {
             _ = self.int.recv() => {}
         }
     }
+}
+
+/// A multi-threaded tokio runtime with I/O and timers, or the message `{program}: cannot start
+/// the runtime: ...` on stderr and exit code 1.
+pub fn runtime(program: &str) -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("{program}: cannot start the runtime: {e}");
+            ExitCode::from(1)
+        })
 }

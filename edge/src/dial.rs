@@ -1,0 +1,220 @@
+//! Opening a data stream to a devbox's agent, for the last step of a request (forward, upgrade
+//! or raw): the stream header, the agent's answer, and the bounded wait for an agent that is
+//! away. The first try uses the agent connection the route step found; the registry is asked
+//! again only when that one is missing or fails, for the connection that attached meanwhile.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use burrow_protocol::{Port, RefuseReason, StreamAnswer, StreamHeader, StreamKind};
+use burrow_runtime::wire;
+use http::StatusCode;
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::metrics::Metrics;
+use crate::pages::{self, Answer};
+use crate::registry::Registry;
+use crate::route::{self, Routed};
+
+/// How long the agent may take to answer a stream header (it dials the service meanwhile, with
+/// a connect timeout of its own, 5 s by default, for each loopback address).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Opens data streams to agents.
+#[derive(Debug)]
+pub struct Dialer {
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    /// How long a request waits for an absent agent.
+    agent_wait: Duration,
+    /// Requests waiting per devbox, at most.
+    max_waiting: usize,
+}
+
+/// A data stream the agent accepted.
+#[derive(Debug)]
+pub struct Opened {
+    /// Toward the service.
+    pub send: quinn::SendStream,
+    /// From the service.
+    pub recv: quinn::RecvStream,
+    /// The agent connection it is on ([`quinn::Connection::stable_id`]).
+    pub conn_id: usize,
+}
+
+/// Why a stream could not be opened: the answer's status and explanation.
+type Failed = (StatusCode, String);
+
+impl Dialer {
+    /// Requests wait up to `agent_wait` for an absent agent, at most `max_waiting` of them per
+    /// devbox.
+    pub fn new(
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        agent_wait: Duration,
+        max_waiting: usize,
+    ) -> Dialer {
+        Dialer {
+            registry,
+            metrics,
+            agent_wait,
+            max_waiting,
+        }
+    }
+
+    /// Opens a stream of `kind` to the routed port and waits for the agent's answer, or answers
+    /// the request here (the agent refused, is away too long, or failed).
+    pub async fn open(&self, routed: &Routed, kind: StreamKind) -> Result<Opened, Answer> {
+        let header = StreamHeader::new(routed.target.port, kind, Some(routed.client));
+        self.open_waiting(routed, header)
+            .await
+            .map_err(|(status, detail)| pages::error(status, &detail, routed.html))
+    }
+
+    /// While the agent is away (reconnecting, resuming, the edge just restarted) the request
+    /// waits in a bounded queue for up to `agent_wait`; a connection that fails under it is
+    /// retried on the next one, so a short blip costs no request. The request body is not read
+    /// until the agent accepted, so a retry never replays anything.
+    async fn open_waiting(&self, routed: &Routed, header: StreamHeader) -> Result<Opened, Failed> {
+        let port = header.port;
+        let deadline = Instant::now() + self.agent_wait;
+        // The first try goes to the connection the route step found; the registry is asked
+        // again only when there is none to try (after a wait, or a connection that failed).
+        let mut found = routed.route.conn.clone();
+        let mut place = None;
+        let mut failed = None;
+        let mut waiting_since: Option<Instant> = None;
+        loop {
+            // Register for the next attach before looking, so one in between is not missed.
+            let next_attach = self.registry.next_attach();
+            tokio::pin!(next_attach);
+            next_attach.as_mut().enable();
+            let conn = match found.take() {
+                Some(conn) => Some(conn),
+                None => match self.registry.route(&routed.target.key) {
+                    Some(route) => route.conn,
+                    None => return Err((StatusCode::NOT_FOUND, route::NOT_FOUND.to_owned())),
+                },
+            };
+            if let Some(c) = conn.filter(|c| Some(c.stable_id()) != failed) {
+                let answer = tokio::time::timeout(ANSWER_TIMEOUT, open_stream(&c, header.clone()));
+                match answer.await {
+                    Ok(Ok(Ok((send, recv)))) => {
+                        self.waited(waiting_since, "served");
+                        return Ok(Opened {
+                            send,
+                            recv,
+                            conn_id: c.stable_id(),
+                        });
+                    }
+                    Ok(Ok(Err(reason))) => return Err(refusal(reason, port)),
+                    Ok(Err(e)) if connection_lost(&e) => {
+                        debug!(error = %e, "agent connection failed under a request; waiting for the next");
+                        failed = Some(c.stable_id());
+                        continue;
+                    }
+                    Ok(Err(e)) => {
+                        debug!(error = %e, "data stream failed");
+                        return Err((
+                            StatusCode::BAD_GATEWAY,
+                            "the stream to the devbox's agent failed; try again".to_owned(),
+                        ));
+                    }
+                    Err(_) => {
+                        return Err((
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "the devbox's agent did not answer in time".to_owned(),
+                        ));
+                    }
+                }
+            }
+            if place.is_none() {
+                place = self
+                    .registry
+                    .queue(&routed.route.devbox_id, self.max_waiting);
+                waiting_since.get_or_insert_with(Instant::now);
+                if place.is_none() {
+                    self.metrics.waits.with_label_values(&["queue_full"]).inc();
+                    return Err((
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "too many requests are waiting for this devbox's agent; try again in a few seconds".to_owned(),
+                    ));
+                }
+            }
+            if tokio::time::timeout_at(deadline, next_attach)
+                .await
+                .is_err()
+            {
+                self.waited(waiting_since, "timed_out");
+                return Err((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the devbox's agent is not connected; try again in a few seconds".to_owned(),
+                ));
+            }
+        }
+    }
+
+    /// Records a wait for an agent, if the request waited.
+    fn waited(&self, since: Option<Instant>, result: &str) {
+        if let Some(since) = since {
+            self.metrics.waits.with_label_values(&[result]).inc();
+            self.metrics
+                .wait_duration
+                .observe(since.elapsed().as_secs_f64());
+        }
+    }
+}
+
+/// Opens a data stream and waits for the agent's answer.
+async fn open_stream(
+    conn: &quinn::Connection,
+    header: StreamHeader,
+) -> Result<Result<(quinn::SendStream, quinn::RecvStream), RefuseReason>, wire::WireError> {
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| wire::WireError::Read(quinn::ReadError::ConnectionLost(e)))?;
+    wire::write_frame(&mut send, header.encoded()).await?;
+    match wire::read_msg(&mut recv, StreamAnswer::decode).await? {
+        Some(StreamAnswer::Accept) => Ok(Ok((send, recv))),
+        Some(StreamAnswer::Refuse(reason)) => Ok(Err(reason)),
+        None => Err(wire::WireError::Truncated),
+    }
+}
+
+/// Whether a stream failed because its whole connection did (the request may go to the next).
+fn connection_lost(e: &wire::WireError) -> bool {
+    use quinn::{ReadError, WriteError};
+    matches!(
+        e,
+        wire::WireError::Read(ReadError::ConnectionLost(_))
+            | wire::WireError::Write(WriteError::ConnectionLost(_))
+    )
+}
+
+/// The answer for a stream the agent refused.
+fn refusal(reason: RefuseReason, port: Port) -> Failed {
+    match reason {
+        RefuseReason::NotListening => (
+            StatusCode::BAD_GATEWAY,
+            format!("nothing is listening on port {port} in this devbox"),
+        ),
+        RefuseReason::PortNotAllowed => (
+            StatusCode::FORBIDDEN,
+            format!("port {port} is not allowed by this devbox's agent"),
+        ),
+        RefuseReason::ConnectTimeout => (
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("the service on port {port} did not accept the connection in time"),
+        ),
+        RefuseReason::TooManyStreams => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the devbox's agent is at its stream limit; try again shortly".to_owned(),
+        ),
+        _ => (
+            StatusCode::BAD_GATEWAY,
+            format!("the devbox's agent refused the stream ({reason})"),
+        ),
+    }
+}

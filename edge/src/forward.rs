@@ -1,0 +1,271 @@
+//! The forward step: a request as an HTTP/1.1 exchange with the service, over a data stream to
+//! the devbox's agent, a kept-alive one from the [`Pool`] when there is one. The request goes
+//! as the service should see it (`outbound_request`); the response streams back as it comes,
+//! and its connection returns to the pool once the client has the whole body.
+//!
+//! The WebSocket step ([`upgrade`](crate::upgrade)) sends its handshake the same way, with
+//! [`Forward::send`], and hands an answer other than 101 back with [`Forward::deliver`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use burrow_protocol::{Port, StreamKind};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tracing::{debug, warn};
+
+use crate::body::Body;
+use crate::dial::Dialer;
+use crate::headers;
+use crate::metrics::{CountedBody, GaugeGuard, Metrics};
+use crate::pages::{self, Answer};
+use crate::pool::{Pool, Returning, Sender};
+use crate::route::{Routed, Scheme};
+use crate::throttle::InFlight;
+
+/// The request as it goes to the service, its body counted.
+type Outbound = Request<CountedBody<Incoming>>;
+
+/// The forward step: streams to agents, the pool of kept-alive connections, the metrics.
+#[derive(Debug)]
+pub struct Forward {
+    dial: Arc<Dialer>,
+    pool: Arc<Pool>,
+    metrics: Arc<Metrics>,
+}
+
+/// The service's answer, with the connection it came on.
+#[derive(Debug)]
+pub struct Answered {
+    /// The response head and its streaming body.
+    pub response: Response<Incoming>,
+    sender: Sender,
+    conn_id: usize,
+}
+
+impl Forward {
+    /// Forwards over streams `dial` opens, reusing the connections `pool` keeps.
+    pub fn new(dial: Arc<Dialer>, pool: Arc<Pool>, metrics: Arc<Metrics>) -> Forward {
+        Forward {
+            dial,
+            pool,
+            metrics,
+        }
+    }
+
+    /// Forwards a plain HTTP request and streams the service's answer back.
+    pub async fn exchange(
+        &self,
+        req: Request<Incoming>,
+        routed: &Routed,
+        slot: InFlight,
+    ) -> Result<Response<Body>, Answer> {
+        let answered = self.send(req, routed, false).await?;
+        if answered.response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            warn!(port = %routed.target.port, "service switched protocols without being asked");
+            return Err(pages::error(
+                StatusCode::BAD_GATEWAY,
+                "the service sent an unexpected 101",
+                routed.html,
+            ));
+        }
+        Ok(self.deliver(answered, routed.target.port, slot))
+    }
+
+    /// Sends the request to the service and waits for its response head. A kept-alive
+    /// connection is tried first (not for an `upgrade`: that takes the connection over); a
+    /// request it could not even start goes on a fresh stream.
+    pub async fn send(
+        &self,
+        req: Request<Incoming>,
+        routed: &Routed,
+        upgrade: bool,
+    ) -> Result<Answered, Answer> {
+        let port = routed.target.port;
+        let service_host = routed
+            .route
+            .rewrite_host
+            .then(|| format!("localhost:{port}"));
+        let outbound = outbound_request(
+            req,
+            &routed.host,
+            service_host.as_deref(),
+            routed.client,
+            routed.scheme,
+            upgrade,
+        )
+        .map(|body| self.metrics.count_body(body, "from_client", ()));
+        let outbound = if upgrade {
+            outbound
+        } else {
+            match self.send_pooled(outbound, routed).await? {
+                Ok(answered) => return Ok(answered),
+                Err(outbound) => outbound,
+            }
+        };
+        self.send_fresh(outbound, routed).await
+    }
+
+    /// The service's response as the client gets it: hop-by-hop headers gone, the body counted
+    /// (and an open SSE stream), the devbox's `slot` held and the connection given back to the
+    /// pool when the body is done.
+    pub fn deliver(&self, answered: Answered, port: Port, slot: InFlight) -> Response<Body> {
+        let Answered {
+            mut response,
+            sender,
+            conn_id,
+        } = answered;
+        headers::strip_hop_by_hop(response.headers_mut());
+        let sse = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let guard = sse.then(|| GaugeGuard::new(&self.metrics.sse_open));
+        let back = Some((self.pool.clone(), (conn_id, port.get()), sender));
+        response.map(|body| {
+            self.metrics
+                .count_body(Returning::new(body, back), "to_client", (guard, slot))
+                .boxed()
+        })
+    }
+
+    /// Sends on a kept-alive connection to the routed agent and port, if the pool has one.
+    /// `Ok(Err(request))`: no connection took the request; it can go on a fresh one.
+    async fn send_pooled(
+        &self,
+        outbound: Outbound,
+        routed: &Routed,
+    ) -> Result<Result<Answered, Outbound>, Answer> {
+        let port = routed.target.port;
+        let Some(conn_id) = routed.route.conn.as_ref().map(quinn::Connection::stable_id) else {
+            return Ok(Err(outbound));
+        };
+        let Some(mut sender) = self.pool.checkout((conn_id, port.get())) else {
+            return Ok(Err(outbound));
+        };
+        match sender.try_send_request(outbound).await {
+            Ok(response) => {
+                self.metrics.pooled.with_label_values(&["reused"]).inc();
+                Ok(Ok(Answered {
+                    response,
+                    sender,
+                    conn_id,
+                }))
+            }
+            Err(mut e) => match e.take_message() {
+                Some(request) => Ok(Err(request)),
+                None => {
+                    debug!(error = %e.into_error(), %port, "kept-alive connection failed");
+                    Err(no_answer(port, routed.html))
+                }
+            },
+        }
+    }
+
+    /// Sends on a new HTTP/1.1 connection over a fresh data stream.
+    async fn send_fresh(&self, outbound: Outbound, routed: &Routed) -> Result<Answered, Answer> {
+        let port = routed.target.port;
+        let opened = self.dial.open(routed, StreamKind::Http).await?;
+        self.metrics.pooled.with_label_values(&["opened"]).inc();
+        let io = TokioIo::new(tokio::io::join(opened.recv, opened.send));
+        let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+            .handshake::<_, CountedBody<Incoming>>(io)
+            .await
+            .map_err(|e| {
+                debug!(error = %e, "handshake on data stream failed");
+                pages::error(
+                    StatusCode::BAD_GATEWAY,
+                    "the tunnel stream failed",
+                    routed.html,
+                )
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                debug!(error = %e, "service connection ended with an error");
+            }
+        });
+        match sender.send_request(outbound).await {
+            Ok(response) => Ok(Answered {
+                response,
+                sender,
+                conn_id: opened.conn_id,
+            }),
+            Err(e) => {
+                debug!(error = %e, %port, "service did not answer");
+                Err(no_answer(port, routed.html))
+            }
+        }
+    }
+}
+
+/// 502 for a service that took the request and closed the connection without an answer.
+fn no_answer(port: Port, html: bool) -> Answer {
+    pages::error(
+        StatusCode::BAD_GATEWAY,
+        &format!("the service on port {port} closed the connection without answering"),
+        html,
+    )
+}
+
+/// The request as the service gets it: HTTP/1.1, origin-form, hop-by-hop headers gone, `Host`
+/// the public host (or `service_host`, for a tunnel that rewrites it), `X-Forwarded-*` set by
+/// the edge (client-sent values are replaced).
+/// With `service_host`, an `Origin` naming the public host names `service_host` too, so a
+/// dev server that checks Origin against Host (Jupyter, Vite's WebSocket) still agrees.
+fn outbound_request(
+    req: Request<Incoming>,
+    host: &str,
+    service_host: Option<&str>,
+    client: SocketAddr,
+    scheme: Scheme,
+    upgrade: bool,
+) -> Request<Incoming> {
+    let (mut parts, body) = req.into_parts();
+    let upgrade_to = parts.headers.get(header::UPGRADE).cloned();
+    headers::filter_headers(&mut parts.headers);
+    let headers = &mut parts.headers;
+    if let Ok(public) = HeaderValue::from_str(host) {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), public.clone());
+        headers.insert(header::HOST, public);
+    }
+    if let Some(service_host) = service_host {
+        if let Ok(value) = HeaderValue::from_str(service_host) {
+            headers.insert(header::HOST, value);
+        }
+        let public_origin = format!("{}://{host}", scheme.as_str());
+        let names_public = headers
+            .get(header::ORIGIN)
+            .and_then(|o| o.to_str().ok())
+            .is_some_and(|o| o.eq_ignore_ascii_case(&public_origin));
+        if names_public {
+            if let Ok(origin) = HeaderValue::from_str(&format!("http://{service_host}")) {
+                headers.insert(header::ORIGIN, origin);
+            }
+        }
+    }
+    if let Ok(ip) = HeaderValue::from_str(&client.ip().to_string()) {
+        headers.insert(HeaderName::from_static("x-forwarded-for"), ip);
+    }
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(scheme.as_str()),
+    );
+    if upgrade {
+        if let Some(protocol) = upgrade_to {
+            headers.insert(header::UPGRADE, protocol);
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+    }
+    parts.version = Version::HTTP_11;
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    parts.uri = path.parse().unwrap_or_default();
+    Request::from_parts(parts, body)
+}

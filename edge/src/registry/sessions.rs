@@ -1,0 +1,209 @@
+//! The live half of the registry: each devbox's current agent session (attached when an agent's
+//! hello is accepted, detached when its connection ends), and the requests waiting for an agent
+//! that is away. Nothing here touches the store: sessions live in memory only.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use burrow_protocol::{ControlMsg, TunnelState};
+use tokio::sync::{Notify, mpsc};
+
+use super::Registry;
+use crate::secret::Secret;
+
+/// A live agent connection.
+#[derive(Debug, Clone)]
+pub struct AgentSession {
+    /// The QUIC connection.
+    pub conn: quinn::Connection,
+    /// When it was established.
+    pub since: SystemTime,
+    /// Distinguishes this session from earlier ones of the same devbox.
+    pub generation: u64,
+    /// Messages for the agent's control stream.
+    pub control: mpsc::Sender<ControlMsg>,
+    /// The agent process's random instance id (from its hello).
+    pub instance: u64,
+}
+
+/// The result of attaching an agent session.
+#[derive(Debug)]
+pub struct Attached {
+    /// The devbox the token belongs to.
+    pub devbox_id: String,
+    /// The new session's generation.
+    pub generation: u64,
+    /// The session it replaced, if any.
+    pub replaced: Option<AgentSession>,
+    /// The devbox's tunnel, as the welcome announces it.
+    pub tunnel: Option<TunnelState>,
+}
+
+/// Why an agent could not attach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachError {
+    /// Unknown or revoked token.
+    BadToken,
+    /// Another agent instance holds the session and this one did not ask to take over.
+    Busy,
+}
+
+/// A place in a devbox's queue of requests waiting for its agent.
+#[derive(Debug)]
+pub struct QueuePlace {
+    registry: Arc<Registry>,
+    devbox_id: String,
+}
+
+impl Drop for QueuePlace {
+    fn drop(&mut self) {
+        let mut waiting = self
+            .registry
+            .live
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = waiting.get_mut(&self.devbox_id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                waiting.remove(&self.devbox_id);
+            }
+        }
+    }
+}
+
+/// What the live half keeps beside the sessions themselves (which sit in the devboxes' entries,
+/// under the registry's lock).
+#[derive(Debug, Default)]
+pub(super) struct Live {
+    /// Woken at every attach.
+    attached: Notify,
+    /// Requests waiting for their agent, per devbox.
+    waiting: Mutex<HashMap<String, usize>>,
+}
+
+impl Registry {
+    /// Finds the devbox an agent token belongs to and makes `make(generation)` its live
+    /// session, in one step so that no admin call slips in between. `None`: unknown or revoked
+    /// token.
+    ///
+    /// Without `takeover`, a live session of another agent instance stays and this one is
+    /// refused ([`AttachError::Busy`]): an agent that was replaced waits its turn.
+    pub fn attach(
+        &self,
+        token: &str,
+        takeover: bool,
+        make: impl FnOnce(u64) -> AgentSession,
+    ) -> Result<Attached, AttachError> {
+        let hash = Secret::new(token).hash();
+        let mut inner = self.write();
+        let id = inner
+            .by_token
+            .get(&hash.to_hex())
+            .ok_or(AttachError::BadToken)?
+            .clone();
+        inner.next_generation += 1;
+        let generation = inner.next_generation;
+        let entry = inner.devboxes.get_mut(&id).ok_or(AttachError::BadToken)?;
+        // The map lookup found the row by hash; compare once more in constant time.
+        if entry.record.agent_token != hash {
+            return Err(AttachError::BadToken);
+        }
+        let session = make(generation);
+        if !takeover
+            && entry
+                .session
+                .as_ref()
+                .is_some_and(|live| live.instance != session.instance)
+        {
+            return Err(AttachError::Busy);
+        }
+        let replaced = entry.session.replace(session);
+        let tunnel = entry.record.tunnel.as_ref().map(|t| self.tunnel_state(t));
+        drop(inner);
+        self.live.attached.notify_waiters();
+        Ok(Attached {
+            devbox_id: id,
+            generation,
+            replaced,
+            tunnel,
+        })
+    }
+
+    /// A future that completes at the next attach; create it before checking the route, so
+    /// an attach in between is not missed.
+    pub fn next_attach(&self) -> tokio::sync::futures::Notified<'_> {
+        self.live.attached.notified()
+    }
+
+    /// Takes a place in a devbox's queue of requests waiting for its agent; `None` when the
+    /// queue is full. The place is given back when the guard drops.
+    pub fn queue(self: &Arc<Self>, devbox_id: &str, max: usize) -> Option<QueuePlace> {
+        let mut waiting = self.live.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let n = waiting.entry(devbox_id.to_owned()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(QueuePlace {
+            registry: self.clone(),
+            devbox_id: devbox_id.to_owned(),
+        })
+    }
+
+    /// Forgets a session if it is still the devbox's current one (it closed, or its agent
+    /// said go-away): new requests wait for the next one.
+    pub fn detach(&self, devbox_id: &str, generation: u64) {
+        let mut inner = self.write();
+        if let Some(entry) = inner.devboxes.get_mut(devbox_id) {
+            if entry
+                .session
+                .as_ref()
+                .is_some_and(|s| s.generation == generation)
+            {
+                entry.session = None;
+            }
+        }
+    }
+
+    /// Every live session, for a go-away at shutdown.
+    pub fn sessions(&self) -> Vec<AgentSession> {
+        self.read()
+            .devboxes
+            .values()
+            .filter_map(|e| e.session.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::UrlBase;
+    use crate::store::Store;
+
+    #[test]
+    fn queue_places_are_bounded_per_devbox_and_given_back() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("burrow.db")).expect("store");
+        let urls = UrlBase {
+            scheme: "http",
+            domain: "tunnel.example.com".into(),
+            port_suffix: String::new(),
+        };
+        let registry = Registry::load(store, urls).expect("registry");
+        let first = registry.queue("d1", 2).expect("first place");
+        let _second = registry.queue("d1", 2).expect("second place");
+        assert!(registry.queue("d1", 2).is_none(), "the queue is full");
+        assert!(
+            registry.queue("d2", 2).is_some(),
+            "other devboxes have their own"
+        );
+        drop(first);
+        assert!(
+            registry.queue("d1", 2).is_some(),
+            "a dropped place is given back"
+        );
+    }
+}

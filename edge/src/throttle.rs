@@ -1,0 +1,128 @@
+//! The limits step: a tunnel's request rate (429 past it, with `Retry-After`) and its devbox's
+//! requests in flight (503 past it). The counters are [`limits`](crate::limits)'; this step
+//! decides what a request over them is told, and counts it.
+
+use std::sync::Arc;
+
+use http::StatusCode;
+use http::header::{self, HeaderValue};
+
+use crate::limits::{Limits, PerKey, Rate, Slot};
+use crate::metrics::Metrics;
+use crate::pages::{self, Answer};
+use crate::route::Routed;
+
+/// The limits step: a rate per tunnel key, a count of requests in flight per devbox.
+#[derive(Debug)]
+pub struct Throttle {
+    /// Requests a second per tunnel, as configured (for the 429's explanation).
+    rate: u32,
+    rates: Rate<String>,
+    in_flight: PerKey<String>,
+    metrics: Arc<Metrics>,
+}
+
+/// A request's place among its devbox's requests in flight: held as long as the request (or
+/// the upgraded connection, or the response body) lives.
+pub type InFlight = Slot<String>;
+
+impl Throttle {
+    /// The limits of `limits` (`rate`, `burst`, `streams_per_devbox`).
+    pub fn new(limits: &Limits, metrics: Arc<Metrics>) -> Throttle {
+        Throttle {
+            rate: limits.rate,
+            rates: Rate::new(f64::from(limits.rate), f64::from(limits.burst)),
+            in_flight: PerKey::new(limits.streams_per_devbox),
+            metrics,
+        }
+    }
+
+    /// Takes a token of the tunnel's rate and a place among the devbox's requests in flight,
+    /// or answers the request here.
+    pub fn admit(&self, routed: &Routed) -> Result<InFlight, Answer> {
+        if let Err(wait) = self.rates.take(&routed.target.key) {
+            self.metrics.limited.with_label_values(&["rate"]).inc();
+            let mut response = pages::error(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!(
+                    "this tunnel is over its request rate ({} a second); slow down",
+                    self.rate
+                ),
+                routed.html,
+            );
+            let secs = wait.as_secs().max(1);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            return Err(response);
+        }
+        self.in_flight
+            .acquire(&routed.route.devbox_id)
+            .ok_or_else(|| {
+                self.metrics.limited.with_label_values(&["streams"]).inc();
+                pages::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "this devbox has too many requests in flight; try again shortly",
+                    routed.html,
+                )
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burrow_protocol::{AuthMode, Port};
+
+    use super::*;
+    use crate::registry::Route;
+    use crate::route::{Scheme, Target};
+
+    fn routed(key: &str, devbox: &str) -> Routed {
+        Routed {
+            host: format!("3000-{key}.tunnel.example.com"),
+            target: Target {
+                port: Port::new(3000).expect("non-zero"),
+                key: key.to_owned(),
+            },
+            route: Route {
+                devbox_id: devbox.to_owned(),
+                auth_mode: AuthMode::Open,
+                auth_token: None,
+                rewrite_host: false,
+                raw_tcp: false,
+                conn: None,
+            },
+            client: ([192, 0, 2, 1], 40000).into(),
+            scheme: Scheme::Http,
+            html: false,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn over_the_rate_is_429_and_over_the_streams_503() {
+        let limits = Limits {
+            rate: 1,
+            burst: 1,
+            streams_per_devbox: 1,
+            ..Limits::default()
+        };
+        let throttle = Throttle::new(&limits, Metrics::new());
+        let slot = throttle.admit(&routed("a", "d1")).expect("first request");
+        let limited = throttle
+            .admit(&routed("a", "d1"))
+            .expect_err("over the rate");
+        assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(limited.headers()[header::RETRY_AFTER], "1");
+        let busy = throttle
+            .admit(&routed("b", "d1"))
+            .expect_err("over the streams");
+        assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(throttle.admit(&routed("c", "d2")).is_ok(), "another devbox");
+        drop(slot);
+        tokio::time::advance(std::time::Duration::from_secs(1)).await;
+        assert!(
+            throttle.admit(&routed("a", "d1")).is_ok(),
+            "a second later, with the slot back"
+        );
+    }
+}
