@@ -9,8 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use burrow_testkit::{ChildGuard, Signal};
 
 /// How long a test waits for an event before failing: generous for a loaded 2-core machine.
 const WAIT: Duration = Duration::from_secs(20);
@@ -74,11 +73,9 @@ fn sidecar(dir: &Scratch, flags: &[&str], entrypoint: &[&str]) -> Command {
     cmd
 }
 
-/// `sidecar` with the entrypoint `sh -c SCRIPT`.
-fn agent_sh(dir: &Scratch, flags: &[&str], script: &str) -> Child {
-    sidecar(dir, flags, &["sh", "-c", script])
-        .spawn()
-        .expect("burrow-agent starts")
+/// `sidecar` with the entrypoint `sh -c SCRIPT`, killed if the test ends first.
+fn agent_sh(dir: &Scratch, flags: &[&str], script: &str) -> ChildGuard {
+    ChildGuard::spawn(&mut sidecar(dir, flags, &["sh", "-c", script]))
 }
 
 /// Waits up to [`WAIT`] for the process to exit; its status.
@@ -142,11 +139,6 @@ fn log(dir: &Scratch) -> String {
     std::fs::read_to_string(dir.path("agent.log")).unwrap_or_default()
 }
 
-fn signal(child: &Child, signal: Signal) {
-    let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
-    kill(pid, signal).expect("kill");
-}
-
 #[test]
 fn exits_with_the_entrypoint_exit_code() {
     let dir = Scratch::new("exit3");
@@ -181,7 +173,7 @@ fn a_signal_reaches_the_entrypoint() {
     );
     let mut agent = agent_sh(&dir, &[], &script);
     wait_file(&dir.path("ready"), &mut agent, &dir);
-    signal(&agent, Signal::SIGUSR1);
+    agent.signal(Signal::SIGUSR1);
     assert_eq!(wait_file(&dir.path("got"), &mut agent, &dir), "got-usr1\n");
     assert_eq!(exit_code(&mut agent, &dir), Some(0), "{}", log(&dir));
 }
@@ -197,7 +189,7 @@ fn sigterm_is_forwarded_and_the_entrypoint_status_returned() {
     );
     let mut agent = agent_sh(&dir, &[], &script);
     wait_file(&dir.path("ready"), &mut agent, &dir);
-    signal(&agent, Signal::SIGTERM);
+    agent.signal(Signal::SIGTERM);
     assert_eq!(exit_code(&mut agent, &dir), Some(42), "{}", log(&dir));
     assert_eq!(
         std::fs::read_to_string(dir.path("got")).ok().as_deref(),
@@ -210,7 +202,7 @@ fn sigterm_is_forwarded_and_the_entrypoint_status_returned() {
     let script = format!("echo ready > {}; exec sleep 60", dir.sh("ready"));
     let mut agent = agent_sh(&dir, &[], &script);
     wait_file(&dir.path("ready"), &mut agent, &dir);
-    signal(&agent, Signal::SIGTERM);
+    agent.signal(Signal::SIGTERM);
     assert_eq!(exit_code(&mut agent, &dir), Some(143), "{}", log(&dir));
 }
 
@@ -232,7 +224,7 @@ fn signal_group_reaches_the_whole_group() {
     );
     let mut agent = agent_sh(&dir, &["--signal-group"], &script);
     wait_file(&dir.path("ready"), &mut agent, &dir);
-    signal(&agent, Signal::SIGUSR1);
+    agent.signal(Signal::SIGUSR1);
     assert_eq!(
         wait_file(&dir.path("grandchild"), &mut agent, &dir),
         "grandchild\n"
@@ -249,12 +241,12 @@ fn entrypoint_gets_the_environment_and_directory_without_notify_socket() {
         env = dir.sh("env"),
         pwd = dir.sh("pwd")
     );
-    let mut agent = sidecar(&dir, &[], &["sh", "-c", &script])
-        .env("NOTIFY_SOCKET", "/run/burrow-test/notify.sock")
-        .env("SIDECAR_MARKER", "kept")
-        .current_dir(&dir.0)
-        .spawn()
-        .expect("burrow-agent starts");
+    let mut agent = ChildGuard::spawn(
+        sidecar(&dir, &[], &["sh", "-c", &script])
+            .env("NOTIFY_SOCKET", "/run/burrow-test/notify.sock")
+            .env("SIDECAR_MARKER", "kept")
+            .current_dir(&dir.0),
+    );
     assert_eq!(exit_code(&mut agent, &dir), Some(0), "{}", log(&dir));
     let env = std::fs::read_to_string(dir.path("env")).expect("env written");
     assert!(env.lines().any(|l| l == "SIDECAR_MARKER=kept"), "{env}");
@@ -271,9 +263,7 @@ fn entrypoint_gets_the_environment_and_directory_without_notify_socket() {
 #[test]
 fn a_command_that_cannot_run_exits_127_or_126() {
     let dir = Scratch::new("notfound");
-    let mut agent = sidecar(&dir, &[], &["burrow-no-such-command", "arg"])
-        .spawn()
-        .expect("burrow-agent starts");
+    let mut agent = ChildGuard::spawn(&mut sidecar(&dir, &[], &["burrow-no-such-command", "arg"]));
     assert_eq!(exit_code(&mut agent, &dir), Some(127), "{}", log(&dir));
     assert!(
         log(&dir).contains("`burrow-no-such-command`: command not found"),
@@ -284,9 +274,7 @@ fn a_command_that_cannot_run_exits_127_or_126() {
     let dir = Scratch::new("noexec");
     let script = dir.path("script.sh");
     std::fs::write(&script, "#!/bin/sh\nexit 0\n").expect("write");
-    let mut agent = sidecar(&dir, &[], &[script.to_str().expect("path")])
-        .spawn()
-        .expect("burrow-agent starts");
+    let mut agent = ChildGuard::spawn(&mut sidecar(&dir, &[], &[script.to_str().expect("path")]));
     assert_eq!(exit_code(&mut agent, &dir), Some(126), "{}", log(&dir));
     assert!(log(&dir).contains("script.sh"), "{}", log(&dir));
 }
@@ -297,27 +285,21 @@ fn bad_configuration_exits_2_before_the_entrypoint_starts() {
     let script = format!("echo started > {}", dir.sh("started"));
     // No edge at all.
     let mut cmd = agent_command(Path::new(env!("CARGO_BIN_EXE_burrow-agent")), &dir);
-    let mut agent = cmd
-        .args(["--", "sh", "-c", &script])
-        .spawn()
-        .expect("burrow-agent starts");
+    let mut agent = ChildGuard::spawn(cmd.args(["--", "sh", "-c", &script]));
     assert_eq!(exit_code(&mut agent, &dir), Some(2), "{}", log(&dir));
     assert!(log(&dir).contains("`edge`"), "{}", log(&dir));
     // A CA file that is not there: found by the TLS setup, still before the entrypoint.
-    let mut agent = sidecar(
+    let mut agent = ChildGuard::spawn(&mut sidecar(
         &dir,
         &["--ca", "/nonexistent/ca.pem"],
         &["sh", "-c", &script],
-    )
-    .spawn()
-    .expect("burrow-agent starts");
+    ));
     assert_eq!(exit_code(&mut agent, &dir), Some(2), "{}", log(&dir));
     assert!(log(&dir).contains("`ca`"), "{}", log(&dir));
     // A sidecar setting with a bad value.
-    let mut agent = sidecar(&dir, &[], &["sh", "-c", &script])
-        .env("BURROW_KEEP_RUNNING", "perhaps")
-        .spawn()
-        .expect("burrow-agent starts");
+    let mut agent = ChildGuard::spawn(
+        sidecar(&dir, &[], &["sh", "-c", &script]).env("BURROW_KEEP_RUNNING", "perhaps"),
+    );
     assert_eq!(exit_code(&mut agent, &dir), Some(2), "{}", log(&dir));
     assert!(log(&dir).contains("BURROW_KEEP_RUNNING"), "{}", log(&dir));
     assert!(!dir.path("started").exists(), "the entrypoint ran");
@@ -351,7 +333,7 @@ fn keep_running_keeps_the_tunnel_after_the_entrypoint_exits() {
         "{}",
         log(&dir)
     );
-    signal(&agent, Signal::SIGTERM);
+    agent.signal(Signal::SIGTERM);
     // Stopped, it exits with the entrypoint's code.
     assert_eq!(exit_code(&mut agent, &dir), Some(3), "{}", log(&dir));
 }
@@ -401,12 +383,11 @@ fn as_pid_1_orphans_are_reaped() {
         zombies = dir.sh("zombies"),
     );
     let mut cmd = agent_command(Path::new("unshare"), &dir);
-    let mut agent = cmd
-        .args(["--pid", "--fork", "--mount-proc"])
-        .arg(env!("CARGO_BIN_EXE_burrow-agent"))
-        .args(["--edge", "127.0.0.1:9", "--", "sh", "-c", &script])
-        .spawn()
-        .expect("unshare starts");
+    let mut agent = ChildGuard::spawn(
+        cmd.args(["--pid", "--fork", "--mount-proc"])
+            .arg(env!("CARGO_BIN_EXE_burrow-agent"))
+            .args(["--edge", "127.0.0.1:9", "--", "sh", "-c", &script]),
+    );
     let zombies = wait_file(&dir.path("zombies"), &mut agent, &dir);
     assert_eq!(exit_code(&mut agent, &dir), Some(7), "{}", log(&dir));
     // The entrypoint's parent was the agent, and it was PID 1.

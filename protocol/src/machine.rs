@@ -112,7 +112,6 @@ impl AgentControl {
         self.core.phase
     }
 
-
     /// Takes one message from the edge.
     pub fn on_message(&mut self, msg: ControlMsg) -> Result<AgentAction, Violation> {
         let got = name(&msg);
@@ -168,7 +167,6 @@ impl AgentControl {
     pub fn sent(&mut self, msg: &ControlMsg) {
         self.core.sent(msg);
     }
-
 }
 
 /// The edge's view of one agent's control stream, before its hello on.
@@ -187,7 +185,6 @@ impl EdgeControl {
     pub fn phase(&self) -> Phase {
         self.core.phase
     }
-
 
     /// Takes one message from the agent. A hello establishes the stream at once: the agent sends
     /// nothing else before the answer, and an edge that rejects closes the connection.
@@ -235,7 +232,6 @@ impl EdgeControl {
         }
         self.core.sent(msg);
     }
-
 }
 
 /// What both sides track: the phase, who said go-away, and the heartbeat.

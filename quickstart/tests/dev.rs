@@ -1,45 +1,29 @@
 //! `burrow-edge dev`, run as the README says: its printed curl line answers through a real
 //! local service, the URL template reaches any other port, and Ctrl-C stops it cleanly.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
+
+use burrow_testkit::{ChildGuard, Lines, Signal, ports};
 
 const WAIT: Duration = Duration::from_secs(60);
 
 #[test]
 fn dev_prints_a_curl_line_that_works_and_stops_on_ctrl_c() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_burrow-edge"))
-        .args(["dev", "--http", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("burrow-edge dev starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
+    let mut child = ChildGuard::spawn(
+        Command::new(env!("CARGO_BIN_EXE_burrow-edge"))
+            .args(["dev", "--http", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit()),
+    );
+    let stdout = Lines::new();
+    stdout.read(child.stdout.take().expect("stdout"));
+    let curl_line = stdout.wait_for("curl ", WAIT).trim().to_owned();
+    let template = stdout.find("URL template:", 0).and_then(|l| {
+        l.split_once("URL template:")
+            .map(|(_, t)| t.trim().to_owned())
     });
-    let mut template = None;
-    let mut curl_line = None;
-    while curl_line.is_none() {
-        let line = rx
-            .recv_timeout(WAIT)
-            .expect("dev prints its curl line in time");
-        if let Some(t) = line.trim().strip_prefix("URL template:") {
-            template = Some(t.trim().to_owned());
-        }
-        if line.trim().starts_with("curl ") && curl_line.is_none() {
-            curl_line = Some(line.trim().to_owned());
-        }
-    }
-    let curl_line = curl_line.expect("curl line");
     let out = Command::new("sh")
         .args(["-c", &format!("{curl_line} -sS --fail")])
         .output()
@@ -53,7 +37,7 @@ fn dev_prints_a_curl_line_that_works_and_stops_on_ctrl_c() {
     assert!(body.contains("Hello from burrow"), "{body}");
 
     // Any port through the template: a local service of our own.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let listener = ports::tcp_listener();
     let port = listener.local_addr().expect("addr").port();
     std::thread::spawn(move || {
         if let Ok((mut tcp, _)) = listener.accept() {
@@ -77,18 +61,7 @@ fn dev_prints_a_curl_line_that_works_and_stops_on_ctrl_c() {
         "{url}"
     );
 
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let (done_tx, done_rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = done_tx.send(child.wait());
-    });
-    let exit = done_rx
-        .recv_timeout(WAIT)
-        .expect("dev stops after Ctrl-C")
-        .expect("wait");
+    child.signal(Signal::SIGINT);
+    let exit = child.wait_within(WAIT);
     assert!(exit.success(), "dev exits 0 on Ctrl-C, got {exit}");
 }

@@ -1,22 +1,16 @@
 //! SIGHUP reloads the edge's certificates without a restart: new connections get the new
 //! certificate, and a broken one is refused with the old kept.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use burrow_testkit::{ChildGuard, Lines, Signal};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
 
 /// Writes a CA (ca.pem) and a `*.tunnel.localhost` certificate signed by it (cert.pem,
 /// key.pem) into `dir`, named after `name`.
@@ -54,72 +48,50 @@ fn curl(port: u16, ca: &Path) -> u16 {
         .unwrap_or(0)
 }
 
-fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !check() {
-        assert!(Instant::now() < deadline, "{what} within {WAIT:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// The HTTPS port from the edge's `edge listening` log line (`https=Some(127.0.0.1:PORT)`).
+fn https_port(line: &str) -> u16 {
+    line.split("https=Some(")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|addr| addr.parse::<std::net::SocketAddr>().ok())
+        .unwrap_or_else(|| panic!("no HTTPS address in `{line}`"))
+        .port()
 }
 
 #[test]
 fn sighup_reloads_certificates_and_refuses_a_broken_one() {
     let dir = tempfile::tempdir().expect("tempdir");
     issue(dir.path(), "first");
-    let https = free_port();
     let config = dir.path().join("edge.toml");
     std::fs::write(
         &config,
         format!(
-            "domain = \"tunnel.localhost\"\nstate_dir = \"{}\"\n[public]\nhttps = \"127.0.0.1:{https}\"\n\
+            "domain = \"tunnel.localhost\"\nstate_dir = \"{}\"\n[public]\nhttps = \"127.0.0.1:0\"\n\
              cert = \"cert.pem\"\nkey = \"key.pem\"\n[agents]\nlisten = \"127.0.0.1:0\"\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n",
             dir.path().join("state").display()
         ),
     )
     .expect("config");
-    let mut edge = Command::new(env!("CARGO_BIN_EXE_burrow-edge"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("edge starts");
-    let (tx, logs) = mpsc::channel();
-    let stderr = edge.stderr.take().expect("stderr");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let mut edge = ChildGuard::spawn(
+        Command::new(env!("CARGO_BIN_EXE_burrow-edge"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped()),
+    );
+    let log = Lines::new();
+    log.read(edge.stderr.take().expect("stderr"));
+    // The edge binds `:0` and logs the addresses it got.
+    let https = https_port(&log.wait_for("edge listening", WAIT));
     let first = dir.path().join("first-ca.pem");
-    wait_for("the edge serves HTTPS", || curl(https, &first) == 404);
-
-    let hup = |pid: u32| {
-        Command::new("kill")
-            .args(["-HUP", &pid.to_string()])
-            .status()
-            .expect("kill");
-    };
-    let wait_log = |needle: &str| {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = logs
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("log line `{needle}`"));
-            if line.contains(needle) {
-                return;
-            }
-        }
-    };
+    assert_eq!(curl(https, &first), 404, "the edge serves HTTPS");
 
     // A new certificate from another CA: after SIGHUP new connections present it.
     issue(dir.path(), "second");
-    hup(edge.id());
-    wait_log("certificates reloaded");
+    edge.signal(Signal::SIGHUP);
+    log.wait_for("certificates reloaded", WAIT);
     let second = dir.path().join("second-ca.pem");
     assert_eq!(
         curl(https, &second),
@@ -130,18 +102,15 @@ fn sighup_reloads_certificates_and_refuses_a_broken_one() {
 
     // A broken key: the reload is refused and the current certificate kept.
     std::fs::write(dir.path().join("key.pem"), "not a key").expect("write");
-    hup(edge.id());
-    wait_log("reload refused");
+    edge.signal(Signal::SIGHUP);
+    log.wait_for("reload refused", WAIT);
     assert_eq!(
         curl(https, &second),
         404,
         "still serving the last good certificate"
     );
 
-    Command::new("kill")
-        .args(["-TERM", &edge.id().to_string()])
-        .status()
-        .expect("kill");
-    let status = edge.wait().expect("wait");
+    edge.signal(Signal::SIGTERM);
+    let status = edge.wait_within(WAIT);
     assert!(status.success(), "{status}");
 }

@@ -242,7 +242,9 @@ mod tests {
 
     use super::*;
 
-    /// systemd's side: a datagram socket the notifier sends to.
+    /// systemd's side: a datagram socket the notifier sends to. An async one, read alongside
+    /// the notifier's task on the test's runtime; the binaries' suites share the blocking
+    /// `burrow_testkit::NotifyManager`, which the runtime does not depend on.
     struct Manager {
         socket: tokio::net::UnixDatagram,
         env: HashMap<String, String>,

@@ -9,8 +9,13 @@
 //!   `node_modules`, installed there by `.ci/run` with `npm ci`, linked entry by entry, so Vite's
 //!   cache lands in the copy), which the test may edit.
 //!
-//! Both listen on a free port of 127.0.0.1 and are returned once they accept connections
-//! there (Jupyter prints its URL a moment before it listens). Each runs in a process group of
+//! Both listen on a port of 127.0.0.1 reserved by the test kit ([`ReservedPort`]) and are
+//! returned once they accept connections there (Jupyter prints its URL a moment before it
+//! listens). They are told the port up front: both take a port 0 only by binding a port the
+//! kernel chooses, closing it and binding it again (jupyter_server's `_find_http_port`, Vite's
+//! `getAvailableEphemeralPort`), the bind-drop race inside the kernel's ephemeral range. A
+//! reserved port lies outside that range, where no bind on `:0` lands, and no other test holds
+//! it while the server runs. Each runs in a process group of
 //! its own; dropping the fixture sends the group SIGTERM, waits a bounded time for the server
 //! to exit (Jupyter shuts its kernels down then), and SIGKILLs what is left. A missing program
 //! is a failure naming `bash .ci/run`, never a skip.
@@ -22,6 +27,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use burrow_testkit::ports::ReservedPort;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -61,6 +67,8 @@ pub struct Jupyter {
     pub token: String,
     /// The running server.
     pub server: DevServer,
+    /// The port's reservation, given up after the server has stopped.
+    _port: ReservedPort,
 }
 
 impl Jupyter {
@@ -72,7 +80,8 @@ impl Jupyter {
         for sub in ["root", "config", "runtime", "data", "ipython"] {
             std::fs::create_dir(dir.path().join(sub)).expect("create a temporary directory");
         }
-        let port = free_port();
+        let reserved = ReservedPort::new();
+        let port = reserved.port();
         let token = random_token();
         let mut cmd = Command::new(&bin);
         cmd.arg("--no-browser")
@@ -99,6 +108,7 @@ impl Jupyter {
             port,
             token,
             server,
+            _port: reserved,
         }
     }
 }
@@ -112,11 +122,13 @@ pub struct Vite {
     pub app: PathBuf,
     /// The running server.
     pub server: DevServer,
+    /// The port's reservation, given up after the server has stopped.
+    _port: ReservedPort,
 }
 
 impl Vite {
-    /// Copies the fixture app, starts `vite --host 127.0.0.1 --port {free} --strictPort` in the
-    /// copy and waits until it accepts connections.
+    /// Copies the fixture app, starts `vite --host 127.0.0.1 --port {reserved} --strictPort` in
+    /// the copy and waits until it accepts connections.
     pub async fn start() -> Vite {
         let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/vite-app");
         let modules = fixture.join("node_modules");
@@ -133,7 +145,8 @@ impl Vite {
         let app = dir.path().join("app");
         copy_app(&fixture, &app);
         link_modules(&modules, &app.join("node_modules"));
-        let port = free_port();
+        let reserved = ReservedPort::new();
+        let port = reserved.port();
         let mut cmd = Command::new(app.join("node_modules/.bin/vite"));
         cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .arg("--strictPort")
@@ -141,7 +154,12 @@ impl Vite {
             .current_dir(&app);
         let mut server = DevServer::spawn("vite", cmd, dir);
         server.wait_listening(port, START).await;
-        Vite { port, app, server }
+        Vite {
+            port,
+            app,
+            server,
+            _port: reserved,
+        }
     }
 }
 
@@ -306,12 +324,6 @@ fn link_modules(modules: &Path, to: &Path) {
 fn on_path(program: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|p| std::env::split_paths(&p).any(|dir| dir.join(program).is_file()))
-}
-
-/// A port nothing listens on now: bound on `:0`, then released for the server to take.
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind :0");
-    listener.local_addr().expect("local address").port()
 }
 
 /// 32 random hex digits (the standard library's per-process random hash keys).

@@ -13,6 +13,8 @@
 //! - [`site`]: a small web app (two linked pages, a JSON endpoint, a WebSocket echo) for a
 //!   browser to use.
 //! - [`chromium`]: headless Chromium driven over the DevTools protocol, a real browser.
+//! - [`testkit`] (burrow-testkit, re-exported): loopback ports without races, child processes
+//!   killed on drop, and [`binary`], the workspace's binaries built for the test.
 
 #![forbid(unsafe_code)]
 
@@ -34,13 +36,13 @@ use burrow_edge::{Config, Edge};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+/// The test kit: ports, child processes, the notify manager, and [`binary`], which builds the
+/// workspace's binaries (`burrow-agent`, `burrow-edge`, `burrow`) for tests that run them.
+pub use burrow_testkit::{self as testkit, WAIT, binary};
 pub use client::{Curl, Reply, curl, request};
 
 /// The tunnel domain of test edges (another with [`EdgeBuilder::domain`]).
 pub const DOMAIN: &str = "tunnel.localhost";
-
-/// How long tests wait for an event before failing: generous for a loaded 2-core machine.
-pub const WAIT: Duration = Duration::from_secs(20);
 
 /// Sends test logs to the test's captured output; `RUST_LOG` selects.
 pub fn init_tracing() {
@@ -457,22 +459,4 @@ impl burrow_agent::clock::Clocks for TestClocks {
         s.realtime += o.1;
         s
     }
-}
-
-/// The path of a workspace binary (`burrow-agent`, `burrow-edge`), built by `cargo test
-/// --workspace` (the agent's and the edge's own integration tests make cargo build them).
-pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable");
-    // target/debug/deps/e2e-<hash> -> target/debug/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target directory");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo test --workspace` (or `cargo build --bins` first)",
-        path.display()
-    );
-    path
 }

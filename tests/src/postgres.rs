@@ -2,11 +2,16 @@
 //! for tests of raw TCP tunnels (`burrow connect`).
 //!
 //! [`Postgres::start`] runs `initdb --auth=trust -U postgres` in a temporary directory, then
-//! `pg_ctl start` with `listen_addresses=127.0.0.1` on a free port and the Unix socket in that
-//! directory, and returns once the server accepts connections (`pg_ctl -w`). PostgreSQL refuses
-//! to run as root, so as root (CI containers) both run as the `postgres` user through
-//! `runuser`, on a directory chowned to it. Dropping the fixture stops the server
-//! (`pg_ctl stop -m immediate`).
+//! `pg_ctl start` listening on a Unix socket in that directory only, and returns once the
+//! server accepts connections (`pg_ctl -w`). PostgreSQL refuses to run as root, so as root (CI
+//! containers) both run as the `postgres` user through `runuser`, on a directory chowned to it.
+//! Dropping the fixture stops the server (`pg_ctl stop -m immediate`).
+//!
+//! Its TCP port on 127.0.0.1 is a listener of the test's own, bound on `:0`, that relays each
+//! connection byte for byte to the server's socket. PostgreSQL has no port 0; a TCP port told
+//! to it would have to be chosen before it binds it, where another socket may take it. The
+//! socket's directory is the fixture's alone, so its port number (5432, which only names the
+//! socket file) is never in use.
 //!
 //! PostgreSQL missing is a failure, not a skip: the message says to run `.ci/run`, which
 //! installs Debian's `postgresql` and `postgresql-client`. Debian keeps `initdb`, `pg_ctl` and
@@ -19,13 +24,19 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, UnixStream};
 use tokio::process::Command;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::timeout;
 
 use crate::WAIT;
 
 /// The bound on `initdb` and on `pg_ctl start` (a second or two on an idle machine).
 const START: Duration = Duration::from_secs(90);
+
+/// The server's port: it only names its Unix socket (`.s.PGSQL.5432`) in the fixture's
+/// directory.
+const SOCKET_PORT: u16 = 5432;
 
 /// What to do when PostgreSQL is not installed.
 const INSTALL: &str = "this test needs a real PostgreSQL: run `bash .ci/run` (it installs \
@@ -34,8 +45,10 @@ const INSTALL: &str = "this test needs a real PostgreSQL: run `bash .ci/run` (it
 /// A running PostgreSQL server on `127.0.0.1:{port}`, user `postgres`, trust authentication.
 #[derive(Debug)]
 pub struct Postgres {
-    /// Its TCP port on 127.0.0.1.
+    /// Its TCP port on 127.0.0.1 (the relay's).
     pub port: u16,
+    /// The relay from the TCP port to the server's socket; stopped with the fixture.
+    relay: JoinHandle<()>,
     /// The directory holding `initdb`, `pg_ctl` and `postgres`.
     bin: PathBuf,
     /// Whether the server runs as the `postgres` user (the test runs as root).
@@ -45,7 +58,7 @@ pub struct Postgres {
 }
 
 impl Postgres {
-    /// Creates a database cluster and starts a server on a free loopback port.
+    /// Creates a database cluster and starts a server, reached on a loopback port.
     pub async fn start() -> Postgres {
         let bin = server_bin().unwrap_or_else(|| {
             panic!("no `initdb` and `pg_ctl` on PATH nor in /usr/lib/postgresql/*/bin: {INSTALL}")
@@ -67,9 +80,15 @@ impl Postgres {
                 String::from_utf8_lossy(&chown.stderr)
             );
         }
-        let port = free_port();
+        let listener = burrow_testkit::ports::tokio_listener().await;
+        let port = listener
+            .local_addr()
+            .expect("a bound listener's address")
+            .port();
+        let socket = dir.path().join(format!(".s.PGSQL.{SOCKET_PORT}"));
         let server = Postgres {
             port,
+            relay: tokio::spawn(relay(listener, socket)),
             bin,
             as_postgres,
             dir,
@@ -89,7 +108,7 @@ impl Postgres {
         server.run("initdb", &initdb).await;
         // pg_ctl hands `-o` to a shell: the socket directory is quoted.
         let options = format!(
-            "-c listen_addresses=127.0.0.1 -p {port} -k '{}' -c fsync=off",
+            "-c listen_addresses='' -p {SOCKET_PORT} -k '{}' -c fsync=off",
             server.dir.path().display()
         );
         let start: [OsString; 10] = [
@@ -165,6 +184,7 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
+        self.relay.abort();
         let data = self.data();
         let argv = self.argv("pg_ctl");
         let mut cmd = std::process::Command::new(&argv[0]);
@@ -285,8 +305,23 @@ fn without_pg_env(cmd: &mut std::process::Command) {
     }
 }
 
-/// A port nothing listens on now: bound on `:0`, then released for the server to take.
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind :0");
-    listener.local_addr().expect("local address").port()
+/// Accepts on `listener` and relays each connection to the server's Unix socket `socket`,
+/// both ways, each direction's end passed on as a half-close; the relays end with this task.
+async fn relay(listener: TcpListener, socket: PathBuf) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                // A failed accept (a connection reset before it was taken) ends that one only.
+                let Ok((mut tcp, _)) = accepted else { continue };
+                let socket = socket.clone();
+                connections.spawn(async move {
+                    if let Ok(mut unix) = UnixStream::connect(&socket).await {
+                        let _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix).await;
+                    }
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
 }

@@ -7,17 +7,11 @@ use std::process::Command;
 #[test]
 fn bench_smoke_prints_a_burrow_row() {
     let exe = env!("CARGO_BIN_EXE_bench");
-    // burrow-edge and burrow-agent sit next to the test binaries' target directory
-    // (`cargo test --workspace` builds them for the edge's and the agent's own tests).
-    let bin_dir = burrow_tests::binary("burrow-edge")
-        .parent()
-        .expect("target directory")
-        .to_owned();
-    assert!(
-        bin_dir.join("burrow-agent").exists(),
-        "burrow-agent is missing from {}: run `cargo build --bins` first",
-        bin_dir.display()
-    );
+    // The test kit builds burrow-edge and burrow-agent; both land in the profile's directory.
+    let edge = burrow_tests::binary("burrow-edge");
+    let agent = burrow_tests::binary("burrow-agent");
+    let bin_dir = edge.parent().expect("the profile's directory").to_owned();
+    assert_eq!(agent.parent(), Some(bin_dir.as_path()));
     let results = tempfile::tempdir().expect("tempdir");
     let out = Command::new(exe)
         .arg("--smoke")

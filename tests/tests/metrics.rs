@@ -6,12 +6,18 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use burrow_tests::services::http_service;
+use burrow_tests::testkit::ports::{ClosedPort, ReservedPort};
+use burrow_tests::testkit::{AsyncChildGuard, Lines};
 use burrow_tests::{TestAgent, TestEdge, WAIT, curl};
 use serde_json::Value;
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
+/// The address from Prometheus's `msg="Listening on" address=127.0.0.1:PORT` log line.
+fn listening_addr(line: &str) -> String {
+    line.split("address=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in `{line}`"))
+        .to_owned()
 }
 
 async fn get(url: &str) -> (u16, String) {
@@ -50,8 +56,11 @@ async fn prometheus_scrapes_agent_and_edge() {
     let edge_metrics = edge.edge().metrics_addr.expect("edge metrics listener");
     let devbox = edge.devbox(Some("open")).await;
     let key = devbox.key.clone().expect("key");
-    let agent_port = free_port();
-    let agent_listen = format!("127.0.0.1:{agent_port}");
+    // The agent's metrics port is named in its config, not bound on `:0`: the agent denies
+    // the configured port to the tunnel, which this test checks.
+    let agent_metrics_port = ReservedPort::new();
+    let agent_port = agent_metrics_port.port();
+    let agent_listen = agent_metrics_port.addr().to_string();
     let _agent =
         TestAgent::start_with(&edge, &devbox, &[("metrics.listen", agent_listen.as_str())]).await;
     let agent_metrics = format!("http://{agent_listen}");
@@ -74,7 +83,8 @@ async fn prometheus_scrapes_agent_and_edge() {
         .await;
         assert_eq!(got.code, 200);
     }
-    assert_eq!(curl(&[&edge.url(free_port(), &key, "/")]).await.code, 502);
+    let closed = ClosedPort::new();
+    assert_eq!(curl(&[&edge.url(closed.port(), &key, "/")]).await.code, 502);
     assert_eq!(
         curl(&[&edge.url(agent_port, &key, "/metrics")]).await.code,
         403,
@@ -101,22 +111,26 @@ async fn prometheus_scrapes_agent_and_edge() {
         ),
     )
     .expect("write config");
-    let prom_port = free_port();
-    let mut prometheus = tokio::process::Command::new("prometheus")
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.path().join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("prometheus runs (apt-get install prometheus)");
+    // Port 0: Prometheus binds a port the kernel chooses and logs it.
+    let mut prometheus = AsyncChildGuard::from(
+        tokio::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg("--web.listen-address=127.0.0.1:0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("prometheus runs (apt-get install prometheus)"),
+    );
+    let log = Lines::new();
+    log.read_async(prometheus.stderr.take().expect("piped stderr"));
+    let prom_addr = listening_addr(&log.wait_for_async("msg=\"Listening on\"", WAIT).await);
 
     let query = |q: &str| {
-        let url = format!("http://127.0.0.1:{prom_port}/api/v1/query?query={q}");
+        let url = format!("http://{prom_addr}/api/v1/query?query={q}");
         async move {
             let c = curl(&[&url]).await;
             serde_json::from_str::<Value>(&c.body).ok().and_then(|v| {
@@ -171,5 +185,4 @@ async fn prometheus_scrapes_agent_and_edge() {
     if let Some(rtt) = rtt {
         assert!(rtt < 1.0, "loopback RTT under a second, got {rtt}");
     }
-    let _ = prometheus.kill().await;
 }

@@ -1,26 +1,13 @@
 //! Operating a real agent process: JSON logs without secrets, `burrow-agent status`, and
 //! SIGHUP reloading the port policy (a bad file is refused and the running policy kept).
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use burrow_tests::services::http_service;
+use burrow_tests::testkit::ports::ReservedPort;
+use burrow_tests::testkit::{ChildGuard, Lines, Signal};
 use burrow_tests::{TestEdge, WAIT, binary, curl};
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(ok.success());
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_status_command_and_sighup_reload() {
@@ -30,7 +17,11 @@ async fn json_logs_status_command_and_sighup_reload() {
     let service = http_service("127.0.0.1:0").await;
     let port = service.addr.port();
     let url = edge.url(port, &key, "/");
-    let metrics = format!("127.0.0.1:{}", free_port());
+    // The metrics port is named up front, not bound on `:0`: the config file is how
+    // `burrow-agent status --config` finds the agent, and the agent denies that port to the
+    // tunnel when it reads it.
+    let metrics_port = ReservedPort::new();
+    let metrics = metrics_port.addr();
 
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("agent.toml");
@@ -44,42 +35,19 @@ async fn json_logs_status_command_and_sighup_reload() {
         std::fs::write(&config, text).expect("write config");
     };
     write_config("");
-    let mut agent = KillOnDrop(
+    let mut agent = ChildGuard::spawn(
         Command::new(binary("burrow-agent"))
             .arg("--config")
             .arg(&config)
             .env("BURROW_AGENT_TOKEN", &devbox.agent_token)
             .env_remove("RUST_LOG")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("agent starts"),
+            .stderr(Stdio::piped()),
     );
-    let (tx, lines) = mpsc::channel::<String>();
-    let stderr = agent.stderr.take().expect("stderr");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut seen: Vec<String> = Vec::new();
-    let mut wait_log = |needle: &str| {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(line) = seen.iter().find(|l| l.contains(needle)) {
-                return line.clone();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("agent log line `{needle}`; saw {seen:#?}"));
-            seen.push(line);
-        }
-    };
+    let log = Lines::new();
+    log.read(agent.stderr.take().expect("stderr"));
 
     // JSON log lines, with the devbox in the session's fields and no token anywhere.
-    let connected = wait_log("\"connected");
+    let connected = log.wait_for_async("\"connected", WAIT).await;
     let parsed: serde_json::Value = serde_json::from_str(&connected).expect("a JSON log line");
     assert_eq!(parsed["level"], "INFO", "{connected}");
     assert!(
@@ -116,48 +84,24 @@ async fn json_logs_status_command_and_sighup_reload() {
 
     // SIGHUP with a new deny list: the port is refused from now on, without a reconnect.
     write_config(&port.to_string());
-    signal(agent.id(), "-HUP");
-    wait_log("reloaded the port policy");
+    agent.signal(Signal::SIGHUP);
+    log.wait_for_async("reloaded the port policy", WAIT).await;
     assert_eq!(curl(&[&url]).await.code, 403);
 
     // A broken file is refused; the running policy stays.
     std::fs::write(&config, "edge = [").expect("write");
-    signal(agent.id(), "-HUP");
-    wait_log("reload refused");
+    agent.signal(Signal::SIGHUP);
+    log.wait_for_async("reload refused", WAIT).await;
     assert_eq!(curl(&[&url]).await.code, 403);
 
-    signal(agent.id(), "-TERM");
-    let exit = agent.wait().expect("wait");
+    agent.signal(Signal::SIGTERM);
+    let exit = agent.wait_within(WAIT);
     assert!(exit.success(), "{exit}");
-    let all = seen.join("\n");
+    let all = log.text();
     assert!(
         !all.contains(&devbox.agent_token),
         "the agent token never reaches the log"
     );
-    let sessions = seen.iter().filter(|l| l.contains("\"connected")).count();
+    let sessions = all.lines().filter(|l| l.contains("\"connected")).count();
     assert_eq!(sessions, 1, "reloads do not reconnect");
-}
-
-/// The agent process, killed if the test fails before it stops it (an orphan would keep the
-/// test harness's output pipe open).
-struct KillOnDrop(std::process::Child);
-
-impl std::ops::Deref for KillOnDrop {
-    type Target = std::process::Child;
-    fn deref(&self) -> &Self::Target {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for KillOnDrop {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.0
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

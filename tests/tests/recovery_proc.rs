@@ -13,14 +13,15 @@ use std::time::Duration;
 
 use burrow_agent::status::State;
 use burrow_tests::services::{http_service, ws_echo};
+use burrow_tests::testkit::{AsyncChildGuard, Lines, Signal};
 use burrow_tests::{DOMAIN, Devbox, TestAgent, TestClocks, TestEdge, WAIT, binary, request};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -30,11 +31,11 @@ fn host(port: u16, key: &str) -> String {
     format!("{port}-{key}.{DOMAIN}")
 }
 
-/// The `burrow-agent` binary running as a child process, its stderr collected line by line.
+/// The `burrow-agent` binary running as a child process (killed on drop), its stderr
+/// collected line by line.
 struct AgentProcess {
-    child: tokio::process::Child,
-    pid: u32,
-    log: watch::Receiver<Vec<String>>,
+    child: AsyncChildGuard,
+    log: Lines,
 }
 
 impl AgentProcess {
@@ -63,79 +64,41 @@ impl AgentProcess {
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().expect("burrow-agent starts");
-        let pid = child.id().expect("a running child has a pid");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, log) = watch::channel(Vec::new());
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                tx.send_modify(|log| log.push(line));
-            }
-        });
-        AgentProcess { child, pid, log }
+            .stderr(Stdio::piped());
+        let mut child = AsyncChildGuard::spawn(&mut cmd);
+        let log = Lines::new();
+        log.read_async(child.stderr.take().expect("piped stderr"));
+        AgentProcess { child, log }
     }
 
     /// Lines logged so far.
     fn lines(&self) -> usize {
-        self.log.borrow().len()
+        self.log.len()
     }
 
     /// Waits up to `bound` for a line after the first `from` lines containing `what`.
     async fn wait_log(&self, what: &str, from: usize, bound: Duration) -> String {
-        let mut log = self.log.clone();
-        let found = timeout(
-            bound,
-            log.wait_for(|lines| lines.iter().skip(from).any(|l| l.contains(what))),
-        )
-        .await;
-        match found {
-            Ok(Ok(lines)) => lines
-                .iter()
-                .skip(from)
-                .find(|l| l.contains(what))
-                .cloned()
-                .unwrap_or_default(),
-            _ => panic!(
-                "the agent did not log `{what}` within {bound:?}; its log:\n{}",
-                self.log.borrow().join("\n")
-            ),
-        }
+        self.log.wait_for_from_async(what, from, bound).await
     }
 
-    /// Sends a signal (`STOP`, `CONT`, `TERM`) with kill(1).
-    fn signal(&self, name: &str) {
-        let status = std::process::Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.pid.to_string())
-            .status()
-            .expect("kill(1) runs");
-        assert!(status.success(), "kill -{name} {} failed", self.pid);
+    /// Sends a signal.
+    fn signal(&mut self, signal: Signal) {
+        self.child.signal(signal);
     }
 
     /// Waits up to `bound` for the agent to exit; its exit code.
     async fn exit_code(&mut self, bound: Duration) -> i32 {
-        match timeout(bound, self.child.wait()).await {
-            Ok(status) => {
-                let status = status.expect("wait for burrow-agent");
-                status
-                    .code()
-                    .unwrap_or_else(|| panic!("killed by a signal: {status}"))
-            }
-            Err(_) => panic!(
-                "the agent did not exit within {bound:?}; its log:\n{}",
-                self.log.borrow().join("\n")
-            ),
-        }
+        let status = self.child.wait_within(bound).await;
+        status
+            .code()
+            .unwrap_or_else(|| panic!("killed by a signal: {status}"))
     }
 }
 
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("--- burrow-agent log ---\n{}", self.log.borrow().join("\n"));
+            eprintln!("--- burrow-agent log ---\n{}", self.log.text());
         }
     }
 }
@@ -188,10 +151,10 @@ async fn agent_process_stopped_longer_than_idle_timeout() {
     let (up, _) = first_200(&url, WAIT).await;
     println!("agent process serving after {up:?}");
 
-    agent.signal("STOP");
+    agent.signal(Signal::SIGSTOP);
     tokio::time::sleep(HOLD).await;
     let before = agent.lines();
-    agent.signal("CONT");
+    agent.signal(Signal::SIGCONT);
     let (recovered, tries) = first_200(&url, WAIT).await;
     println!(
         "stopped {HOLD:?} (idle timeout {IDLE}): first 200 {recovered:?} after SIGCONT, {tries} tries"
@@ -200,8 +163,7 @@ async fn agent_process_stopped_longer_than_idle_timeout() {
     // replaced by a new one.
     agent.wait_log("resume detected", before, WAIT).await;
     agent.wait_log(": connected", before, WAIT).await;
-    let log = agent.log.borrow().clone();
-    for line in log.iter().skip(before) {
+    for line in agent.log.text().lines().skip(before) {
         println!("agent after SIGCONT: {line}");
     }
     assert!(
@@ -209,7 +171,7 @@ async fn agent_process_stopped_longer_than_idle_timeout() {
         "the tunnel took {recovered:?} to serve again after SIGCONT"
     );
 
-    agent.signal("TERM");
+    agent.signal(Signal::SIGTERM);
     let code = agent.exit_code(WAIT).await;
     assert_eq!(code, 0, "SIGTERM is a clean stop");
 }
@@ -406,7 +368,7 @@ async fn agent_sigterm_lets_running_streams_finish() {
 
     let before = agent.lines();
     let term = Instant::now();
-    agent.signal("TERM");
+    agent.signal(Signal::SIGTERM);
     agent.wait_log("shutting down", before, WAIT).await;
     let code = agent.exit_code(DRAIN_GRACE + Duration::from_secs(5)).await;
     let exited = term.elapsed();

@@ -1,25 +1,24 @@
-//! The entrypoint sidecar end to end: `burrow-agent -- python3 -m http.server PORT`, the way a
+//! The entrypoint sidecar end to end: `burrow-agent -- python3 -m http.server 0`, the way a
 //! devbox is started with its entrypoint, serves the entrypoint's port through the tunnel, and
 //! a SIGTERM stops both with the entrypoint's exit status.
 
-use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use burrow_tests::testkit::{AsyncChildGuard, Lines, Signal};
 use burrow_tests::{TestEdge, WAIT, binary, curl};
-use tokio::time::{Instant, sleep, timeout};
+use tokio::time::{Instant, sleep};
 
-/// How often the test asks again while the tunnel and the server come up.
+/// How often the test asks again while the tunnel comes up.
 const POLL: Duration = Duration::from_millis(50);
 
-/// A port nothing listens on now: bound on `:0`, then released for the entrypoint to take.
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind :0");
-    listener.local_addr().expect("local address").port()
-}
-
-fn read_log(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
+/// The port from python's `Serving HTTP on 127.0.0.1 port 45678 (http://...) ...`.
+fn serving_port(line: &str) -> u16 {
+    line.split(" port ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|port| port.parse().ok())
+        .unwrap_or_else(|| panic!("no port in `{line}`"))
 }
 
 #[tokio::test]
@@ -27,14 +26,10 @@ async fn the_tunnel_serves_the_entrypoint_port() {
     let edge = TestEdge::start().await;
     let devbox = edge.devbox(Some("open")).await;
     let key = devbox.key.clone().expect("an open tunnel has a key");
-    let port = free_port();
 
     // The entrypoint serves its working directory, which is the agent's.
     let site = tempfile::tempdir().expect("tempdir");
     std::fs::write(site.path().join("hello.txt"), "hello from the entrypoint\n").expect("write");
-    let logs = tempfile::tempdir().expect("tempdir");
-    let log_path = logs.path().join("agent.log");
-    let log = std::fs::File::create(&log_path).expect("log file");
 
     let mut cmd = tokio::process::Command::new(binary("burrow-agent"));
     for (name, _) in std::env::vars() {
@@ -45,8 +40,8 @@ async fn the_tunnel_serves_the_entrypoint_port() {
     for (key, value) in edge.agent_flags(None) {
         cmd.arg(format!("--{}", key.replace('_', "-"))).arg(value);
     }
-    let port_arg = port.to_string();
-    cmd.args(["--", "python3", "-m", "http.server", &port_arg])
+    // Port 0: python binds a port the kernel chooses and prints it.
+    cmd.args(["--", "python3", "-m", "http.server", "0"])
         .args(["--bind", "127.0.0.1"])
         .current_dir(site.path())
         .env("BURROW_AGENT_TOKEN", &devbox.agent_token)
@@ -54,14 +49,15 @@ async fn the_tunnel_serves_the_entrypoint_port() {
         .env("NO_COLOR", "1")
         .env("PYTHONUNBUFFERED", "1")
         .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log file"))
-        .stderr(log)
-        .kill_on_drop(true);
-    let mut agent = cmd.spawn().expect("burrow-agent starts");
-    let pid = agent.id().expect("a running child has a pid");
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut agent = AsyncChildGuard::spawn(&mut cmd);
+    let log = Lines::new();
+    log.read_async(agent.stdout.take().expect("piped stdout"));
+    log.read_async(agent.stderr.take().expect("piped stderr"));
+    let port = serving_port(&log.wait_for_async("Serving HTTP on", WAIT).await);
 
-    // Through the tunnel until the server answers: 503 while the agent connects, 502 while
-    // nothing listens on the port yet.
+    // Through the tunnel until the server answers: 503 while the agent connects.
     let url = edge.url(port, &key, "/hello.txt");
     let deadline = Instant::now() + WAIT;
     let started = Instant::now();
@@ -76,7 +72,7 @@ async fn the_tunnel_serves_the_entrypoint_port() {
             reply.code,
             reply.body,
             reply.stderr,
-            read_log(&log_path)
+            log.text()
         );
         sleep(POLL).await;
     };
@@ -84,22 +80,10 @@ async fn the_tunnel_serves_the_entrypoint_port() {
     println!("first 200 through the tunnel after {:?}", started.elapsed());
 
     // SIGTERM goes to python, which dies of it; the agent drains and exits with 128 + 15.
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("kill(1) runs");
-    assert!(status.success());
-    let exited = timeout(WAIT, agent.wait())
-        .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "the agent did not exit within {WAIT:?}; its log:\n{}",
-                read_log(&log_path)
-            )
-        })
-        .expect("wait for burrow-agent");
-    assert_eq!(exited.code(), Some(143), "{}", read_log(&log_path));
-    let log = read_log(&log_path);
-    assert!(log.contains("GET /hello.txt"), "python's own log: {log}");
-    assert!(log.contains("the entrypoint exited"), "{log}");
+    agent.signal(Signal::SIGTERM);
+    let exited = agent.wait_within(WAIT).await;
+    assert_eq!(exited.code(), Some(143), "{}", log.text());
+    // Python's own log, and the agent's word on the exit (the pipes may still hold them).
+    log.wait_for_async("GET /hello.txt", WAIT).await;
+    log.wait_for_async("the entrypoint exited", WAIT).await;
 }

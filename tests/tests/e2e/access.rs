@@ -1,6 +1,7 @@
 //! Access modes and the edge's own answers when something is missing.
 
 use burrow_tests::services::http_service;
+use burrow_tests::testkit::ports::ClosedPort;
 use burrow_tests::{DOMAIN, TestAgent, TestEdge, WAIT, curl, request};
 use serde_json::Value;
 
@@ -105,10 +106,8 @@ async fn missing_things_get_clear_answers() {
     }
 
     // Nothing listening: 502 naming the port.
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
+    let closed_port = ClosedPort::new();
+    let closed = closed_port.port();
     let nothing = curl(&[&edge.url(closed, &key, "/")]).await;
     assert_eq!(nothing.code, 502, "{nothing:?}");
     assert!(

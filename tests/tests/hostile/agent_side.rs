@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use burrow_tests::testkit::ports::ReservedPort;
 use burrow_tests::{Devbox, TestAgent, WAIT};
 use tokio_util::sync::CancellationToken;
 
@@ -297,10 +298,10 @@ async fn agent_denied_port() {
 async fn agent_metrics_port() {
     const CASE: &str = "agent_metrics_port";
     let s = shared().await;
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
+    // Named in the agent's config, which is how the agent knows to deny it: reserved, not
+    // bound on `:0`.
+    let reserved = ReservedPort::new();
+    let port = reserved.port();
     let tunnel = s
         .tunnel(
             "open",

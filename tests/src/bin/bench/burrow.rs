@@ -13,7 +13,9 @@ use tokio::time::Instant;
 
 use crate::load::{Target, first_200};
 use crate::procs::Proc;
-use crate::systems::{DOMAIN, Env, Running, System, accepting, failed, free_port, quiet, until_up};
+use crate::systems::{
+    DOMAIN, Env, Running, System, accepting, failed, quiet, reserved_port, until_up,
+};
 
 /// The edge's configuration file.
 pub fn edge_toml(state: &Path, http: u16, agents: u16, admin: u16) -> String {
@@ -31,12 +33,10 @@ pub fn edge_toml(state: &Path, http: u16, agents: u16, admin: u16) -> String {
 /// Starts an edge, registers a devbox with an open tunnel, starts its agent, and waits until a
 /// request reaches the origin. The registration is not part of the timed start.
 pub async fn start(env: &Env, dir: &Path) -> Result<Running> {
-    let http = free_port()?;
-    let admin = free_port()?;
-    // The QUIC port: a free UDP port, released for the edge to take.
-    let agents = std::net::UdpSocket::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let http = reserved_port()?;
+    let admin = reserved_port()?;
+    // The QUIC port (a reserved port is free on UDP too).
+    let agents = reserved_port()?;
     let state = dir.join("state");
     let conf = dir.join("edge.toml");
     std::fs::write(&conf, edge_toml(&state, http, agents, admin))?;

@@ -164,7 +164,7 @@ async fn bench(cli: Cli) -> Result<()> {
     };
     let mut work = tempfile::Builder::new().prefix("burrow-bench-").tempdir()?;
     work.disable_cleanup(cli.keep);
-    let origin_port = systems::free_port()?;
+    let origin_port = systems::reserved_port()?;
     let origin_addr = SocketAddr::from(([127, 0, 0, 1], origin_port));
     let origin = Proc::spawn(
         "origin",

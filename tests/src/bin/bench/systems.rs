@@ -8,9 +8,11 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use burrow_testkit::ports::ReservedPort;
 use tokio::process::Command;
 use tokio::time::Instant;
 
@@ -245,7 +247,7 @@ pub async fn start_in(system: System, env: &Env, dir: &Path) -> Result<Running> 
             client_start: Duration::ZERO,
         },
         System::Nginx => {
-            let listen = free_port()?;
+            let listen = reserved_port()?;
             let conf = dir.join("nginx.conf");
             std::fs::write(&conf, nginx_conf(&dir, listen, origin_port))?;
             let bin = env.nginx.as_deref().context("nginx")?;
@@ -285,8 +287,8 @@ pub async fn start_in(system: System, env: &Env, dir: &Path) -> Result<Running> 
             }
         }
         System::RatholeTcp | System::RatholeNoise => {
-            let control = free_port()?;
-            let public = free_port()?;
+            let control = reserved_port()?;
+            let public = reserved_port()?;
             let (server_conf, client_conf) = rathole_confs(
                 control,
                 public,
@@ -317,7 +319,7 @@ pub async fn start_in(system: System, env: &Env, dir: &Path) -> Result<Running> 
             two_sided(system, &dir, control, loopback(public), server, client).await?
         }
         System::Bore => {
-            let public = free_port()?;
+            let public = reserved_port()?;
             let bin = env.bore.as_deref().context("bore")?;
             let server = |d: &Path| {
                 let mut cmd = Command::new(bin);
@@ -417,11 +419,18 @@ pub async fn accepting(port: u16, patience: Duration) -> Result<()> {
     }
 }
 
-/// A free TCP port on loopback (bound, then released for the system to take).
-pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// A port of 127.0.0.1 (TCP and UDP) for a system that is told its port up front: outside
+/// the kernel's ephemeral range, where no bind on `:0` lands, and locked against other test
+/// processes ([`ReservedPort`]). The reservations are held until the benchmark exits, so no
+/// two systems, nor two starts, share a port.
+pub fn reserved_port() -> Result<u16> {
+    static HELD: Mutex<Vec<ReservedPort>> = Mutex::new(Vec::new());
+    let reserved = ReservedPort::new();
+    let port = reserved.port();
+    HELD.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(reserved);
+    Ok(port)
 }
 
 fn loopback(port: u16) -> Target {
