@@ -395,15 +395,8 @@ fn jitter(d: Duration) -> Duration {
     d / 2 + b.next_delay()
 }
 
-/// A random instance id for this process.
+/// A random instance id for this process: it tells a restarted agent apart from a clone, it
+/// is no secret (fastrand's thread-local generator, randomly seeded).
 fn random_instance() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.write_u32(std::process::id());
-    h.finish()
+    fastrand::u64(..)
 }
