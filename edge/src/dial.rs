@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use burrow_protocol::{Port, RefuseReason, StreamAnswer, StreamHeader, StreamKind};
+use burrow_protocol::{Port, RefuseReason, StreamAnswer, StreamHeader, StreamKind, reset};
 use burrow_runtime::wire;
 use http::StatusCode;
 use tokio::time::Instant;
@@ -98,9 +98,8 @@ impl Dialer {
                 },
             };
             if let Some(c) = conn.filter(|c| Some(c.stable_id()) != failed) {
-                let answer = tokio::time::timeout(ANSWER_TIMEOUT, open_stream(&c, header.clone()));
-                match answer.await {
-                    Ok(Ok(Ok((send, recv)))) => {
+                match self.attempt(&c, &routed.target.key, header.clone()).await {
+                    Attempt::Accepted(send, recv) => {
                         self.waited(waiting_since, "served");
                         return Ok(Opened {
                             send,
@@ -108,20 +107,27 @@ impl Dialer {
                             conn_id: c.stable_id(),
                         });
                     }
-                    Ok(Ok(Err(reason))) => return Err(refusal(reason, port)),
-                    Ok(Err(e)) if connection_lost(&e) => {
+                    Attempt::Refused(reason) => return Err(refusal(reason, port)),
+                    Attempt::Superseded => {
+                        debug!(
+                            "agent connection closed or replaced under a request; trying the newest"
+                        );
+                        failed = Some(c.stable_id());
+                        continue;
+                    }
+                    Attempt::Failed(e) if connection_lost(&e) => {
                         debug!(error = %e, "agent connection failed under a request; waiting for the next");
                         failed = Some(c.stable_id());
                         continue;
                     }
-                    Ok(Err(e)) => {
+                    Attempt::Failed(e) => {
                         debug!(error = %e, "data stream failed");
                         return Err((
                             StatusCode::BAD_GATEWAY,
                             "the stream to the devbox's agent failed; try again".to_owned(),
                         ));
                     }
-                    Err(_) => {
+                    Attempt::TimedOut => {
                         return Err((
                             StatusCode::GATEWAY_TIMEOUT,
                             "the devbox's agent did not answer in time".to_owned(),
@@ -155,6 +161,62 @@ impl Dialer {
         }
     }
 
+    /// Opens a stream on `conn` and waits up to [`ANSWER_TIMEOUT`] for the agent's answer;
+    /// `None` when, before the answer came, `conn` closed or the devbox's tunnel moved to a newer
+    /// connection (an agent that crashed and came back: the old connection may look alive for
+    /// its whole idle timeout). Nothing of the request has been sent then, only the header, so
+    /// the caller tries the newest connection at once; the abandoned stream is reset.
+    async fn attempt(&self, conn: &quinn::Connection, key: &str, header: StreamHeader) -> Attempt {
+        let superseded = self.superseded(conn, key);
+        tokio::pin!(superseded);
+        let (mut send, mut recv) = tokio::select! {
+            opened = conn.open_bi() => match opened {
+                Ok(streams) => streams,
+                Err(e) => return Attempt::Failed(quinn::ReadError::ConnectionLost(e).into()),
+            },
+            () = &mut superseded => return Attempt::Superseded,
+        };
+        let answer = tokio::select! {
+            answer = tokio::time::timeout(ANSWER_TIMEOUT, exchange(&mut send, &mut recv, header)) => {
+                answer
+            }
+            () = &mut superseded => {
+                let _ = send.reset(reset::EDGE_ABORT.into());
+                let _ = recv.stop(reset::EDGE_ABORT.into());
+                return Attempt::Superseded;
+            }
+        };
+        match answer {
+            Ok(Ok(Ok(()))) => Attempt::Accepted(send, recv),
+            Ok(Ok(Err(reason))) => Attempt::Refused(reason),
+            Ok(Err(e)) => Attempt::Failed(e),
+            Err(_) => Attempt::TimedOut,
+        }
+    }
+
+    /// Whether `conn` is the connection the tunnel `key` routes to now.
+    pub fn is_current(&self, conn: &quinn::Connection, key: &str) -> bool {
+        let current = self.registry.route(key).and_then(|route| route.conn);
+        current.is_some_and(|c| c.stable_id() == conn.stable_id())
+    }
+
+    /// Resolves once `conn` closes or is no longer the connection the tunnel `key` routes to
+    /// (a newer one took over, or none is left). Woken by attaches, not by polling.
+    pub async fn superseded(&self, conn: &quinn::Connection, key: &str) {
+        loop {
+            let next_attach = self.registry.next_attach();
+            tokio::pin!(next_attach);
+            next_attach.as_mut().enable();
+            if !self.is_current(conn, key) {
+                return;
+            }
+            tokio::select! {
+                () = next_attach => {}
+                _ = conn.closed() => return,
+            }
+        }
+    }
+
     /// Records a wait for an agent, if the request waited.
     fn waited(&self, since: Option<Instant>, result: &str) {
         if let Some(since) = since {
@@ -166,18 +228,29 @@ impl Dialer {
     }
 }
 
-/// Opens a data stream and waits for the agent's answer.
-async fn open_stream(
-    conn: &quinn::Connection,
+/// How one try to open a data stream on one agent connection ended.
+enum Attempt {
+    /// The agent accepted: toward the service, from the service.
+    Accepted(quinn::SendStream, quinn::RecvStream),
+    /// The agent refused, with its reason.
+    Refused(RefuseReason),
+    /// The connection closed, or another took over, before the answer: try the newest.
+    Superseded,
+    /// The stream failed (perhaps with its whole connection: [`connection_lost`]).
+    Failed(wire::WireError),
+    /// No answer within [`ANSWER_TIMEOUT`].
+    TimedOut,
+}
+
+/// Writes the stream header and reads the agent's answer: `Ok(Ok(()))` accepted.
+async fn exchange(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
     header: StreamHeader,
-) -> Result<Result<(quinn::SendStream, quinn::RecvStream), RefuseReason>, wire::WireError> {
-    let (mut send, mut recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| wire::WireError::Read(quinn::ReadError::ConnectionLost(e)))?;
-    wire::write_frame(&mut send, header.encoded()).await?;
-    match wire::read_msg(&mut recv, StreamAnswer::decode).await? {
-        Some(StreamAnswer::Accept) => Ok(Ok((send, recv))),
+) -> Result<Result<(), RefuseReason>, wire::WireError> {
+    wire::write_frame(send, header.encoded()).await?;
+    match wire::read_msg(recv, StreamAnswer::decode).await? {
+        Some(StreamAnswer::Accept) => Ok(Ok(())),
         Some(StreamAnswer::Refuse(reason)) => Ok(Err(reason)),
         None => Err(wire::WireError::Truncated),
     }

@@ -11,13 +11,13 @@ use std::sync::Arc;
 
 use burrow_protocol::{Port, StreamKind};
 use http::header::{self, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Version};
-use http_body_util::BodyExt;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Either, Empty};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
-use crate::body::Body;
+use crate::body::{Body, ToService};
 use crate::dial::Dialer;
 use crate::headers;
 use crate::metrics::{CountedBody, GaugeGuard, Metrics};
@@ -27,7 +27,7 @@ use crate::route::{Routed, Scheme};
 use crate::throttle::InFlight;
 
 /// The request as it goes to the service, its body counted.
-type Outbound = Request<CountedBody<Incoming>>;
+type Outbound = Request<CountedBody<ToService>>;
 
 /// The forward step: streams to agents, the pool of kept-alive connections, the metrics.
 #[derive(Debug)]
@@ -96,12 +96,16 @@ impl Forward {
             routed.client,
             routed.scheme,
             upgrade,
-        )
-        .map(|body| self.metrics.count_body(body, "from_client", ()));
+        );
+        let replay = Replay::of(&outbound);
+        let outbound = outbound.map(|body| {
+            self.metrics
+                .count_body(Either::Left(body), "from_client", ())
+        });
         let outbound = if upgrade {
             outbound
         } else {
-            match self.send_pooled(outbound, routed).await? {
+            match self.send_pooled(outbound, replay, routed).await? {
                 Ok(answered) => return Ok(answered),
                 Err(outbound) => outbound,
             }
@@ -135,19 +139,51 @@ impl Forward {
 
     /// Sends on a kept-alive connection to the routed agent and port, if the pool has one.
     /// `Ok(Err(request))`: no connection took the request; it can go on a fresh one.
+    ///
+    /// A kept-alive stream rides its agent connection, which may be dead without the edge
+    /// knowing yet (an agent killed and restarted). When a newer connection of the devbox takes
+    /// over before the service answered, a `replay` (a bodiless idempotent request, which
+    /// HTTP lets a client send again) goes again on a fresh stream of the newest connection;
+    /// any other request is answered 502, as it may have reached the service.
     async fn send_pooled(
         &self,
         outbound: Outbound,
+        replay: Option<Replay>,
         routed: &Routed,
     ) -> Result<Result<Answered, Outbound>, Answer> {
         let port = routed.target.port;
-        let Some(conn_id) = routed.route.conn.as_ref().map(quinn::Connection::stable_id) else {
+        let key = &routed.target.key;
+        let Some(conn) = routed
+            .route
+            .conn
+            .as_ref()
+            .filter(|c| self.dial.is_current(c, key))
+        else {
             return Ok(Err(outbound));
         };
+        let conn_id = conn.stable_id();
         let Some(mut sender) = self.pool.checkout((conn_id, port.get())) else {
             return Ok(Err(outbound));
         };
-        match sender.try_send_request(outbound).await {
+        let sent = tokio::select! {
+            sent = sender.try_send_request(outbound) => sent,
+            () = self.dial.superseded(conn, key) => {
+                return match replay {
+                    Some(replay) => {
+                        debug!(%port, "agent connection replaced under a kept-alive request; sending it again");
+                        let body = self.metrics.count_body(Either::Right(Empty::new()), "from_client", ());
+                        Ok(Err(replay.request(body)))
+                    }
+                    None => Err(pages::error(
+                        StatusCode::BAD_GATEWAY,
+                        "the devbox's agent connection was replaced while the request was on \
+                         it; it was not sent again, as it may have reached the service",
+                        routed.html,
+                    )),
+                };
+            }
+        };
+        match sent {
             Ok(response) => {
                 self.metrics.pooled.with_label_values(&["reused"]).inc();
                 Ok(Ok(Answered {
@@ -173,7 +209,7 @@ impl Forward {
         self.metrics.pooled.with_label_values(&["opened"]).inc();
         let io = TokioIo::new(tokio::io::join(opened.recv, opened.send));
         let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
-            .handshake::<_, CountedBody<Incoming>>(io)
+            .handshake::<_, CountedBody<ToService>>(io)
             .await
             .map_err(|e| {
                 debug!(error = %e, "handshake on data stream failed");
@@ -199,6 +235,36 @@ impl Forward {
                 Err(no_answer(port, routed.html))
             }
         }
+    }
+}
+
+/// What is needed to send a request again: only for an idempotent method without a body
+/// (RFC 9110, 9.2.2: a client may retry those when the connection closed before the answer).
+#[derive(Debug)]
+struct Replay {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Replay {
+    fn of(req: &Request<Incoming>) -> Option<Replay> {
+        let bodiless = hyper::body::Body::is_end_stream(req.body());
+        (req.method().is_idempotent() && bodiless).then(|| Replay {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            headers: req.headers().clone(),
+        })
+    }
+
+    /// The request again, with `body` (an empty one, counted).
+    fn request(self, body: CountedBody<ToService>) -> Outbound {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = self.headers;
+        req
     }
 }
 

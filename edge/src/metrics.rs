@@ -33,6 +33,9 @@ pub struct Metrics {
     pub bytes: IntCounterVec,
     /// Upgraded connections (WebSocket) open now.
     pub upgrades_open: IntGauge,
+    /// Requests past the limits step and not finished (an upgraded connection counts until it
+    /// closes, a response until its body ends).
+    pub requests_in_flight: IntGauge,
     /// Server-Sent Events responses open now.
     pub sse_open: IntGauge,
     /// Requests that waited for an absent agent, by result.
@@ -88,6 +91,11 @@ impl Metrics {
                 "Upgraded connections (WebSocket) open now",
             )
             .expect("valid metric"),
+            requests_in_flight: IntGauge::new(
+                "burrow_edge_requests_in_flight",
+                "Requests admitted and not finished (upgrades until they close)",
+            )
+            .expect("valid metric"),
             sse_open: IntGauge::new(
                 "burrow_edge_sse_open",
                 "Server-Sent Events responses streaming now",
@@ -124,13 +132,14 @@ impl Metrics {
                 &["connection"],
             ),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
             Box::new(m.agents_connected.clone()),
             Box::new(m.devboxes.clone()),
             Box::new(m.requests.clone()),
             Box::new(m.request_duration.clone()),
             Box::new(m.bytes.clone()),
             Box::new(m.upgrades_open.clone()),
+            Box::new(m.requests_in_flight.clone()),
             Box::new(m.sse_open.clone()),
             Box::new(m.waits.clone()),
             Box::new(m.wait_duration.clone()),

@@ -13,14 +13,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use tokio::time::Instant;
 
+use crate::body::ToService;
 use crate::metrics::CountedBody;
 
 /// The sending half of a connection to a service.
-pub type Sender = SendRequest<CountedBody<Incoming>>;
+pub type Sender = SendRequest<CountedBody<ToService>>;
 
 /// Which connections can serve a request: the agent connection's id and the port.
 pub type Key = (usize, u16);

@@ -8,7 +8,7 @@ use http::StatusCode;
 use http::header::{self, HeaderValue};
 
 use crate::limits::{Limits, PerKey, Rate, Slot};
-use crate::metrics::Metrics;
+use crate::metrics::{GaugeGuard, Metrics};
 use crate::pages::{self, Answer};
 use crate::route::Routed;
 
@@ -23,8 +23,13 @@ pub struct Throttle {
 }
 
 /// A request's place among its devbox's requests in flight: held as long as the request (or
-/// the upgraded connection, or the response body) lives.
-pub type InFlight = Slot<String>;
+/// the upgraded connection, or the response body) lives, and counted in
+/// `burrow_edge_requests_in_flight` as long.
+#[derive(Debug)]
+pub struct InFlight {
+    _slot: Slot<String>,
+    _counted: GaugeGuard,
+}
 
 impl Throttle {
     /// The limits of `limits` (`rate`, `burst`, `streams_per_devbox`).
@@ -56,7 +61,8 @@ impl Throttle {
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
             return Err(response);
         }
-        self.in_flight
+        let slot = self
+            .in_flight
             .acquire(&routed.route.devbox_id)
             .ok_or_else(|| {
                 self.metrics.limited.with_label_values(&["streams"]).inc();
@@ -65,7 +71,11 @@ impl Throttle {
                     "this devbox has too many requests in flight; try again shortly",
                     routed.html,
                 )
-            })
+            })?;
+        Ok(InFlight {
+            _slot: slot,
+            _counted: GaugeGuard::new(&self.metrics.requests_in_flight),
+        })
     }
 }
 
@@ -106,8 +116,10 @@ mod tests {
             streams_per_devbox: 1,
             ..Limits::default()
         };
-        let throttle = Throttle::new(&limits, Metrics::new());
+        let metrics = Metrics::new();
+        let throttle = Throttle::new(&limits, metrics.clone());
         let slot = throttle.admit(&routed("a", "d1")).expect("first request");
+        assert_eq!(metrics.requests_in_flight.get(), 1);
         let limited = throttle
             .admit(&routed("a", "d1"))
             .expect_err("over the rate");
@@ -118,7 +130,13 @@ mod tests {
             .expect_err("over the streams");
         assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert!(throttle.admit(&routed("c", "d2")).is_ok(), "another devbox");
+        assert_eq!(
+            metrics.requests_in_flight.get(),
+            1,
+            "refused or done: not counted"
+        );
         drop(slot);
+        assert_eq!(metrics.requests_in_flight.get(), 0);
         tokio::time::advance(std::time::Duration::from_secs(1)).await;
         assert!(
             throttle.admit(&routed("a", "d1")).is_ok(),

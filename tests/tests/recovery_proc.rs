@@ -1,5 +1,5 @@
-//! Recovery from faults of whole processes: the agent frozen (SIGSTOP) past its idle timeout, a
-//! simulated suspend and a stepped wall clock, a second agent with the same token, the agent
+//! Recovery from faults of whole processes: the agent frozen (SIGSTOP) past its idle timeout,
+//! the agent killed and restarted with requests in flight, a simulated suspend and a stepped wall clock, a second agent with the same token, the agent
 //! stopped with SIGTERM while a download runs, and a graceful restart of the edge with a
 //! WebSocket and an event stream open.
 //!
@@ -233,6 +233,72 @@ async fn simulated_resume_is_detected_and_requests_succeed() {
         "an answered probe keeps the connection: {status:?}"
     );
     assert_eq!(status.resumes, 2, "no resume counted without a fault");
+}
+
+/// The agent is killed (kill -9) and started again, as `Restart=always` or a container restart
+/// does, while 20 requests wait on its dead connection: the edge cannot know it is dead until
+/// the QUIC idle timeout (20 s), and used to hold the requests there until its 15 s answer
+/// timeout (504). They must move to the new connection as soon as it attaches, and all succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_and_restarted_with_20_requests_in_flight() {
+    const REQUESTS: i64 = 20;
+    let edge = TestEdge::start().await;
+    let devbox = edge.devbox(Some("open")).await;
+    let key = devbox.key.clone().expect("an open tunnel has a key");
+    let service = http_service("127.0.0.1:0").await;
+    let target = host(service.addr.port(), &key);
+    let mut first = AgentProcess::spawn(&edge, &devbox, &[]);
+    first_200(&edge.url(service.addr.port(), &key, "/"), WAIT).await;
+
+    first.signal(Signal::SIGKILL);
+    first.child.wait_within(WAIT).await;
+    let http = edge.http();
+    let requests: Vec<_> = (0..REQUESTS)
+        .map(|i| {
+            let target = target.clone();
+            tokio::spawn(async move {
+                let path = format!("/in-flight-{i}");
+                let sent = Instant::now();
+                let reply = timeout(WAIT, request(http, "GET", &target, &path, &[], vec![])).await;
+                (i, sent.elapsed(), reply)
+            })
+        })
+        .collect();
+    // Every request is past the edge's limits and waiting for an answer on the dead connection.
+    let in_flight = &edge.edge().metrics.requests_in_flight;
+    let deadline = Instant::now() + WAIT;
+    while in_flight.get() < REQUESTS {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {REQUESTS} requests reached the edge",
+            in_flight.get()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let restarted = Instant::now();
+    let second = AgentProcess::spawn(&edge, &devbox, &[]);
+    let mut worst = Duration::ZERO;
+    for task in requests {
+        let (i, took, reply) = task.await.expect("request task");
+        let reply = reply
+            .unwrap_or_else(|_| panic!("request {i} had no answer within {WAIT:?}"))
+            .unwrap_or_else(|e| panic!("request {i} failed: {e}"));
+        assert_eq!(reply.status, 200, "request {i}: {}", reply.text());
+        worst = worst.max(took);
+    }
+    let all_done = restarted.elapsed();
+    println!(
+        "{REQUESTS} requests in flight across kill -9 and restart: all 200, the last {all_done:?} \
+         after the restart (each waited at most {worst:?})"
+    );
+    // Well before the answer timeout (15 s) that failed them, and the QUIC idle timeout (20 s)
+    // that would have moved them eventually.
+    assert!(
+        all_done < Duration::from_secs(10),
+        "the requests took {all_done:?} after the restart"
+    );
+    drop(second);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
