@@ -3,7 +3,7 @@
 //! answers, so an edge restart loses nothing. Secrets are stored only as hashes.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Mutex, TryLockError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use burrow_protocol::AuthMode;
@@ -24,6 +24,9 @@ pub enum StoreError {
     /// A devbox with this id exists already.
     #[error("devbox `{0}` exists already")]
     Exists(String),
+    /// The store is busy with a write, and the last operation that reached SQLite failed.
+    #[error("store: the last operation failed: {0}")]
+    Failing(String),
 }
 
 /// A devbox as stored.
@@ -60,6 +63,9 @@ pub struct TunnelRecord {
 #[derive(Debug)]
 pub struct Store {
     conn: Mutex<Connection>,
+    /// How the last operation that reached SQLite went: `Some(error)` if it failed. Never held
+    /// across I/O, so [`Store::ping`] can answer from it while a write holds `conn`.
+    last_failure: Mutex<Option<String>>,
 }
 
 const SCHEMA: &str = "
@@ -106,6 +112,7 @@ impl Store {
         }
         Ok(Store {
             conn: Mutex::new(conn),
+            last_failure: Mutex::new(None),
         })
     }
 
@@ -116,7 +123,18 @@ impl Store {
         // A poisoned lock only means another thread panicked mid-call; SQLite's own
         // transaction state is intact, so carry on.
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        f(&conn)
+        let result = f(&conn);
+        self.record(&result);
+        result
+    }
+
+    /// Remembers whether SQLite failed (not whether a call was refused for its input).
+    fn record<T>(&self, result: &Result<T, StoreError>) {
+        let failure = match result {
+            Err(e @ StoreError::Sqlite(_)) => Some(e.to_string()),
+            _ => None,
+        };
+        *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) = failure;
     }
 
     /// Every devbox.
@@ -188,12 +206,27 @@ impl Store {
         self.with(|c| Ok(c.execute("DELETE FROM devboxes WHERE id = ?1", params![id])? > 0))
     }
 
-    /// Checks that the database answers.
+    /// Checks that the database answers, without waiting: while another call holds the
+    /// connection (an admin write waiting on its fsync), the answer is how the last operation
+    /// went. `/readyz` asks this, and must not hang behind a slow disk.
     pub fn ping(&self) -> Result<(), StoreError> {
-        self.with(|c| {
-            Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
-                .map(|_| ())?)
-        })
+        let conn = match self.conn.try_lock() {
+            Ok(conn) => conn,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                let last = self.last_failure.lock().unwrap_or_else(|p| p.into_inner());
+                return match last.as_ref() {
+                    Some(e) => Err(StoreError::Failing(e.clone())),
+                    None => Ok(()),
+                };
+            }
+        };
+        let result = conn
+            .query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+            .map(|_| ())
+            .map_err(StoreError::from);
+        self.record(&result);
+        result
     }
 
     /// One devbox.
@@ -346,5 +379,21 @@ mod tests {
         assert!(!tunnel.rewrite_host && !tunnel.raw_tcp);
         drop(store);
         Store::open(&path).expect("opening twice adds nothing twice");
+    }
+
+    #[test]
+    fn ping_does_not_wait_behind_a_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store.db")).unwrap();
+        assert!(store.ping().is_ok());
+        // A write in progress holds the connection: the ping answers at once, from the last
+        // operation, instead of queueing behind it.
+        let held = store.conn.lock().unwrap();
+        assert!(store.ping().is_ok(), "busy but healthy");
+        *store.last_failure.lock().unwrap() = Some("disk I/O error".into());
+        let busy_failing = store.ping().unwrap_err().to_string();
+        assert!(busy_failing.contains("disk I/O error"), "{busy_failing}");
+        drop(held);
+        assert!(store.ping().is_ok(), "an answering database is ready again");
     }
 }
