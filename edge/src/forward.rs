@@ -97,7 +97,6 @@ impl Forward {
             routed.scheme,
             upgrade,
         );
-        let replay = Replay::of(&outbound);
         let outbound = outbound.map(|body| {
             self.metrics
                 .count_body(Either::Left(body), "from_client", ())
@@ -105,7 +104,7 @@ impl Forward {
         let outbound = if upgrade {
             outbound
         } else {
-            match self.send_pooled(outbound, replay, routed).await? {
+            match self.send_pooled(outbound, routed).await? {
                 Ok(answered) => return Ok(answered),
                 Err(outbound) => outbound,
             }
@@ -148,7 +147,6 @@ impl Forward {
     async fn send_pooled(
         &self,
         outbound: Outbound,
-        replay: Option<Replay>,
         routed: &Routed,
     ) -> Result<Result<Answered, Outbound>, Answer> {
         let port = routed.target.port;
@@ -165,6 +163,7 @@ impl Forward {
         let Some(mut sender) = self.pool.checkout((conn_id, port.get())) else {
             return Ok(Err(outbound));
         };
+        let replay = Replay::of(&outbound);
         let sent = tokio::select! {
             sent = sender.try_send_request(outbound) => sent,
             () = self.dial.superseded(conn, key) => {
@@ -248,7 +247,7 @@ struct Replay {
 }
 
 impl Replay {
-    fn of(req: &Request<Incoming>) -> Option<Replay> {
+    fn of<B: hyper::body::Body>(req: &Request<B>) -> Option<Replay> {
         let bodiless = hyper::body::Body::is_end_stream(req.body());
         (req.method().is_idempotent() && bodiless).then(|| Replay {
             method: req.method().clone(),
