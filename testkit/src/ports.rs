@@ -98,7 +98,9 @@ impl Default for ClosedPort {
 /// - Test processes that use the kit take turns: each reserved port is locked by an abstract
 ///   Unix socket named after it (`burrow-testkit-port-{port}`), bound for as long as the
 ///   `ReservedPort` lives and released by the kernel when its holder exits, even by a crash.
-///   Two tests never hold the same port at once, whichever process they run in.
+///   Two tests never hold the same port at once, whichever process they run in. (A child
+///   being spawned holds a copy of the lock from its fork to its exec, so a port just
+///   released may stay locked for that moment: the next reservation takes another.)
 /// - It was free when reserved: it bound on TCP (with `SO_REUSEADDR`, as servers bind) and on
 ///   UDP, and those sockets were closed for the server to bind.
 ///
@@ -232,6 +234,23 @@ mod tests {
         drop(server);
         let port = a.port();
         drop(a);
-        assert!(lock(port).is_some(), "the lock goes with the reservation");
+        assert!(relocks(port), "the lock goes with the reservation");
+    }
+
+    /// Whether `port`'s lock can be taken again within a few seconds. Not at once: a child
+    /// that another test of this process is spawning holds a copy of every descriptor, the
+    /// lock's included, from its fork until its exec closes them (close-on-exec), and there
+    /// is no event to wait on for that.
+    fn relocks(port: u16) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            if lock(port).is_some() {
+                return true;
+            }
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 }
