@@ -35,7 +35,7 @@ req = urllib.request.Request(f"http://127.0.0.1:{ADMIN}/v1/devboxes", data=json.
 box = json.load(urllib.request.urlopen(req))
 key = box["tunnel"]["tunnel_key"]
 svc = subprocess.Popen([sys.executable, "-m", "http.server", "18900", "--bind", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-env = dict(os.environ, BURROW_AGENT_TOKEN=box["agent_token"], RUST_LOG="warn")
+env = dict(os.environ, BURROW_AGENT_TOKEN=box["agent_token"], BURROW_STATE_DIR=D, RUST_LOG="warn")
 ag = subprocess.Popen([f"{BIN}/burrow-agent", "--edge", f"127.0.0.1:{QUIC}", "--ca", f"{D}/agent-ca.pem", "--server-name", "tunnel.localhost"],
     env=env, stdout=subprocess.DEVNULL, stderr=open(f"{D}/agent.log", "a"))
 def get():

@@ -44,9 +44,13 @@ def wtunnel(t):
     return b"\x01" + wstr(key) + bytes([mode]) + wstr(url)
 
 
-def hello(token="t0k3n", agent="burrow-agent/0.1.0", lo=1, hi=1, instance=7, takeover=1):
+def hello(token="t0k3n", agent="burrow-agent/0.1.0", lo=1, hi=1, instance=7, takeover=1, previous=5):
+    """A hello; previous=None: the older layout, without the trailing `previous`."""
     body = struct.pack(">HH", lo, hi) + wstr(token) + wstr(agent)
-    return frame(0x01, body + struct.pack(">Q", instance) + bytes([takeover]))
+    body += struct.pack(">Q", instance) + bytes([takeover])
+    if previous is not None:
+        body += struct.pack(">Q", previous)
+    return frame(0x01, body)
 
 
 TUNNEL = ("k3v9x2q7ma", 1, "https://{port}-k3v9x2q7ma.tunnel.example.com")
@@ -143,9 +147,10 @@ def a_tunnel(key="k3v9x2q7ma", authenticated=False, url="https://{port}-k3v9x2q7
     return text(key, r) + boolean(authenticated) + text(url, r)
 
 
-def m_hello(lo=1, hi=1, token="t0k3n", agent="burrow-agent/0.1.0", instance=7, takeover=True, r=0):
+def m_hello(lo=1, hi=1, token="t0k3n", agent="burrow-agent/0.1.0", instance=7, takeover=True,
+            previous=5, r=0):
     return (tag(0, 7) + u16(lo) + u16(hi) + text(token, r) + text(agent, r) + u64(instance)
-            + boolean(takeover))
+            + boolean(takeover) + u64(previous))
 
 
 def m_welcome(version=1, devbox="devbox-1", tunnel=None, r=0):
@@ -229,7 +234,9 @@ LOOPBACK6 = [0] * 15 + [1]
 
 def main():
     # control_decode / stream_decode: a few more beside the hand-written ones.
-    write("control_decode", "hello_no_takeover", hello(takeover=0, instance=0))
+    write("control_decode", "hello_no_takeover", hello(takeover=0, instance=0, previous=0))
+    write("control_decode", "hello_without_previous", hello(previous=None))
+    write("control_decode", "hello_previous_cut", frame(0x01, hello(previous=None)[3:] + b"\x00\x00\x07"))
     write("control_decode", "hello_token_512", hello(token="a" * 512))
     write("control_decode", "welcome_then_ping_then_cut", welcome() + ping(1) + pong(2)[:-3])
     write("control_decode", "too_large", b"\x04\x40\x01")
@@ -264,7 +271,8 @@ def main():
     ]))
     write(fr, "token_at_limit", rest_list([i_control(m_hello(token="t" * 128, r=3))]))
     write(fr, "empty_strings", rest_list([
-        i_control(m_hello(token="", agent="", lo=0, hi=65535, instance=2**64 - 1, takeover=False)),
+        i_control(m_hello(token="", agent="", lo=0, hi=65535, instance=2**64 - 1, takeover=False,
+                          previous=2**64 - 1)),
         i_control(m_reject(3, "")),
         i_control(m_welcome(version=65535, devbox="", tunnel=a_tunnel("", True, ""))),
     ]))

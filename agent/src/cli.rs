@@ -50,6 +50,12 @@ pub struct Cli {
     /// token itself in BURROW_AGENT_TOKEN
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<String>,
+    /// Directory for what must survive a restart (the last accepted instance id, so the edge
+    /// tells a restarted agent from a cloned devbox); created if missing; default:
+    /// $STATE_DIRECTORY (systemd's StateDirectory=), then /var/lib/burrow-agent (key
+    /// `state_dir`) [env: BURROW_STATE_DIR]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<String>,
     /// Only these ports are forwarded, comma-separated; empty: all (key
     /// `forward.allow_ports`) [env: BURROW_FORWARD_ALLOW_PORTS]
     #[arg(long, value_name = "PORTS")]
@@ -82,6 +88,11 @@ pub struct Cli {
     /// `liveness.heartbeat_timeout`) [env: BURROW_LIVENESS_HEARTBEAT_TIMEOUT]
     #[arg(long, value_name = "DURATION")]
     pub heartbeat_timeout: Option<String>,
+    /// Time between nudges (one-byte QUIC datagrams that let a lost connection show within
+    /// that time), default 1s (key `liveness.nudge_interval`) [env:
+    /// BURROW_LIVENESS_NUDGE_INTERVAL]
+    #[arg(long, value_name = "DURATION")]
+    pub nudge_interval: Option<String>,
     /// QUIC idle timeout, default 20s (key `liveness.idle_timeout`) [env:
     /// BURROW_LIVENESS_IDLE_TIMEOUT]
     #[arg(long, value_name = "DURATION")]
@@ -136,6 +147,7 @@ impl Cli {
             ("server_name", &self.server_name),
             ("ca", &self.ca),
             ("token_file", &self.token_file),
+            ("state_dir", &self.state_dir),
             ("forward.allow_ports", &self.allow_ports),
             ("forward.deny_ports", &self.deny_ports),
             ("forward.max_streams", &self.max_streams),
@@ -144,6 +156,7 @@ impl Cli {
             ("drain_grace", &self.drain_grace),
             ("liveness.heartbeat_interval", &self.heartbeat_interval),
             ("liveness.heartbeat_timeout", &self.heartbeat_timeout),
+            ("liveness.nudge_interval", &self.nudge_interval),
             ("liveness.idle_timeout", &self.idle_timeout),
             ("liveness.resume_tick", &self.resume_tick),
             ("reconnect.backoff_initial", &self.backoff_initial),

@@ -35,6 +35,11 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Str,
     },
     Setting {
+        key: "state_dir",
+        env: "BURROW_STATE_DIR",
+        kind: Kind::Str,
+    },
+    Setting {
         key: "forward.allow_ports",
         env: "BURROW_FORWARD_ALLOW_PORTS",
         kind: Kind::Ports,
@@ -85,6 +90,11 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Str,
     },
     Setting {
+        key: "liveness.nudge_interval",
+        env: "BURROW_LIVENESS_NUDGE_INTERVAL",
+        kind: Kind::Str,
+    },
+    Setting {
         key: "liveness.idle_timeout",
         env: "BURROW_LIVENESS_IDLE_TIMEOUT",
         kind: Kind::Str,
@@ -119,6 +129,12 @@ pub const SETTINGS: &[Setting] = &[
 /// The environment variable that may hold the agent token itself.
 pub const TOKEN_ENV: &str = "BURROW_AGENT_TOKEN";
 
+/// Where systemd tells a unit with `StateDirectory=` its directory: `state_dir`'s default.
+pub const STATE_DIRECTORY_ENV: &str = "STATE_DIRECTORY";
+
+/// `state_dir` without `state_dir` or [`STATE_DIRECTORY_ENV`] set.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/burrow-agent";
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -126,6 +142,7 @@ struct RawConfig {
     server_name: Option<String>,
     ca: Option<PathBuf>,
     token_file: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
     #[serde(default)]
     forward: RawForward,
     #[serde(default)]
@@ -164,6 +181,7 @@ struct RawEntrypoint {
 struct RawLiveness {
     heartbeat_interval: Option<String>,
     heartbeat_timeout: Option<String>,
+    nudge_interval: Option<String>,
     idle_timeout: Option<String>,
     resume_tick: Option<String>,
 }
@@ -182,6 +200,10 @@ struct RawReconnect {
 /// - A heartbeat (ping on the control stream, answered by the edge) every 5 s: on an idle
 ///   devbox that is a ping, a pong and an ACK, about 3 small packets every 5 s. It measures
 ///   RTT and serves as the QUIC keep-alive, which keeps NAT mappings open.
+/// - A nudge every second in between: a one-byte QUIC datagram the edge only acknowledges (one
+///   small packet each way). An edge that lost the connection (it restarted, or timed the
+///   connection out while the devbox was frozen with its clocks) answers it with a stateless
+///   reset, so the agent notices within a second and dials again.
 /// - A pong missing for 3 s makes the path suspect: the agent moves to a fresh UDP socket (so
 ///   the connection migrates if the edge still has it) and probes again for 3 s; still nothing,
 ///   and the connection is dropped and dialed anew. A dead path costs at most about
@@ -195,6 +217,8 @@ pub struct Liveness {
     pub heartbeat_interval: Duration,
     /// Time a heartbeat or probe may take to be answered.
     pub heartbeat_timeout: Duration,
+    /// Time between nudges (one-byte QUIC datagrams the edge only acknowledges).
+    pub nudge_interval: Duration,
     /// QUIC idle timeout.
     pub idle_timeout: Duration,
     /// Clock sampling period for resume detection.
@@ -245,6 +269,10 @@ pub struct Config {
     /// The file the token came from, read again on every dial so a rotated token is picked
     /// up without a restart.
     pub token_file: Option<PathBuf>,
+    /// Where the agent keeps what must survive a restart: the instance of its last accepted
+    /// connection ([`crate::identity`]). Created at start; if it cannot be, the agent runs
+    /// without it (and says so).
+    pub state_dir: PathBuf,
     /// Which ports may be forwarded.
     pub policy: PortPolicy,
     /// Where `/metrics` is served, if anywhere; its port is never forwarded.
@@ -299,6 +327,7 @@ impl Config {
 
         let (edge, server_name) = edge(raw.edge, raw.server_name)?;
         let (token, token_file) = token(env, raw.token_file.map(relative))?;
+        let state_dir = relative(state_dir(raw.state_dir, env)?);
         let metrics_listen = metrics_listen(raw.metrics.listen)?;
         let policy = policy(
             raw.forward.allow_ports,
@@ -313,6 +342,7 @@ impl Config {
             ca: raw.ca.map(relative),
             token,
             token_file,
+            state_dir,
             policy,
             metrics_listen,
             liveness,
@@ -381,6 +411,29 @@ fn token(
         });
     }
     Ok((AgentToken::new(token), token_file))
+}
+
+/// `state_dir`: as set, else systemd's `$STATE_DIRECTORY` (its first directory), else
+/// [`DEFAULT_STATE_DIR`].
+fn state_dir(
+    state_dir: Option<PathBuf>,
+    env: &HashMap<String, String>,
+) -> Result<PathBuf, ConfigError> {
+    let systemd = env
+        .get(STATE_DIRECTORY_ENV)
+        .and_then(|dirs| dirs.split(':').next())
+        .filter(|dir| !dir.is_empty())
+        .map(PathBuf::from);
+    let dir = state_dir
+        .or(systemd)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    if dir.as_os_str().is_empty() {
+        return Err(ConfigError::Invalid {
+            key: "state_dir",
+            message: "must name a directory".into(),
+        });
+    }
+    Ok(dir)
 }
 
 /// `metrics.listen`, an address and port, if set.
@@ -459,6 +512,11 @@ fn liveness(raw: RawLiveness) -> Result<Liveness, ConfigError> {
             "liveness.heartbeat_timeout",
             raw.heartbeat_timeout,
             Duration::from_secs(3),
+        )?,
+        nudge_interval: duration(
+            "liveness.nudge_interval",
+            raw.nudge_interval,
+            Duration::from_secs(1),
         )?,
         idle_timeout: duration(
             "liveness.idle_timeout",
@@ -582,6 +640,26 @@ mod tests {
             "first",
             "unreadable: the token read at start"
         );
+    }
+
+    #[test]
+    fn state_dir_is_set_or_systemds_or_the_default() {
+        let t = (TOKEN_ENV, "t");
+        let cfg = load("edge = \"e:1\"", &[t]).unwrap();
+        assert_eq!(cfg.state_dir, Path::new(DEFAULT_STATE_DIR));
+        let systemd = (STATE_DIRECTORY_ENV, "/var/lib/burrow-agent:/var/lib/other");
+        let cfg = load("edge = \"e:1\"", &[t, systemd]).unwrap();
+        assert_eq!(cfg.state_dir, Path::new("/var/lib/burrow-agent"));
+        let cfg = load("edge = \"e:1\"\nstate_dir = \"state\"", &[t, systemd]).unwrap();
+        assert_eq!(
+            cfg.state_dir,
+            Path::new("/etc/burrow/state"),
+            "relative to the file"
+        );
+        let cfg = load("edge = \"e:1\"", &[t, ("BURROW_STATE_DIR", "/srv/a")]).unwrap();
+        assert_eq!(cfg.state_dir, Path::new("/srv/a"));
+        let err = load("edge = \"e:1\"\nstate_dir = \"\"", &[t]).unwrap_err();
+        assert!(err.to_string().contains("state_dir"), "{err}");
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! - [`config`]: the agent's checked [`Config`].
 //! - [`tls`]: TLS 1.3 client settings, the edge's certificate verified, ALPN `burrow/1`.
 //! - [`reconnect`]: the state machine that dials, serves, and dials again.
+//! - [`identity`]: the instance ids of the hello, a chain kept in `state_dir`, so the edge tells
+//!   this agent restarted from a cloned devbox.
 //! - [`backoff`]: when to dial again (exponential, full jitter, low cap).
 //! - [`resume`] and [`clock`]: noticing that the devbox slept or was frozen.
 //! - [`session`]: one connection: hello, welcome, the control stream driving the protocol's
@@ -27,6 +29,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod forward;
+pub mod identity;
 pub mod metrics;
 pub mod policy;
 pub mod reconnect;

@@ -28,8 +28,9 @@ use tracing::{Instrument, Span, error, info, info_span, warn};
 use crate::backoff::{Backoff, Policy};
 use crate::clock::{Clocks, SystemClocks};
 use crate::config::Config;
+use crate::identity::Chain;
 use crate::metrics::Metrics;
-use crate::session::{Ended, Identity, Session, SessionError};
+use crate::session::{Ended, Session, SessionError};
 use crate::status::{State, Status};
 use crate::{resume, tls};
 
@@ -81,10 +82,8 @@ pub async fn run_with_clocks(
     let mut redial = Redial {
         backoff: Backoff::new(config.reconnect.backoff),
         refused: Backoff::new(REFUSED),
-        identity: Identity {
-            instance: random_instance(),
-            takeover: true,
-        },
+        chain: Chain::open(&config.state_dir),
+        takeover: true,
         config,
         client,
         status,
@@ -174,7 +173,10 @@ struct Redial {
     resumes: watch::Receiver<u64>,
     background: TaskTracker,
     shutdown: CancellationToken,
-    identity: Identity,
+    /// This agent's instance ids: a fresh one per dial, and the last one the edge accepted.
+    chain: Chain,
+    /// Whether the next dial replaces another agent's live session (not after being replaced).
+    takeover: bool,
     /// For dial failures and short-lived sessions.
     backoff: Backoff,
     /// For a refused or revoked token.
@@ -217,16 +219,20 @@ impl Redial {
             }
         });
         let timeout = self.config.reconnect.dial_timeout;
+        let identity = self.chain.next(self.takeover);
         let dial = tokio::time::timeout(
             timeout,
-            Session::connect(&self.config, &self.client, self.identity),
+            Session::connect(&self.config, &self.client, identity),
         );
         let attempt = tokio::select! {
             () = self.shutdown.cancelled() => return None,
             r = dial => r.unwrap_or(Err(SessionError::Timeout(timeout))),
         };
         let delay = match attempt {
-            Ok(session) => return Some(Link::Connected(Box::new(session))),
+            Ok(session) => {
+                self.chain.accepted(identity.instance);
+                return Some(Link::Connected(Box::new(session)));
+            }
             Err(e) => self.dial_failed(e),
         };
         Some(Link::Disconnected { delay })
@@ -276,7 +282,7 @@ impl Redial {
 
     /// `Connected`: serves the session until it ends. `None` when it ended for shutdown.
     async fn serve(&mut self, session: Session) -> Option<Link> {
-        self.identity.takeover = true;
+        self.takeover = true;
         self.refused.reset();
         let span = self.connected(&session);
         let started = Instant::now();
@@ -352,7 +358,7 @@ impl Redial {
             Ended::GoAway(go_away) => match go_away.reason {
                 GoAwayReason::Replaced => {
                     warn!(message = %go_away.message, "replaced by another agent with this token; standing by");
-                    self.identity.takeover = false;
+                    self.takeover = false;
                     self.status.send_modify(|s| {
                         s.state = State::Standby;
                         s.last_error = Some(go_away.message.clone());
@@ -393,10 +399,4 @@ fn jitter(d: Duration) -> Duration {
         max: d / 2,
     });
     d / 2 + b.next_delay()
-}
-
-/// A random instance id for this process: it tells a restarted agent apart from a clone, it
-/// is no secret (fastrand's thread-local generator, randomly seeded).
-fn random_instance() -> u64 {
-    fastrand::u64(..)
 }

@@ -7,6 +7,7 @@
 //! carries out what it asks (write a ping, move to a fresh UDP socket, give up on the path).
 //! The heartbeat stops once either side says go-away: a draining connection is not probed.
 
+use bytes::Bytes;
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -84,12 +85,14 @@ pub enum Ended {
     Lost(SessionError),
 }
 
-/// How this agent introduces itself.
+/// How this agent introduces itself in one hello ([`crate::identity`] draws it).
 #[derive(Debug, Clone, Copy)]
 pub struct Identity {
-    /// Random per process.
+    /// Random per connection attempt.
     pub instance: u64,
-    /// Whether to replace a live session of another instance.
+    /// The instance of this agent's last connection the edge accepted; 0 if none.
+    pub previous: u64,
+    /// Whether to replace a live session of another agent.
     pub takeover: bool,
 }
 
@@ -129,6 +132,7 @@ impl Session {
             agent: concat!("burrow-agent/", env!("CARGO_PKG_VERSION")).to_owned(),
             instance: identity.instance,
             takeover: identity.takeover,
+            previous: identity.previous,
         };
         let mut machine = AgentControl::new(&hello);
         wire::write_frame(&mut control_send, ControlMsg::Hello(hello).encoded()).await?;
@@ -223,7 +227,8 @@ impl<'a> Serving<'a> {
             control_send: session.control_send,
             control: session.control,
             machine: session.machine,
-            live: Liveness::new(now(), heartbeat),
+            live: Liveness::new(now(), heartbeat)
+                .with_nudges(now(), config.liveness.nudge_interval),
             limits: Arc::new(Limits {
                 policy: config.policy.clone(),
                 connect_timeout: config.connect_timeout,
@@ -370,6 +375,13 @@ impl<'a> Serving<'a> {
                 Output::Dead(why) => return ControlFlow::Break(Ended::Dead(why.as_str())),
                 Output::PeerGoingAway(go_away) => {
                     return ControlFlow::Break(Ended::GoAway(go_away));
+                }
+                Output::Nudge => {
+                    // One byte in a QUIC datagram: acknowledged by the edge, never sent again.
+                    // An edge too old to take datagrams just gets no nudges.
+                    if let Err(e) = self.conn.send_datagram(Bytes::from_static(&[0])) {
+                        debug!(error = %e, "nudge not sent");
+                    }
                 }
             }
         }

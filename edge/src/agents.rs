@@ -1,6 +1,8 @@
 //! The QUIC listener for agents: handshake, hello, token check, welcome, then the control
 //! stream for as long as the connection lives. One live session per devbox: a newer connection
-//! replaces an older one.
+//! replaces an older one. The hello's `instance` and `previous` tell whether the newer one is
+//! the same agent (restarted or reconnecting: the old connection is closed) or a second agent
+//! with the same token (a cloned devbox: the old one is told to stand by).
 //!
 //! The edge answers the agent's heartbeats and never pings itself; its side of liveness is a
 //! passive [`Liveness`] machine that keeps the go-aways both ways, so an agent hears at most one
@@ -242,6 +244,7 @@ async fn admit(
             generation,
             control,
             instance: hello.instance,
+            previous: hello.previous,
         }
     });
     match attached {
@@ -264,15 +267,17 @@ async fn admit(
 
 /// Deals with the session the new one `hello` replaced.
 fn replace(old: &AgentSession, hello: &Hello) {
-    if old.instance == hello.instance {
-        // The same agent dialed again: it has given up on the old connection (a dead
-        // path, a resume). Close it so requests stuck on it retry on the new one.
-        info!("the agent reconnected; closing its previous connection");
+    if old.continued_by(hello.instance, hello.previous) {
+        // The same agent dialed again: it has given up on the old connection (a dead path, a
+        // resume, or it was restarted and continues its instance chain from its state_dir).
+        // Close it so requests stuck on it retry on the new one.
+        info!("the agent restarted or reconnected; closing its previous connection");
         old.conn
             .close(close::REPLACED.into(), b"replaced by a newer connection");
     } else {
-        // Another agent holds the same token (a cloned snapshot): the newest wins, the
-        // other is told why and finishes its running streams.
+        // Another agent holds the same token (a cloned snapshot; its `previous` is not the
+        // live session's instance): the newest wins, the other is told why and finishes its
+        // running streams.
         warn!(
             "a second agent with this devbox's token connected; the previous one is told to stand by"
         );
@@ -383,7 +388,7 @@ impl Control {
                     self.registry.detach(&self.devbox_id, self.generation);
                 }
                 // A passive machine never probes.
-                Output::Rebind | Output::Answered { .. } | Output::Dead(_) => {}
+                Output::Rebind | Output::Answered { .. } | Output::Dead(_) | Output::Nudge => {}
             }
         }
         Ok(())

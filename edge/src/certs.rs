@@ -212,6 +212,9 @@ pub fn agents_server_config(identity: Identity) -> Result<quinn::ServerConfig, C
     // Agents open only the control stream; data streams are opened by the edge.
     transport.max_concurrent_bidi_streams(4u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
+    // Agents nudge with one-byte datagrams, which only the transport acknowledges; nothing
+    // reads them, so a few bytes of buffer (the oldest dropped first) is all they get.
+    transport.datagram_receive_buffer_size(Some(64));
     if let Ok(idle) = Duration::from_secs(30).try_into() {
         transport.max_idle_timeout(Some(idle));
     }

@@ -81,7 +81,7 @@ impl Dialer {
         let deadline = Instant::now() + self.agent_wait;
         // The first try goes to the connection the route step found; the registry is asked
         // again only when there is none to try (after a wait, or a connection that failed).
-        let mut found = routed.route.conn.clone();
+        let mut found = Some((routed.route.conn.clone(), routed.route.attaches));
         let mut place = None;
         let mut failed = None;
         let mut waiting_since: Option<Instant> = None;
@@ -90,15 +90,16 @@ impl Dialer {
             let next_attach = self.registry.next_attach();
             tokio::pin!(next_attach);
             next_attach.as_mut().enable();
-            let conn = match found.take() {
-                Some(conn) => Some(conn),
+            let (conn, attaches) = match found.take() {
+                Some(found) => found,
                 None => match self.registry.route(&routed.target.key) {
-                    Some(route) => route.conn,
+                    Some(route) => (route.conn, route.attaches),
                     None => return Err((StatusCode::NOT_FOUND, route::NOT_FOUND.to_owned())),
                 },
             };
             if let Some(c) = conn.filter(|c| Some(c.stable_id()) != failed) {
-                match self.attempt(&c, &routed.target.key, header.clone()).await {
+                let key = &routed.target.key;
+                match self.attempt(&c, key, attaches, header.clone()).await {
                     Attempt::Accepted(send, recv) => {
                         self.waited(waiting_since, "served");
                         return Ok(Opened {
@@ -166,8 +167,14 @@ impl Dialer {
     /// connection (an agent that crashed and came back: the old connection may look alive for
     /// its whole idle timeout). Nothing of the request has been sent then, only the header, so
     /// the caller tries the newest connection at once; the abandoned stream is reset.
-    async fn attempt(&self, conn: &quinn::Connection, key: &str, header: StreamHeader) -> Attempt {
-        let superseded = self.superseded(conn, key);
+    async fn attempt(
+        &self,
+        conn: &quinn::Connection,
+        key: &str,
+        attaches: u64,
+        header: StreamHeader,
+    ) -> Attempt {
+        let superseded = self.superseded(conn, key, attaches);
         tokio::pin!(superseded);
         let (mut send, mut recv) = tokio::select! {
             opened = conn.open_bi() => match opened {
@@ -194,21 +201,23 @@ impl Dialer {
         }
     }
 
-    /// Whether `conn` is the connection the tunnel `key` routes to now.
-    pub fn is_current(&self, conn: &quinn::Connection, key: &str) -> bool {
-        let current = self.registry.route(key).and_then(|route| route.conn);
-        current.is_some_and(|c| c.stable_id() == conn.stable_id())
-    }
-
     /// Resolves once `conn` closes or is no longer the connection the tunnel `key` routes to
-    /// (a newer one took over, or none is left). Woken by attaches, not by polling.
-    pub async fn superseded(&self, conn: &quinn::Connection, key: &str) {
+    /// (a newer one took over, or none is left). `conn` was the current one when the registry
+    /// had seen `attaches` attaches; the route is looked up again only after another attach
+    /// (of any devbox), so the usual case costs one atomic load. Woken by attaches, not by
+    /// polling.
+    pub async fn superseded(&self, conn: &quinn::Connection, key: &str, mut attaches: u64) {
         loop {
             let next_attach = self.registry.next_attach();
             tokio::pin!(next_attach);
             next_attach.as_mut().enable();
-            if !self.is_current(conn, key) {
-                return;
+            let now = self.registry.attaches();
+            if now != attaches {
+                let current = self.registry.route(key).and_then(|route| route.conn);
+                if current.is_none_or(|c| c.stable_id() != conn.stable_id()) {
+                    return;
+                }
+                attaches = now;
             }
             tokio::select! {
                 () = next_attach => {}

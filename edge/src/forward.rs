@@ -151,12 +151,8 @@ impl Forward {
     ) -> Result<Result<Answered, Outbound>, Answer> {
         let port = routed.target.port;
         let key = &routed.target.key;
-        let Some(conn) = routed
-            .route
-            .conn
-            .as_ref()
-            .filter(|c| self.dial.is_current(c, key))
-        else {
+        // The route step has just read the devbox's current connection.
+        let Some(conn) = routed.route.conn.as_ref() else {
             return Ok(Err(outbound));
         };
         let conn_id = conn.stable_id();
@@ -166,7 +162,7 @@ impl Forward {
         let replay = Replay::of(&outbound);
         let sent = tokio::select! {
             sent = sender.try_send_request(outbound) => sent,
-            () = self.dial.superseded(conn, key) => {
+            () = self.dial.superseded(conn, key, routed.route.attaches) => {
                 return match replay {
                     Some(replay) => {
                         debug!(%port, "agent connection replaced under a kept-alive request; sending it again");

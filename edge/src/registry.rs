@@ -57,6 +57,9 @@ pub struct Route {
     pub raw_tcp: bool,
     /// The agent's connection, if it is connected.
     pub conn: Option<quinn::Connection>,
+    /// The registry's attach count when this was read: while it stays the same, `conn` is
+    /// still the devbox's current connection (if it has not closed).
+    pub attaches: u64,
 }
 
 /// A devbox as the admin API shows it.
@@ -194,6 +197,7 @@ impl Registry {
                 .as_ref()
                 .filter(|s| s.conn.close_reason().is_none())
                 .map(|s| s.conn.clone()),
+            attaches: self.attaches(),
         })
     }
 

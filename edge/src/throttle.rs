@@ -101,6 +101,7 @@ mod tests {
                 rewrite_host: false,
                 raw_tcp: false,
                 conn: None,
+                attaches: 0,
             },
             client: ([192, 0, 2, 1], 40000).into(),
             scheme: Scheme::Http,

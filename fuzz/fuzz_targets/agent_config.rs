@@ -12,9 +12,9 @@
 use std::path::Path;
 
 use burrow_agent::config::{Config, SETTINGS, TOKEN_ENV};
-use burrow_runtime::sources::File;
 use burrow_fuzz::ConfigInput;
 use burrow_protocol::Port;
+use burrow_runtime::sources::File;
 use libfuzzer_sys::fuzz_target;
 
 const SECRET: &str = "s3cret-fuzz-token-7f3a";

@@ -9,10 +9,10 @@
 
 use std::path::Path;
 
-use burrow_runtime::sources::File;
 use burrow_edge::config::{Config, SETTINGS};
 use burrow_edge::route;
 use burrow_fuzz::ConfigInput;
+use burrow_runtime::sources::File;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

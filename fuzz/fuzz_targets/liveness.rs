@@ -95,6 +95,7 @@ impl Run {
                     self.dead = true;
                 }
                 Output::PeerGoingAway(_) => self.peer_reports += 1,
+                Output::Nudge => assert!(!self.dead, "a nudge after Dead"),
             }
         }
         assert!(!expect_probe, "Rebind without a probe");
@@ -130,7 +131,8 @@ fuzz_target!(|input: Input| {
     let live = if input.passive {
         Liveness::passive()
     } else {
-        Liveness::new(start, heartbeat)
+        // Nudges at a third of the heartbeat interval: they must never disturb the pings.
+        Liveness::new(start, heartbeat).with_nudges(start, heartbeat.interval / 3)
     };
     let mut run = Run {
         live,

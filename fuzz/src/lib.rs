@@ -71,10 +71,12 @@ pub enum Msg {
         token: Text,
         /// Software name.
         agent: Text,
-        /// Process instance.
+        /// This connection attempt's instance.
         instance: u64,
         /// Take over a live session.
         takeover: bool,
+        /// The instance of the agent's last accepted connection.
+        previous: u64,
     },
     /// [`ControlMsg::Welcome`].
     Welcome {
@@ -164,6 +166,7 @@ impl Msg {
                 agent,
                 instance,
                 takeover,
+                previous,
             } => ControlMsg::Hello(Hello {
                 min_version: *min_version,
                 max_version: *max_version,
@@ -171,6 +174,7 @@ impl Msg {
                 agent: agent.0.clone(),
                 instance: *instance,
                 takeover: *takeover,
+                previous: *previous,
             }),
             Msg::Welcome {
                 version,

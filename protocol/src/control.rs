@@ -6,7 +6,7 @@
 //!
 //! | type | message | body |
 //! | --- | --- | --- |
-//! | 0x01 | Hello | min_version u16, max_version u16, token str(512), agent str, instance u64, takeover u8 (0/1) |
+//! | 0x01 | Hello | min_version u16, max_version u16, token str(512), agent str, instance u64, takeover u8 (0/1), previous u64 (optional) |
 //! | 0x02 | Welcome | version u16, devbox_id str, tunnel Option\<TunnelState\> |
 //! | 0x03 | Reject | reason u8, message str |
 //! | 0x04 | Ping | seq u64 |
@@ -16,6 +16,11 @@
 //!
 //! A `TunnelState` is key str, auth_mode u8 (1 open, 2 authenticated), url_template str. Reason
 //! codes start at 1; a code this build does not know is invalid.
+//!
+//! The hello's `previous` was added after the first release, as an optional trailing field: it
+//! is always written, and a hello that ends after `takeover` (an older agent's) decodes with
+//! `previous` 0, so a new edge accepts old agents. An edge older than the field refuses a hello
+//! that carries it (trailing bytes): upgrade the edges before the agents.
 
 use bytes::{Bytes, BytesMut};
 
@@ -44,13 +49,22 @@ pub struct Hello {
     pub token: AgentToken,
     /// Software name and version, e.g. `"burrow-agent/0.1.0"`.
     pub agent: String,
-    /// Random per agent process: tells the same agent reconnecting from a second agent that
-    /// holds the same token (a cloned devbox snapshot).
+    /// Random for every connection attempt (an agent older than `previous` drew it once per
+    /// process). The edge keeps it as the live session's instance.
     pub instance: u64,
     /// `true`: this connection replaces the devbox's live session, if any. `false`: connect
-    /// only if no other agent instance is connected (an agent that was replaced waits its turn
-    /// instead of fighting).
+    /// only if no other agent is connected (an agent that was replaced waits its turn instead
+    /// of fighting).
     pub takeover: bool,
+    /// The `instance` of this agent's last connection the edge accepted (a welcome came back),
+    /// 0 if none; the agent keeps it in its `state_dir`, so a restart continues the chain.
+    ///
+    /// It tells the same agent (restarted or reconnecting) from a second agent that holds the
+    /// same token (a cloned devbox): a hello whose `previous` is the live session's instance
+    /// continues that session. A snapshot clone starts with its original's `previous`, but
+    /// only the first of the two to connect continues the chain; the other's `previous` is
+    /// then stale, and it is seen as a clone. Optional on the wire (see the module docs).
+    pub previous: u64,
 }
 
 impl Hello {
@@ -63,6 +77,7 @@ impl Hello {
             agent: agent.into(),
             instance: 0,
             takeover: true,
+            previous: 0,
         }
     }
 
@@ -180,6 +195,7 @@ impl ControlMsg {
                 w.put_str(&h.agent, MAX_STR_LEN);
                 w.put_u64(h.instance);
                 w.put_u8(u8::from(h.takeover));
+                w.put_u64(h.previous);
             }),
             Self::Welcome(m) => write_frame(buf, WELCOME, |w| {
                 w.put_u16(m.version);
@@ -217,6 +233,8 @@ impl ControlMsg {
                         1 => true,
                         _ => return Err(DecodeError::Invalid("takeover flag not 0 or 1")),
                     },
+                    // Absent in an older agent's hello.
+                    previous: if r.is_empty() { 0 } else { r.get_u64()? },
                 }),
                 WELCOME => Self::Welcome(Welcome {
                     version: r.get_u16()?,
@@ -327,9 +345,43 @@ mod tests {
         let bytes = ControlMsg::from(hello.clone()).encoded();
         assert_eq!(
             &bytes[..],
-            b"\x01\x00\x17\x00\x01\x00\x01\x00\x03t0k\x00\x03a/1\x00\x00\x00\x00\x00\x00\x00\x00\x01"
+            b"\x01\x00\x1f\x00\x01\x00\x01\x00\x03t0k\x00\x03a/1\x00\x00\x00\x00\x00\x00\x00\x00\x01\
+              \x00\x00\x00\x00\x00\x00\x00\x00"
         );
         assert_eq!(decode(&bytes), Ok(ControlMsg::Hello(hello)));
+    }
+
+    #[test]
+    fn hello_carries_previous_after_takeover() {
+        let hello = Hello {
+            instance: 7,
+            previous: 0x0102_0304_0506_0708,
+            ..Hello::new(AgentToken::new("t"), "a")
+        };
+        let bytes = ControlMsg::from(hello.clone()).encoded();
+        assert_eq!(
+            &bytes[bytes.len() - 9..],
+            b"\x01\x01\x02\x03\x04\x05\x06\x07\x08"
+        );
+        assert_eq!(decode(&bytes), Ok(ControlMsg::Hello(hello)));
+    }
+
+    #[test]
+    fn an_older_agents_hello_without_previous_decodes_with_previous_0() {
+        // The layout before `previous`: the frame ends after the takeover flag.
+        let bytes = b"\x01\x00\x17\x00\x01\x00\x01\x00\x03t0k\x00\x03a/1\x00\x00\x00\x00\x00\x00\x00\x09\x00";
+        let Ok(ControlMsg::Hello(hello)) = decode(bytes) else {
+            panic!("an older agent's hello decodes");
+        };
+        assert_eq!(
+            (hello.instance, hello.takeover, hello.previous),
+            (9, false, 0)
+        );
+        // A cut `previous` is not an absent one.
+        let mut cut = bytes.to_vec();
+        cut[2] += 3;
+        cut.extend([0, 0, 1]);
+        assert_eq!(decode(&cut), Err(DecodeError::Invalid("truncated body")));
     }
 
     #[test]

@@ -150,6 +150,11 @@ pub(crate) struct Reader<'a> {
 const TRUNCATED: DecodeError = DecodeError::Invalid("truncated body");
 
 impl<'a> Reader<'a> {
+    /// Whether the body has been read to its end (an optional trailing field is absent).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.rest.is_empty()
+    }
+
     pub(crate) fn get_array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
         let (head, rest) = self.rest.split_first_chunk::<N>().ok_or(TRUNCATED)?;
         self.rest = rest;

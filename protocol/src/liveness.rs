@@ -35,6 +35,19 @@
 //!   ignored, round trip and all.
 //! - After [`Output::Dead`] the machine is finished: no more pings, no deadlines.
 //!
+//! # Nudges
+//!
+//! A probing machine may also nudge ([`Liveness::with_nudges`]): [`Output::Nudge`] every
+//! `every` since this side last sent a ping or a nudge, until it is dead. A nudge is one small
+//! packet the peer acknowledges at the transport level and nothing more: no answer, not sent
+//! again if lost, so it says nothing about liveness and the machine expects nothing back. It
+//! exists for the peer that no longer knows the connection (an edge that restarted, or that
+//! timed the connection out while the devbox was frozen with its clocks): such a peer answers
+//! any packet with a stateless reset, so the loss is noticed within `every` instead of at the
+//! next heartbeat, or after a heartbeat's timeout when a ping went out while the peer was down.
+//! Idle, that costs one small packet each way per `every` (the nudge and its ACK); a ping
+//! would add the pong and the ACK of the pong.
+//!
 //! A machine built with [`Liveness::passive`] (the edge, which answers the agent's pings through
 //! the order machine) never pings and has no deadlines; it keeps the go-away notices. An edge
 //! that wants its own round trip measure builds a probing one instead and ignores
@@ -129,6 +142,9 @@ pub enum Output {
     Dead(Dead),
     /// The peer said go-away: open no new streams; running ones drain.
     PeerGoingAway(GoAway),
+    /// Send one small packet that asks for no answer and is not sent again if lost (the
+    /// agent: a QUIC datagram); see "Nudges" in the module docs.
+    Nudge,
 }
 
 /// One connection's liveness; see the module docs.
@@ -154,7 +170,19 @@ impl Liveness {
             next_heartbeat: now,
             next_seq: 1,
             state: State::Idle,
+            nudge: None,
         }))
+    }
+
+    /// This (probing) machine also nudges every `every`, the first one `every` after it was
+    /// built; see "Nudges" in the module docs. A passive machine ignores this; a zero `every`
+    /// is taken as a millisecond.
+    pub fn with_nudges(mut self, now: Instant, every: Duration) -> Self {
+        let every = every.max(Duration::from_millis(1));
+        if let Some(prober) = &mut self.prober {
+            prober.nudge = Some((every, later(now, every)));
+        }
+        self
     }
 
     /// A machine that never pings: it only keeps the go-away notices.
@@ -247,6 +275,13 @@ impl Liveness {
             }
             State::Idle | State::Waiting(_) | State::Dead => {}
         }
+        if let Some((every, next)) = &mut prober.nudge
+            && *next <= now
+            && !matches!(prober.state, State::Dead)
+        {
+            *next = later(now, *every);
+            self.out.push_back(Output::Nudge);
+        }
     }
 
     /// When [`Liveness::handle_timeout`] next has something to do: the outstanding ping's
@@ -254,11 +289,15 @@ impl Liveness {
     /// passive or dead machine.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let prober = self.prober.as_ref()?;
-        match prober.state {
-            State::Idle => Some(prober.next_heartbeat),
-            State::Waiting(o) => Some(o.deadline),
-            State::Dead => None,
-        }
+        let probing = match prober.state {
+            State::Idle => prober.next_heartbeat,
+            State::Waiting(o) => o.deadline,
+            State::Dead => return None,
+        };
+        Some(match prober.nudge {
+            Some((_, nudge)) => probing.min(nudge),
+            None => probing,
+        })
     }
 
     /// The next thing to do, oldest first; `None` when there is nothing.
@@ -296,6 +335,8 @@ struct Prober {
     next_heartbeat: Instant,
     next_seq: u64,
     state: State,
+    /// Nudges: how often, and when the next is due.
+    nudge: Option<(Duration, Instant)>,
 }
 
 /// Where probing stands.
@@ -323,6 +364,10 @@ impl Prober {
     fn send(&mut self, now: Instant, probe: Probe) -> ControlMsg {
         let seq = self.next_seq;
         self.next_seq = seq.wrapping_add(1);
+        if let Some((every, next)) = &mut self.nudge {
+            // A ping provokes the same answer from a peer that lost the connection.
+            *next = later(now, *every);
+        }
         self.state = State::Waiting(Outstanding {
             seq,
             probe,
@@ -441,6 +486,47 @@ mod tests {
         assert_eq!(drain(&mut m), []);
         assert_eq!(m.last_rtt(), None);
         assert_eq!(m.poll_timeout(), Some(t.at(6000)));
+    }
+
+    #[test]
+    fn nudges_fill_the_silence_between_pings_until_dead() {
+        let t = Clock::new();
+        let mut m = Liveness::new(t.at(0), HB).with_nudges(t.at(0), Duration::from_secs(1));
+        m.handle_timeout(t.at(0));
+        assert_eq!(drain(&mut m), [ping(1)], "a ping, no nudge with it");
+        m.handle_pong(t.at(40), 1);
+        drain(&mut m);
+        // The ping at 0 counts as a nudge: the next is a second later, then every second.
+        for s in 1..5 {
+            assert_eq!(m.poll_timeout(), Some(t.at(1000 * s)));
+            m.handle_timeout(t.at(1000 * s));
+            assert_eq!(drain(&mut m), [Output::Nudge], "at {s} s");
+        }
+        // The heartbeat at 5 s replaces the nudge due then.
+        m.handle_timeout(t.at(5000));
+        assert_eq!(drain(&mut m), [ping(2)]);
+        // Nudges go on while the ping waits, and after the rebind.
+        m.handle_timeout(t.at(6000));
+        m.handle_timeout(t.at(7000));
+        assert_eq!(drain(&mut m), [Output::Nudge, Output::Nudge]);
+        m.handle_timeout(t.at(8000));
+        assert_eq!(drain(&mut m), [Output::Rebind, ping(3)]);
+        m.handle_timeout(t.at(9000));
+        assert_eq!(drain(&mut m), [Output::Nudge]);
+        m.handle_timeout(t.at(11_000));
+        assert_eq!(drain(&mut m), [Output::Dead(Dead::Unanswered)]);
+        assert_eq!(m.poll_timeout(), None, "nothing after dead");
+        m.handle_timeout(t.at(20_000));
+        assert_eq!(drain(&mut m), []);
+    }
+
+    #[test]
+    fn a_passive_machine_never_nudges() {
+        let t = Clock::new();
+        let mut m = Liveness::passive().with_nudges(t.at(0), Duration::from_secs(1));
+        assert_eq!(m.poll_timeout(), None);
+        m.handle_timeout(t.at(10_000));
+        assert_eq!(drain(&mut m), []);
     }
 
     #[test]

@@ -68,17 +68,34 @@ fn every_prefix_is_incomplete<M: Codec>(msg: &M) -> Result<(), TestCaseError> {
 }
 
 /// On any input: no panic; an error leaves the buffer as it was; a success consumed exactly the
-/// canonical encoding of what it decoded.
+/// canonical encoding of what it decoded, or, for a hello, the older layout without its trailing
+/// `previous` (then 0).
 fn decodes_safely<M: Codec>(input: &[u8]) -> Result<(), TestCaseError> {
     let mut buf = Bytes::copy_from_slice(input);
     match M::dec(&mut buf) {
         Err(_) => prop_assert_eq!(&buf[..], input),
         Ok(msg) => {
             let used = input.len() - buf.len();
-            prop_assert_eq!(&msg.bytes()[..], &input[..used]);
+            let canonical = msg.bytes();
+            if canonical[..] != input[..used] {
+                prop_assert_eq!(older_hello(&canonical), Some(input[..used].to_vec()));
+            }
         }
     }
     Ok(())
+}
+
+/// A hello frame whose `previous` is 0 in the layout before that field: 8 bytes shorter. `None`
+/// for any other frame.
+fn older_hello(frame: &[u8]) -> Option<Vec<u8>> {
+    let (kept, previous) = frame.split_at_checked(frame.len().checked_sub(8)?)?;
+    if frame.first() != Some(&0x01) || previous != [0; 8] {
+        return None;
+    }
+    let mut older = kept.to_vec();
+    let len = u16::from_be_bytes([*older.get(1)?, *older.get(2)?]).checked_sub(8)?;
+    older[1..3].copy_from_slice(&len.to_be_bytes());
+    Some(older)
 }
 
 fn text() -> impl Strategy<Value = String> {
@@ -113,9 +130,10 @@ fn control_msg() -> impl Strategy<Value = ControlMsg> {
             text(),
             text(),
             any::<u64>(),
-            any::<bool>()
+            any::<bool>(),
+            any::<u64>()
         )
-            .prop_map(|(min, max, token, agent, instance, takeover)| {
+            .prop_map(|(min, max, token, agent, instance, takeover, previous)| {
                 ControlMsg::Hello(Hello {
                     min_version: min,
                     max_version: max,
@@ -123,6 +141,7 @@ fn control_msg() -> impl Strategy<Value = ControlMsg> {
                     agent,
                     instance,
                     takeover,
+                    previous,
                 })
             }),
         (any::<u16>(), text(), proptest::option::of(tunnel())).prop_map(|(v, id, tunnel)| {
@@ -195,6 +214,16 @@ fn framed_garbage() -> impl Strategy<Value = Vec<u8>> {
 proptest! {
     #[test]
     fn control_roundtrips(msg in control_msg()) { roundtrip(&msg)?; }
+
+    #[test]
+    fn older_hellos_decode_with_previous_0(msg in control_msg()) {
+        if let ControlMsg::Hello(hello) = msg {
+            let hello = ControlMsg::Hello(Hello { previous: 0, ..hello });
+            let older = older_hello(&hello.bytes()).expect("a hello frame");
+            prop_assert_eq!(ControlMsg::dec(&mut Bytes::from(older.clone())), Ok(hello));
+            decodes_safely::<ControlMsg>(&older)?;
+        }
+    }
 
     #[test]
     fn stream_header_roundtrips(h in stream_header()) { roundtrip(&h)?; }

@@ -64,7 +64,7 @@ pub async fn run(options: DevOptions, shutdown: CancellationToken) -> anyhow::Re
     let demo_port = demo.local_addr()?.port();
     tokio::spawn(demo_service(demo, shutdown.clone()));
 
-    let agent = start_agent(&edge, agent_token, shutdown.clone()).await?;
+    let agent = start_agent(&edge, &state_dir, agent_token, shutdown.clone()).await?;
     print_banner(&edge, &key, demo_port, &state_dir)?;
 
     shutdown.cancelled().await;
@@ -112,10 +112,11 @@ fn register_devbox(edge: &Edge) -> anyhow::Result<(String, burrow_edge::secret::
     Ok((issued.record.key, agent_token))
 }
 
-/// The devbox's agent, in this process, trusting the edge's generated CA; returns once it is
-/// connected.
+/// The devbox's agent, in this process, trusting the edge's generated CA, its `state_dir` in
+/// the edge's (`agent/`); returns once it is connected.
 async fn start_agent(
     edge: &Edge,
+    state_dir: &std::path::Path,
     agent_token: burrow_edge::secret::Secret,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Agent> {
@@ -130,6 +131,7 @@ async fn start_agent(
             ("edge", edge.agents_addr.to_string()),
             ("server_name", edge.server_name.clone()),
             ("ca", ca.display().to_string()),
+            ("state_dir", state_dir.join("agent").display().to_string()),
         ],
     )?;
     let agent = Agent::spawn(agent_config, shutdown);

@@ -1,7 +1,7 @@
 //! The unit files in `systemd/`, checked by systemd's own tools: `systemd-analyze verify` must
 //! accept both without a warning, and `systemd-analyze security` must rate their exposure low.
 //! Also the promises the units make to the binaries: the paths the README installs to, a stop
-//! timeout longer than the drain grace, the edge's state directory.
+//! timeout longer than the drain grace, the state directories.
 //!
 //! `.ci/run` installs systemd-analyze (Debian package `systemd`) when it is missing.
 
@@ -173,7 +173,23 @@ fn units_promise_what_the_binaries_need() {
 
     // DESIGN.md's edge.toml keeps its store in /var/lib/burrow-edge.
     assert_eq!(value(&edge, "StateDirectory"), "burrow-edge");
-    assert!(values(&agent, "StateDirectory").is_empty());
+    // The agent's state_dir defaults to the directory systemd makes for StateDirectory= (and
+    // names in $STATE_DIRECTORY), so the unit needs no setting for it.
+    assert_eq!(value(&agent, "StateDirectory"), "burrow-agent");
+    let systemd = HashMap::from([
+        ("BURROW_AGENT_TOKEN".to_owned(), "t".to_owned()),
+        (
+            "STATE_DIRECTORY".to_owned(),
+            "/var/lib/burrow-agent".to_owned(),
+        ),
+    ]);
+    let state_dir = burrow_agent::Config::load(None, &systemd, &[("edge", "e.test:443".into())])
+        .expect("agent config under systemd")
+        .state_dir;
+    assert_eq!(state_dir, Path::new("/var/lib/burrow-agent"));
+    for unit in [&agent, &edge] {
+        assert_eq!(value(unit, "StateDirectoryMode"), "0700");
+    }
 
     // Capabilities: the edge binds :80 and :443, the agent needs none.
     for key in ["AmbientCapabilities", "CapabilityBoundingSet"] {

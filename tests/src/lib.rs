@@ -6,7 +6,9 @@
 //!   resolves every tunnel host to loopback by itself).
 //! - [`TestEdge::admin`]: the admin API with the admin token.
 //! - [`TestEdge::devbox`]: registers a devbox, optionally with a tunnel.
-//! - [`TestAgent::start`]: an agent for a devbox, returned once it is connected.
+//! - [`TestAgent::start`]: an agent for a devbox, returned once it is connected, with a
+//!   `state_dir` of its own ([`TestEdge::agent_state_dir`]).
+//! - [`logs`]: what the edge logged about a devbox, for asserting on what an operator reads.
 //! - [`services`]: local services (HTTP echo, bulk bytes, SSE, WebSocket echo).
 //! - [`postgres`]: a throwaway PostgreSQL server on loopback, and `psql` to query it.
 //! - [`devservers`]: real dev servers (Jupyter, Vite) that refuse hosts they do not know.
@@ -21,6 +23,7 @@
 pub mod chromium;
 pub mod client;
 pub mod devservers;
+pub mod logs;
 pub mod postgres;
 pub mod relay;
 pub mod services;
@@ -44,13 +47,20 @@ pub use client::{Curl, Reply, curl, request};
 /// The tunnel domain of test edges (another with [`EdgeBuilder::domain`]).
 pub const DOMAIN: &str = "tunnel.localhost";
 
-/// Sends test logs to the test's captured output; `RUST_LOG` selects.
+/// Sends test logs to the test's captured output (`RUST_LOG` selects), and keeps the edge's
+/// for [`logs::edge_log`].
 pub fn init_tracing() {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let readable = tracing_subscriber::fmt::layer()
         .with_test_writer()
+        .with_filter(filter);
+    let _ = tracing_subscriber::registry()
+        .with(readable)
+        .with(logs::layer())
         .try_init();
 }
 
@@ -290,6 +300,17 @@ impl TestEdge {
         next
     }
 
+    /// A new empty directory for one agent's `state_dir`, removed with the edge's temporary
+    /// files: every agent a test starts gets its own (each devbox has its own disk), so none
+    /// writes the default `/var/lib/burrow-agent` of the machine running the tests.
+    pub fn agent_state_dir(&self) -> PathBuf {
+        tempfile::Builder::new()
+            .prefix("agent-state-")
+            .tempdir_in(self._temp.path())
+            .expect("agent state directory")
+            .keep()
+    }
+
     /// The agents' QUIC address.
     pub fn agents_addr(&self) -> SocketAddr {
         self.edge().agents_addr
@@ -343,7 +364,8 @@ impl TestAgent {
     }
 
     /// [`TestAgent::spawn`] with `BURROW_*` environment settings (such as
-    /// `BURROW_LIVENESS_HEARTBEAT_INTERVAL`) and, optionally, clocks of the test's.
+    /// `BURROW_LIVENESS_HEARTBEAT_INTERVAL`) and, optionally, clocks of the test's. The agent
+    /// gets a new `state_dir` unless `flags` name one.
     pub fn spawn_full(
         edge: &TestEdge,
         devbox: &Devbox,
@@ -352,6 +374,7 @@ impl TestAgent {
         clocks: Option<std::sync::Arc<dyn burrow_agent::clock::Clocks>>,
     ) -> TestAgent {
         let mut all = edge.agent_flags(None);
+        all.push(("state_dir", edge.agent_state_dir().display().to_string()));
         all.extend(flags.iter().map(|(k, v)| (*k, (*v).to_owned())));
         let mut vars: HashMap<String, String> = env
             .iter()

@@ -26,11 +26,16 @@ async fn json_logs_status_command_and_sighup_reload() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("agent.toml");
     let flags = edge.agent_flags(None);
+    let state_dir = edge.agent_state_dir();
     let write_config = |deny: &str| {
         let text = format!(
-            "edge = \"{}\"\nserver_name = \"{}\"\nca = \"{}\"\n[forward]\ndeny_ports = [{deny}]\n\
+            "edge = \"{}\"\nserver_name = \"{}\"\nca = \"{}\"\nstate_dir = \"{}\"\n\
+             [forward]\ndeny_ports = [{deny}]\n\
              [metrics]\nlisten = \"{metrics}\"\n[log]\nformat = \"json\"\n",
-            flags[0].1, flags[1].1, flags[2].1
+            flags[0].1,
+            flags[1].1,
+            flags[2].1,
+            state_dir.display()
         );
         std::fs::write(&config, text).expect("write config");
     };

@@ -1,7 +1,8 @@
 //! Recovery from faults of whole processes: the agent frozen (SIGSTOP) past its idle timeout,
-//! the agent killed and restarted with requests in flight, a simulated suspend and a stepped wall clock, a second agent with the same token, the agent
-//! stopped with SIGTERM while a download runs, and a graceful restart of the edge with a
-//! WebSocket and an event stream open.
+//! the agent killed and restarted with requests in flight (and seen as restarted, not as a
+//! clone), a simulated suspend and a stepped wall clock, a second agent with the same token and
+//! snapshot clones sharing one state file, the agent stopped with SIGTERM while a download
+//! runs, and a graceful restart of the edge with a WebSocket and an event stream open.
 //!
 //! The agent runs as the real `burrow-agent` binary where signals are the fault, and in process
 //! where the test needs its clocks or its status. Every wait is on an event with a deadline;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use burrow_agent::status::State;
+use burrow_tests::logs::edge_log;
 use burrow_tests::services::{http_service, ws_echo};
 use burrow_tests::testkit::{AsyncChildGuard, Lines, Signal};
 use burrow_tests::{DOMAIN, Devbox, TestAgent, TestClocks, TestEdge, WAIT, binary, request};
@@ -41,7 +43,8 @@ struct AgentProcess {
 impl AgentProcess {
     /// Starts the agent for `devbox`, pointed at `edge` with flags, the token in
     /// BURROW_AGENT_TOKEN, and `env` on top. Nothing else from the test's `BURROW_*`
-    /// environment reaches it.
+    /// environment reaches it. Its `state_dir` is a new one unless `env` names one
+    /// (BURROW_STATE_DIR).
     fn spawn(edge: &TestEdge, devbox: &Devbox, env: &[(&str, &str)]) -> AgentProcess {
         let mut cmd = tokio::process::Command::new(binary("burrow-agent"));
         for (key, value) in edge.agent_flags(None) {
@@ -59,6 +62,7 @@ impl AgentProcess {
             }
         }
         cmd.env("BURROW_AGENT_TOKEN", &devbox.agent_token)
+            .env("BURROW_STATE_DIR", edge.agent_state_dir())
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .envs(env.iter().copied())
@@ -247,7 +251,13 @@ async fn agent_killed_and_restarted_with_20_requests_in_flight() {
     let key = devbox.key.clone().expect("an open tunnel has a key");
     let service = http_service("127.0.0.1:0").await;
     let target = host(service.addr.port(), &key);
-    let mut first = AgentProcess::spawn(&edge, &devbox, &[]);
+    // One state directory for both processes, as for an agent restarted in the same devbox.
+    let state_dir = edge.agent_state_dir();
+    let state = [(
+        "BURROW_STATE_DIR",
+        state_dir.to_str().expect("a UTF-8 path"),
+    )];
+    let mut first = AgentProcess::spawn(&edge, &devbox, &state);
     first_200(&edge.url(service.addr.port(), &key, "/"), WAIT).await;
 
     first.signal(Signal::SIGKILL);
@@ -277,7 +287,7 @@ async fn agent_killed_and_restarted_with_20_requests_in_flight() {
     }
 
     let restarted = Instant::now();
-    let second = AgentProcess::spawn(&edge, &devbox, &[]);
+    let second = AgentProcess::spawn(&edge, &devbox, &state);
     let mut worst = Duration::ZERO;
     for task in requests {
         let (i, took, reply) = task.await.expect("request task");
@@ -297,6 +307,18 @@ async fn agent_killed_and_restarted_with_20_requests_in_flight() {
     assert!(
         all_done < Duration::from_secs(10),
         "the requests took {all_done:?} after the restart"
+    );
+    // The operator reads a restart, not a clone: the new process continued the instance chain
+    // the first one left in state_dir.
+    let log = edge_log(&devbox.id);
+    assert!(
+        log.iter()
+            .any(|l| l.contains("the agent restarted or reconnected")),
+        "the edge logs a restart: {log:#?}"
+    );
+    assert!(
+        !log.iter().any(|l| l.contains("second agent")),
+        "the edge does not take the restarted agent for a clone: {log:#?}"
     );
     drop(second);
 }
@@ -356,6 +378,94 @@ async fn two_agents_with_one_token() {
         b_status.state.as_str(),
         b_status.sessions
     );
+    // Two agents with state directories of their own (two devboxes given one token): B's
+    // chain does not continue A's session, so the edge names it a second agent.
+    let log = edge_log(&devbox.id);
+    assert!(
+        log.iter().any(|l| l.contains("second agent")),
+        "the edge logs a clone: {log:#?}"
+    );
+    assert!(
+        !log.iter().any(|l| l.contains("restarted or reconnected")),
+        "{log:#?}"
+    );
+}
+
+/// A snapshot clone: a second devbox started from a snapshot of the first has the agent's
+/// state_dir as it was, so both agents start the same instance chain. The first of the two to
+/// connect continues it (the edge takes it for a restart), which leaves the other's chain
+/// stale: that one is the clone. Then one serves, the other stands by, and no fight follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_clones_share_a_state_file_and_do_not_fight() {
+    let edge = TestEdge::start().await;
+    let devbox = edge.devbox(Some("open")).await;
+    let key = devbox.key.clone().expect("an open tunnel has a key");
+    let service = http_service("127.0.0.1:0").await;
+    let target = host(service.addr.port(), &key);
+    let a_dir = edge.agent_state_dir();
+    let a_state = a_dir.to_str().expect("a UTF-8 path");
+    let a = TestAgent::start_with(&edge, &devbox, &[("state_dir", a_state)]).await;
+
+    let b_dir = edge.agent_state_dir();
+    std::fs::copy(a_dir.join("instance"), b_dir.join("instance"))
+        .expect("the original's state file, as the snapshot has it");
+    let b_state = b_dir.to_str().expect("a UTF-8 path");
+    let start = Instant::now();
+    let b = TestAgent::spawn(&edge, &devbox, &[("state_dir", b_state)]);
+    let settled = |x: &burrow_agent::Status, y: &burrow_agent::Status| {
+        x.connected && x.state == State::Connected && !y.connected && y.state == State::Standby
+    };
+    let deadline = Instant::now() + WAIT;
+    let (serving, standing_by) = loop {
+        let (sa, sb) = (a.status(), b.status());
+        if settled(&sa, &sb) {
+            break (&a, &b);
+        }
+        if settled(&sb, &sa) {
+            break (&b, &a);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "one agent serves and the other stands by within {WAIT:?}: A {sa:?}, B {sb:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let name = |agent: &TestAgent| if std::ptr::eq(agent, &a) { "A" } else { "B" };
+    println!(
+        "{} serves, {} stands by, {:?} after the clone started",
+        name(serving),
+        name(standing_by),
+        start.elapsed()
+    );
+    let why = standing_by.status().last_error.unwrap_or_default();
+    assert!(
+        why.contains("another agent"),
+        "the one standing by says why: {why}"
+    );
+    let sessions = (serving.status().sessions, standing_by.status().sessions);
+    for i in 0..5 {
+        let reply = timeout(WAIT, request(edge.http(), "GET", &target, "/", &[], vec![]))
+            .await
+            .expect("an answer in time")
+            .expect("an answer");
+        assert_eq!(reply.status, 200, "request {i}: {}", reply.text());
+        let now = (serving.status(), standing_by.status());
+        assert!(settled(&now.0, &now.1), "no fight: {now:?}");
+        assert_eq!(
+            (now.0.sessions, now.1.sessions),
+            sessions,
+            "no fight: {now:?}"
+        );
+    }
+    let log = edge_log(&devbox.id);
+    let clones = log.iter().filter(|l| l.contains("second agent")).count();
+    let restarts = log
+        .iter()
+        .filter(|l| l.contains("restarted or reconnected"))
+        .count();
+    println!("edge log: {restarts} restart, {clones} clone");
+    assert_eq!(clones, 1, "the clone is named once, no ping-pong: {log:#?}");
+    assert!(restarts <= 1, "{log:#?}");
 }
 
 /// A one-shot slow service: answers the first request with `chunks` x `chunk` bytes

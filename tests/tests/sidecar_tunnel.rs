@@ -45,6 +45,7 @@ async fn the_tunnel_serves_the_entrypoint_port() {
         .args(["--bind", "127.0.0.1"])
         .current_dir(site.path())
         .env("BURROW_AGENT_TOKEN", &devbox.agent_token)
+        .env("BURROW_STATE_DIR", edge.agent_state_dir())
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .env("PYTHONUNBUFFERED", "1")

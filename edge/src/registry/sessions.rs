@@ -3,6 +3,7 @@
 //! that is away. Nothing here touches the store: sessions live in memory only.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -23,8 +24,20 @@ pub struct AgentSession {
     pub generation: u64,
     /// Messages for the agent's control stream.
     pub control: mpsc::Sender<ControlMsg>,
-    /// The agent process's random instance id (from its hello).
+    /// The random instance id of the agent's connection (from its hello).
     pub instance: u64,
+    /// The instance of the agent's previous accepted connection (from its hello); 0 if none.
+    pub previous: u64,
+}
+
+impl AgentSession {
+    /// Whether a hello with `instance` and `previous` comes from this session's agent,
+    /// restarted or reconnecting, rather than from a second agent holding the same token (a
+    /// cloned devbox): its `previous` is this session's instance (or, from an agent that draws
+    /// its instance once per process, its `instance` is).
+    pub fn continued_by(&self, instance: u64, previous: u64) -> bool {
+        instance == self.instance || (previous != 0 && previous == self.instance)
+    }
 }
 
 /// The result of attaching an agent session.
@@ -45,7 +58,7 @@ pub struct Attached {
 pub enum AttachError {
     /// Unknown or revoked token.
     BadToken,
-    /// Another agent instance holds the session and this one did not ask to take over.
+    /// Another agent holds the session and this one did not ask to take over.
     Busy,
 }
 
@@ -79,6 +92,10 @@ impl Drop for QueuePlace {
 pub(super) struct Live {
     /// Woken at every attach.
     attached: Notify,
+    /// Attaches so far, of any devbox: a request compares it with the count its route was
+    /// read at (one atomic load) to learn whether any connection took over since, and looks
+    /// its route up again only then.
+    attaches: AtomicU64,
     /// Requests waiting for their agent, per devbox.
     waiting: Mutex<HashMap<String, usize>>,
 }
@@ -88,8 +105,9 @@ impl Registry {
     /// session, in one step so that no admin call slips in between. `None`: unknown or revoked
     /// token.
     ///
-    /// Without `takeover`, a live session of another agent instance stays and this one is
-    /// refused ([`AttachError::Busy`]): an agent that was replaced waits its turn.
+    /// Without `takeover`, a live session of another agent (one the new session does not
+    /// continue) stays and this one is refused ([`AttachError::Busy`]): an agent that was
+    /// replaced waits its turn.
     pub fn attach(
         &self,
         token: &str,
@@ -115,12 +133,15 @@ impl Registry {
             && entry
                 .session
                 .as_ref()
-                .is_some_and(|live| live.instance != session.instance)
+                .is_some_and(|live| !live.continued_by(session.instance, session.previous))
         {
             return Err(AttachError::Busy);
         }
         let replaced = entry.session.replace(session);
         let tunnel = entry.record.tunnel.as_ref().map(|t| self.tunnel_state(t));
+        // Counted under the write lock, so a route read under the read lock sees the session
+        // and the count that go together.
+        self.live.attaches.fetch_add(1, Ordering::Release);
         drop(inner);
         self.live.attached.notify_waiters();
         Ok(Attached {
@@ -129,6 +150,11 @@ impl Registry {
             replaced,
             tunnel,
         })
+    }
+
+    /// Attaches so far (see [`Route::attaches`](crate::registry::Route::attaches)).
+    pub fn attaches(&self) -> u64 {
+        self.live.attaches.load(Ordering::Acquire)
     }
 
     /// A future that completes at the next attach; create it before checking the route, so

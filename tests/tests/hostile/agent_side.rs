@@ -333,8 +333,9 @@ async fn agent_stream_cap() {
         burrow_agent::config::TOKEN_ENV.to_owned(),
         devbox.agent_token.clone(),
     )]);
-    let mut config =
-        burrow_agent::Config::load(None, &vars, &s.edge.agent_flags(None)).expect("agent config");
+    let mut flags = s.edge.agent_flags(None);
+    flags.push(("state_dir", s.edge.agent_state_dir().display().to_string()));
+    let mut config = burrow_agent::Config::load(None, &vars, &flags).expect("agent config");
     // No flag sets it: the cap is a field of the checked config.
     config.max_streams = 4;
     let stop = CancellationToken::new();

@@ -88,6 +88,8 @@ pub async fn start(env: &Env, dir: &Path) -> Result<Running> {
                 .arg("--ca")
                 .arg(state.join("agent-ca.pem"))
                 .args(["--max-streams", "20000", "--drain-grace", "1s"])
+                .arg("--state-dir")
+                .arg(dir.join("agent-state"))
                 .env("BURROW_AGENT_TOKEN", agent_token),
         ),
         dir,
