@@ -5,10 +5,12 @@
 //! services bound to `0.0.0.0`, `127.0.0.1` or `::1` are all reached.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use burrow_protocol::{Port, RefuseReason, StreamAnswer, StreamHeader, VERSION, reset};
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info};
 
 use crate::policy::PortPolicy;
@@ -24,6 +26,13 @@ const TO_SERVICE_BUF: usize = 64 * 1024;
 const FROM_SERVICE_BUF: usize = 16 * 1024;
 /// How long the edge may take to send the stream header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stream waits for one of the `forward.max_streams` slots before it is refused
+/// as too many. A slot comes free only when a stream's task sees its stream closed: when the
+/// edge closes idle kept-alive streams to make room and asks again at once, their slots free
+/// a few milliseconds later, and this wait lets the new stream take one of them (the
+/// semaphore wakes it, first come first served) instead of racing them to a refusal. Short
+/// enough that an agent at its cap for real still refuses quickly.
+pub const SLOT_WAIT: Duration = Duration::from_millis(200);
 
 /// What this stream needs from the agent.
 #[derive(Debug, Clone)]
@@ -57,6 +66,18 @@ pub enum Outcome {
     Refused(RefuseReason),
     /// Accepted, then reset by one side.
     Reset,
+}
+
+/// One of the `forward.max_streams` slots, waiting up to [`SLOT_WAIT`] for one; `None`: the
+/// stream is refused as too many.
+pub async fn slot(slots: Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
+    if let Ok(permit) = slots.clone().try_acquire_owned() {
+        return Some(permit);
+    }
+    tokio::time::timeout(SLOT_WAIT, slots.acquire_owned())
+        .await
+        .ok()?
+        .ok()
 }
 
 /// Serves one stream from the edge. `refuse` short-circuits with a reason (stream cap reached).
@@ -139,4 +160,29 @@ async fn dial(port: Port, timeout: Duration) -> Result<TcpStream, RefuseReason> 
         }
     }
     Err(reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_waits_briefly_for_a_slot() {
+        let slots = Arc::new(Semaphore::new(1));
+        let held = slot(slots.clone()).await.expect("a free slot at once");
+        let started = tokio::time::Instant::now();
+        assert!(slot(slots.clone()).await.is_none(), "none comes free");
+        assert_eq!(started.elapsed(), SLOT_WAIT, "refused after the wait");
+
+        let waiting = tokio::spawn(slot(slots.clone()));
+        tokio::time::sleep(SLOT_WAIT / 4).await;
+        drop(held);
+        let started = tokio::time::Instant::now();
+        assert!(waiting.await.expect("task").is_some(), "the freed slot");
+        assert_eq!(
+            started.elapsed(),
+            std::time::Duration::ZERO,
+            "taken at once"
+        );
+    }
 }

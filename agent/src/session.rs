@@ -283,8 +283,7 @@ impl<'a> Serving<'a> {
 
     /// Serves one data stream the edge opened, in a task of its own.
     fn spawn_stream(&self, send: quinn::SendStream, recv: quinn::RecvStream) {
-        let permit = self.slots.clone().try_acquire_owned().ok();
-        let refuse = permit.is_none().then_some(RefuseReason::TooManyStreams);
+        let slots = self.slots.clone();
         let limits = self.limits.clone();
         let span = info_span!("stream", stream_id = %send.id());
         let status = self.status.clone();
@@ -293,6 +292,8 @@ impl<'a> Serving<'a> {
         metrics.streams_open.inc();
         self.tasks.spawn(
             async move {
+                let permit = forward::slot(slots).await;
+                let refuse = permit.is_none().then_some(RefuseReason::TooManyStreams);
                 let started = Instant::now();
                 let answered = |port, answer| metrics.answered(port, answer);
                 match forward::serve(send, recv, &limits, refuse, answered).await {

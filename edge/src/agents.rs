@@ -22,21 +22,26 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::handshakes::{Admission, Handshakes, Place};
 use crate::metrics::Metrics;
 use crate::registry::{AgentSession, AttachError, Attached, Registry};
 
-/// How long an agent has to complete the handshake and send its hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an agent has to complete the handshake and send its hello: a few round trips
+/// suffice (the agent itself gives up on a dial after 3 s), and until then the connection holds
+/// one of the edge's handshake places.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The QUIC application close codes, named in the protocol crate (the edge sends `SHUTDOWN`,
 /// `REJECTED`, `PROTOCOL`, `REPLACED` and `REVOKED`).
 pub use burrow_protocol::close;
 
-/// Accepts agent connections until `shutdown` fires, then tells every agent to go away.
+/// Accepts agent connections until `shutdown` fires, then tells every agent to go away. At
+/// most as many handshakes as `handshakes` allows are in progress at once.
 pub async fn serve(
     endpoint: quinn::Endpoint,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
+    handshakes: Handshakes,
     drain_grace: Duration,
     shutdown: CancellationToken,
 ) {
@@ -49,13 +54,29 @@ pub async fn serve(
                 None => break,
             },
         };
+        let remote = incoming.remote_address();
+        let place = match handshakes.admit(remote.ip(), incoming.remote_address_validated()) {
+            Admission::Admitted(place) => place,
+            Admission::Retry => {
+                if let Err(e) = incoming.retry() {
+                    // Only an address already proved cannot be asked again; it is ignored.
+                    e.into_incoming().ignore();
+                }
+                continue;
+            }
+            Admission::Ignore(limit) => {
+                metrics.limited.with_label_values(&[limit]).inc();
+                debug!(%remote, limit, "too many agent handshakes; ignoring one");
+                incoming.ignore();
+                continue;
+            }
+        };
         let registry = registry.clone();
         let metrics = metrics.clone();
-        let remote = incoming.remote_address();
         let shutdown = shutdown.clone();
         tasks.spawn(
             async move {
-                if let Err(e) = session(incoming, registry, metrics, shutdown).await {
+                if let Err(e) = session(incoming, place, registry, metrics, shutdown).await {
                     debug!(error = %e, "agent session ended");
                 }
             }
@@ -117,6 +138,7 @@ enum SessionError {
 /// One agent connection: its hello, admission, then its control stream until it ends.
 async fn session(
     incoming: quinn::Incoming,
+    place: Place,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -124,6 +146,10 @@ async fn session(
     let mut greeted = greet(incoming).await?;
     let (control_tx, control_rx) = mpsc::channel(16);
     let attached = admit(&mut greeted, &registry, &metrics, control_tx).await?;
+    // Admitted: the handshake's place goes back, and the connection gets the windows its
+    // data streams need (until now it could make the edge buffer only a few KiB).
+    drop(place);
+    greeted.conn.set_receive_window(quinn::VarInt::MAX);
     let Greeted {
         conn,
         send,

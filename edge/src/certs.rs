@@ -210,8 +210,12 @@ pub fn agents_server_config(identity: Identity) -> Result<quinn::ServerConfig, C
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
     // Agents open only the control stream; data streams are opened by the edge.
-    transport.max_concurrent_bidi_streams(4u32.into());
+    transport.max_concurrent_bidi_streams(1u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
+    // Until its hello is accepted a connection may make the edge buffer this much and no more
+    // (one stream, this window); an accepted one is raised to quinn's default, unlimited
+    // (`agents::session`), and each data stream keeps its own stream window.
+    transport.receive_window(PRE_HELLO_WINDOW.into());
     // Agents nudge with one-byte datagrams, which only the transport acknowledges; nothing
     // reads them, so a few bytes of buffer (the oldest dropped first) is all they get.
     transport.datagram_receive_buffer_size(Some(64));
@@ -221,6 +225,10 @@ pub fn agents_server_config(identity: Identity) -> Result<quinn::ServerConfig, C
     config.transport_config(Arc::new(transport));
     Ok(config)
 }
+
+/// The connection receive window of an agent connection whose hello is not accepted yet: a
+/// hello is well under 1 KiB.
+pub const PRE_HELLO_WINDOW: u32 = 16 * 1024;
 
 /// The public certificate, swappable while the listener runs (SIGHUP reloads it).
 #[derive(Debug)]

@@ -72,6 +72,10 @@ pub struct ServeArgs {
     /// `agents.pool_max_idle`) [env: BURROW_AGENTS_POOL_MAX_IDLE]
     #[arg(long, value_name = "N")]
     agents_pool_max_idle: Option<String>,
+    /// Idle kept-alive connections in all, past which the oldest is closed, 0 for none,
+    /// default 1024 (key `agents.pool_max_idle_total`) [env: BURROW_AGENTS_POOL_MAX_IDLE_TOTAL]
+    #[arg(long, value_name = "N")]
+    agents_pool_max_idle_total: Option<String>,
     /// Time running requests get to finish at shutdown, default 10s (key `drain_grace`) [env:
     /// BURROW_DRAIN_GRACE]
     #[arg(long, value_name = "DURATION")]
@@ -109,6 +113,12 @@ pub struct ServeArgs {
     /// Open connections per client address, default 256 (key `limits.connections_per_client`) [env: BURROW_LIMITS_CONNECTIONS_PER_CLIENT]
     #[arg(long = "limits-connections-per-client", value_name = "N")]
     limits_connections_per_client: Option<String>,
+    /// Agent handshakes in progress at once, default 4096 (key `limits.agent_handshakes`) [env: BURROW_LIMITS_AGENT_HANDSHAKES]
+    #[arg(long = "limits-agent-handshakes", value_name = "N")]
+    limits_agent_handshakes: Option<String>,
+    /// Agent handshakes in progress at once from one address, default 512 (key `limits.agent_handshakes_per_source`) [env: BURROW_LIMITS_AGENT_HANDSHAKES_PER_SOURCE]
+    #[arg(long = "limits-agent-handshakes-per-source", value_name = "N")]
+    limits_agent_handshakes_per_source: Option<String>,
     /// Requests in flight per devbox; 503 past it, default 1024 (key `limits.streams_per_devbox`) [env: BURROW_LIMITS_STREAMS_PER_DEVBOX]
     #[arg(long = "limits-streams-per-devbox", value_name = "N")]
     limits_streams_per_devbox: Option<String>,
@@ -140,6 +150,10 @@ impl ServeArgs {
             ("agents.max_waiting", &self.agents_max_waiting),
             ("agents.pool_idle", &self.agents_pool_idle),
             ("agents.pool_max_idle", &self.agents_pool_max_idle),
+            (
+                "agents.pool_max_idle_total",
+                &self.agents_pool_max_idle_total,
+            ),
             ("drain_grace", &self.drain_grace),
             ("log.level", &self.log_level),
             ("log.format", &self.log_format),
@@ -153,6 +167,11 @@ impl ServeArgs {
             (
                 "limits.connections_per_client",
                 &self.limits_connections_per_client,
+            ),
+            ("limits.agent_handshakes", &self.limits_agent_handshakes),
+            (
+                "limits.agent_handshakes_per_source",
+                &self.limits_agent_handshakes_per_source,
             ),
             ("limits.streams_per_devbox", &self.limits_streams_per_devbox),
             ("limits.rate", &self.limits_rate),

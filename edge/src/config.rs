@@ -35,6 +35,7 @@ pub const SETTINGS: &[Setting] = settings! {
     "agents.max_waiting" => "BURROW_AGENTS_MAX_WAITING" as Int,
     "agents.pool_idle" => "BURROW_AGENTS_POOL_IDLE",
     "agents.pool_max_idle" => "BURROW_AGENTS_POOL_MAX_IDLE" as Int,
+    "agents.pool_max_idle_total" => "BURROW_AGENTS_POOL_MAX_IDLE_TOTAL" as Int,
     "drain_grace" => "BURROW_DRAIN_GRACE",
     "log.level" => "BURROW_LOG_LEVEL",
     "log.format" => "BURROW_LOG_FORMAT",
@@ -46,6 +47,8 @@ pub const SETTINGS: &[Setting] = settings! {
     "limits.head_timeout" => "BURROW_LIMITS_HEAD_TIMEOUT",
     "limits.upgrade_idle" => "BURROW_LIMITS_UPGRADE_IDLE",
     "limits.connections_per_client" => "BURROW_LIMITS_CONNECTIONS_PER_CLIENT" as Int,
+    "limits.agent_handshakes" => "BURROW_LIMITS_AGENT_HANDSHAKES" as Int,
+    "limits.agent_handshakes_per_source" => "BURROW_LIMITS_AGENT_HANDSHAKES_PER_SOURCE" as Int,
     "limits.streams_per_devbox" => "BURROW_LIMITS_STREAMS_PER_DEVBOX" as Int,
     "limits.rate" => "BURROW_LIMITS_RATE" as Int,
     "limits.burst" => "BURROW_LIMITS_BURST" as Int,
@@ -80,6 +83,8 @@ struct RawLimits {
     head_timeout: Option<String>,
     upgrade_idle: Option<String>,
     connections_per_client: Option<i64>,
+    agent_handshakes: Option<i64>,
+    agent_handshakes_per_source: Option<i64>,
     streams_per_devbox: Option<i64>,
     rate: Option<i64>,
     burst: Option<i64>,
@@ -113,6 +118,7 @@ struct RawAgents {
     max_waiting: Option<usize>,
     pool_idle: Option<String>,
     pool_max_idle: Option<i64>,
+    pool_max_idle_total: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -177,6 +183,9 @@ pub struct Config {
     pub pool_idle: Duration,
     /// Idle kept-alive connections per devbox port; 0: none kept.
     pub pool_max_idle: usize,
+    /// Idle kept-alive connections, all devboxes and ports together; past it a returned one
+    /// closes the oldest. 0: none kept.
+    pub pool_max_idle_total: usize,
     /// Bounds on public clients, tunnels and devboxes.
     pub limits: Limits,
     /// Grace period for running requests at shutdown.
@@ -184,6 +193,15 @@ pub struct Config {
     /// Log level and format.
     pub log: burrow_runtime::logging::LogSettings,
 }
+
+/// `agents.pool_max_idle_total` by default: the agent's default `forward.max_streams` and the
+/// edge's default `limits.streams_per_devbox`, so the pool alone can hold every stream of one
+/// busy devbox (16 ports at the per-port 64), while what all idle connections cost together
+/// stays bounded: at the edge a hyper connection and a QUIC stream each, and in the devboxes a
+/// stream of the agent and a TCP connection to the service each; about 50 KiB in all for one,
+/// edge, agent and service in one process (`tests/tests/pool.rs`'s setup, 512 connections), so
+/// some 50 MB at the cap.
+const POOL_MAX_IDLE_TOTAL: usize = 1024;
 
 impl Config {
     /// Loads the configuration from a file (optional), the environment and flags.
@@ -251,6 +269,12 @@ impl Config {
                 raw.agents.pool_max_idle,
                 64,
                 0..=100_000,
+            )?,
+            pool_max_idle_total: int(
+                "agents.pool_max_idle_total",
+                raw.agents.pool_max_idle_total,
+                POOL_MAX_IDLE_TOTAL,
+                0..=1_000_000,
             )?,
             log: burrow_runtime::logging::LogSettings::parse(raw.log.level, raw.log.format, env)?,
             limits: limits(raw.limits)?,
@@ -349,6 +373,18 @@ fn limits(raw: RawLimits) -> Result<Limits, ConfigError> {
             "limits.connections_per_client",
             raw.connections_per_client,
             d.connections_per_client,
+            1..=1_000_000,
+        )?,
+        agent_handshakes: int(
+            "limits.agent_handshakes",
+            raw.agent_handshakes,
+            d.agent_handshakes,
+            1..=1_000_000,
+        )?,
+        agent_handshakes_per_source: int(
+            "limits.agent_handshakes_per_source",
+            raw.agent_handshakes_per_source,
+            d.agent_handshakes_per_source,
             1..=1_000_000,
         )?,
         streams_per_devbox: int(
@@ -483,5 +519,29 @@ mod tests {
             let err = load(text).unwrap_err().to_string();
             assert!(err.contains(key), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn pool_bounds_from_file_environment_and_defaults() {
+        let base = "domain = \"a.b\"\nstate_dir = \"/x\"\n[public]\nhttp = \"0.0.0.0:80\"\n";
+        let cfg = load(base).unwrap();
+        assert_eq!((cfg.pool_max_idle, cfg.pool_max_idle_total), (64, 1024));
+        let cfg = load(&format!("{base}[agents]\npool_max_idle_total = 3\n")).unwrap();
+        assert_eq!(cfg.pool_max_idle_total, 3);
+        let file = File {
+            path: Path::new("/etc/burrow/edge.toml"),
+            text: base,
+        };
+        let env = HashMap::from([(
+            "BURROW_AGENTS_POOL_MAX_IDLE_TOTAL".to_owned(),
+            "0".to_owned(),
+        )]);
+        let cfg = Config::load(Some(file), &env, &[]).unwrap();
+        assert_eq!(cfg.pool_max_idle_total, 0, "0 keeps none");
+        let err = load(&format!("{base}[agents]\npool_max_idle_total = -1\n")).unwrap_err();
+        assert!(
+            err.to_string().contains("agents.pool_max_idle_total"),
+            "{err}"
+        );
     }
 }

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use burrow_protocol::{Port, StreamKind};
+use futures_util::FutureExt;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Empty};
@@ -18,11 +19,11 @@ use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
 use crate::body::{Body, ToService};
-use crate::dial::Dialer;
+use crate::dial::{Dialer, Opened};
 use crate::headers;
 use crate::metrics::{CountedBody, GaugeGuard, Metrics};
 use crate::pages::{self, Answer};
-use crate::pool::{Pool, Returning, Sender};
+use crate::pool::{Back, Pool, Returning, Sender};
 use crate::route::{Routed, Scheme};
 use crate::throttle::InFlight;
 
@@ -114,7 +115,7 @@ impl Forward {
 
     /// The service's response as the client gets it: hop-by-hop headers gone, the body counted
     /// (and an open SSE stream), the devbox's `slot` held and the connection given back to the
-    /// pool when the body is done.
+    /// pool when the body is done, keeping the slot while it waits there.
     pub fn deliver(&self, answered: Answered, port: Port, slot: InFlight) -> Response<Body> {
         let Answered {
             mut response,
@@ -128,10 +129,16 @@ impl Forward {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
         let guard = sse.then(|| GaugeGuard::new(&self.metrics.sse_open));
-        let back = Some((self.pool.clone(), (conn_id, port.get()), sender));
+        let (slot, counted) = slot.into_parts();
+        let back = Back {
+            pool: self.pool.clone(),
+            key: (conn_id, port.get()),
+            sender,
+            slot,
+        };
         response.map(|body| {
             self.metrics
-                .count_body(Returning::new(body, back), "to_client", (guard, slot))
+                .count_body(Returning::new(body, back), "to_client", (guard, counted))
                 .boxed()
         })
     }
@@ -141,9 +148,10 @@ impl Forward {
     ///
     /// A kept-alive stream rides its agent connection, which may be dead without the edge
     /// knowing yet (an agent killed and restarted). When a newer connection of the devbox takes
-    /// over before the service answered, a `replay` (a bodiless idempotent request, which
-    /// HTTP lets a client send again) goes again on a fresh stream of the newest connection;
-    /// any other request is answered 502, as it may have reached the service.
+    /// over, or the kept-alive connection fails, before the service answered, a `replay` (a
+    /// bodiless idempotent request, which HTTP lets a client send again) goes again on a fresh
+    /// stream of the newest connection; any other request is answered 502, as it may have
+    /// reached the service.
     async fn send_pooled(
         &self,
         outbound: Outbound,
@@ -187,9 +195,20 @@ impl Forward {
                     conn_id,
                 }))
             }
-            Err(mut e) => match e.take_message() {
-                Some(request) => Ok(Err(request)),
-                None => {
+            Err(mut e) => match (e.take_message(), replay) {
+                (Some(request), _) => Ok(Err(request)),
+                // The kept-alive connection died under the request: the agent's connection
+                // was closed (it may beat the news that a newer one took over), or the
+                // service closed the idle connection as the request went out. A request HTTP
+                // lets a client send again goes again, on a fresh stream.
+                (None, Some(replay)) => {
+                    debug!(error = %e.into_error(), %port, "kept-alive connection failed under the request; sending it again");
+                    let body =
+                        self.metrics
+                            .count_body(Either::Right(Empty::new()), "from_client", ());
+                    Ok(Err(replay.request(body)))
+                }
+                (None, None) => {
                     debug!(error = %e.into_error(), %port, "kept-alive connection failed");
                     Err(no_answer(port, routed.html))
                 }
@@ -200,7 +219,7 @@ impl Forward {
     /// Sends on a new HTTP/1.1 connection over a fresh data stream.
     async fn send_fresh(&self, outbound: Outbound, routed: &Routed) -> Result<Answered, Answer> {
         let port = routed.target.port;
-        let opened = self.dial.open(routed, StreamKind::Http).await?;
+        let opened = self.open(routed).await?;
         self.metrics.pooled.with_label_values(&["opened"]).inc();
         let io = TokioIo::new(tokio::io::join(opened.recv, opened.send));
         let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
@@ -230,6 +249,39 @@ impl Forward {
                 Err(no_answer(port, routed.html))
             }
         }
+    }
+
+    /// Opens a data stream for a new connection. An agent at its `forward.max_streams` refuses
+    /// it (503); when kept-alive connections idle on that agent connection, each holding one of
+    /// those streams, they are closed and the stream asked for once more.
+    ///
+    /// The agent frees a stream only when its task for it sees the stream closed, a moment
+    /// after the edge closed it; so the agent, not the edge, waits (up to 200 ms, its
+    /// `forward::SLOT_WAIT`) for a free stream before refusing one. The retry is then a single
+    /// stream answered as soon as a stream is free, rather than a loop of tries on a timer here.
+    async fn open(&self, routed: &Routed) -> Result<Opened, Answer> {
+        let refused = match self.dial.open(routed, StreamKind::Http).await {
+            Ok(opened) => return Ok(opened),
+            Err(refused) => refused,
+        };
+        // The dialer's other 503s (no agent connected, too many requests waiting for one) come
+        // only once the routed connection has closed or been replaced.
+        let Some(conn) = routed.route.conn.as_ref() else {
+            return Err(refused);
+        };
+        let superseded = self
+            .dial
+            .superseded(conn, &routed.target.key, routed.route.attaches)
+            .now_or_never()
+            .is_some();
+        if refused.status() != StatusCode::SERVICE_UNAVAILABLE
+            || superseded
+            || self.pool.evict_conn(conn.stable_id()) == 0
+        {
+            return Err(refused);
+        }
+        debug!(port = %routed.target.port, "agent out of streams; closed its idle kept-alive ones and trying again");
+        self.dial.open(routed, StreamKind::Http).await
     }
 }
 

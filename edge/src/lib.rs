@@ -21,8 +21,10 @@
 //! - [`raw`]: or raw TCP for `burrow connect`.
 //! - [`pool`]: kept-alive connections to services, for the next request.
 //! - [`idle`]: copying an upgraded connection both ways, closed when nothing moves.
+//! - [`tasks`]: client connections and upgraded connections, tracked and cut off at stop.
 //! - [`dial`]: a data stream to the devbox's agent, waiting a while for an agent that is away.
 //! - [`agents`]: the QUIC listener: hello, token check, welcome, control stream.
+//! - [`handshakes`]: bounds on agent connections before their hello is accepted.
 //! - [`headers`]: header helpers the steps share: lists, hop-by-hop and forwarding headers.
 //! - [`pages`]: the edge's own answers (HTML for browsers, text for others).
 //! - [`body`]: the body type of every response the edge sends.
@@ -42,6 +44,7 @@ pub mod cli;
 pub mod config;
 pub mod dial;
 pub mod forward;
+pub mod handshakes;
 pub mod headers;
 pub mod idle;
 pub mod limits;
@@ -56,6 +59,7 @@ pub mod route;
 pub mod secret;
 pub mod server;
 pub mod store;
+pub mod tasks;
 pub mod throttle;
 pub mod upgrade;
 

@@ -28,7 +28,12 @@ pub struct Limits {
     pub upgrade_idle: Duration,
     /// Open connections per client IP address; more are closed at once.
     pub connections_per_client: usize,
-    /// Requests in flight per devbox (open streams to its agent); more get 503.
+    /// Agent handshakes in progress at once (QUIC handshake to accepted hello), overall.
+    pub agent_handshakes: usize,
+    /// Agent handshakes in progress at once from one source address (IPv6: per /64).
+    pub agent_handshakes_per_source: usize,
+    /// Requests in flight per devbox (open streams to its agent, idle kept-alive connections
+    /// included: a request at the limit closes one of those first); more get 503.
     pub streams_per_devbox: usize,
     /// Requests per second per tunnel, on average; 0: unlimited. More get 429.
     pub rate: u32,
@@ -46,6 +51,8 @@ impl Default for Limits {
             head_timeout: Duration::from_secs(10),
             upgrade_idle: Duration::from_secs(3600),
             connections_per_client: 256,
+            agent_handshakes: 4096,
+            agent_handshakes_per_source: 512,
             streams_per_devbox: 1024,
             rate: 1000,
             burst: 2000,
@@ -98,6 +105,13 @@ impl<K: Eq + Hash + Clone> PerKey<K> {
 pub struct Slot<K: Eq + Hash> {
     key: K,
     counts: Arc<DashMap<K, usize>>,
+}
+
+impl<K: Eq + Hash> Slot<K> {
+    /// The key the unit is counted under.
+    pub fn key(&self) -> &K {
+        &self.key
+    }
 }
 
 impl<K: Eq + Hash> Drop for Slot<K> {

@@ -25,6 +25,7 @@ use crate::body::Body;
 use crate::config::Config;
 use crate::limits::{self, Limits, PerKey};
 use crate::metrics::Metrics;
+use crate::tasks::Tasks;
 
 /// How long a client has to finish the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,13 +50,15 @@ pub type Handler = Arc<
         + Sync,
 >;
 
-/// Serves HTTP (1.1 and 2) on a listener until shutdown, then drains for `drain_grace`.
+/// Serves HTTP (1.1 and 2) on a listener until shutdown, then drains for `drain_grace`. Each
+/// connection runs among `tasks`, which the edge cuts off after the drain.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     handler: Handler,
     config: Config,
     metrics: Arc<Metrics>,
+    tasks: Tasks,
     shutdown: CancellationToken,
 ) {
     let limits = &config.limits;
@@ -94,7 +97,7 @@ pub async fn serve(
             head_timeout: limits.head_timeout,
         };
         let tls = tls.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let _slot = slot;
             connection.serve(tcp, tls).await;
         });
@@ -103,7 +106,7 @@ pub async fn serve(
     tokio::select! {
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(config.drain_grace) => {
-            debug!("drain grace over; dropping remaining connections");
+            debug!("drain grace over; the remaining connections are cut off");
         }
     }
 }

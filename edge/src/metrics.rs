@@ -50,6 +50,10 @@ pub struct Metrics {
     pub limited: IntCounterVec,
     /// Requests by how they reached the service: a kept-alive connection, or a fresh stream.
     pub pooled: IntCounterVec,
+    /// Idle kept-alive connections to services now, all devboxes together.
+    pub pool_idle: IntGauge,
+    /// Idle kept-alive connections closed before their reuse, by reason.
+    pub pool_evictions: IntCounterVec,
 }
 
 impl Metrics {
@@ -123,7 +127,7 @@ impl Metrics {
             ),
             limited: counter_vec(
                 "burrow_edge_limited_total",
-                "Requests and connections refused by a limit, by limit (rate, streams, connections, admin_failures)",
+                "Requests and connections refused by a limit, by limit (rate, streams, connections, admin_failures, handshakes, handshakes_per_source)",
                 &["limit"],
             ),
             pooled: counter_vec(
@@ -131,8 +135,18 @@ impl Metrics {
                 "Requests by the connection to the service they used (reused: kept alive; opened: a new stream to the agent)",
                 &["connection"],
             ),
+            pool_idle: IntGauge::new(
+                "burrow_edge_pool_idle",
+                "Idle kept-alive connections to services now, all devboxes together",
+            )
+            .expect("valid metric"),
+            pool_evictions: counter_vec(
+                "burrow_edge_pool_evictions_total",
+                "Idle kept-alive connections closed before their reuse, by reason (total_cap, devbox_limit, agent_streams, expired, closed)",
+                &["reason"],
+            ),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
             Box::new(m.agents_connected.clone()),
             Box::new(m.devboxes.clone()),
             Box::new(m.requests.clone()),
@@ -147,6 +161,8 @@ impl Metrics {
             Box::new(m.agent_hellos.clone()),
             Box::new(m.limited.clone()),
             Box::new(m.pooled.clone()),
+            Box::new(m.pool_idle.clone()),
+            Box::new(m.pool_evictions.clone()),
         ];
         for c in collectors {
             // Invariant: the names above are distinct and valid.

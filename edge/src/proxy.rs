@@ -36,6 +36,7 @@ use crate::pool::Pool;
 use crate::raw::{self, Raw};
 use crate::registry::Registry;
 use crate::route::{Routed, Router, Scheme};
+use crate::tasks::Tasks;
 use crate::throttle::Throttle;
 use crate::upgrade::{self, Upgrade};
 
@@ -64,13 +65,15 @@ impl Proxy {
     /// A proxy for the tunnels under `config.domain`; requests wait up to `config.agent_wait`
     /// for an absent agent, at most `config.max_waiting` of them per devbox; `config.limits`
     /// bound rates and streams; kept-alive connections to services wait in `pool`; browsers'
-    /// cookies for authenticated tunnels are signed with `cookie_key`.
+    /// cookies for authenticated tunnels are signed with `cookie_key`; upgraded connections
+    /// run among `tasks`.
     pub fn new(
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         config: &Config,
         pool: Arc<Pool>,
         cookie_key: CookieKey,
+        tasks: Tasks,
     ) -> Proxy {
         let idle = config.limits.upgrade_idle;
         let dial = Arc::new(Dialer::new(
@@ -79,13 +82,13 @@ impl Proxy {
             config.agent_wait,
             config.max_waiting,
         ));
-        let forward = Arc::new(Forward::new(dial.clone(), pool, metrics.clone()));
+        let forward = Arc::new(Forward::new(dial.clone(), pool.clone(), metrics.clone()));
         Proxy {
             router: Router::new(registry, config.domain.clone()),
             access: Access::new(cookie_key, metrics.clone()),
-            throttle: Throttle::new(&config.limits, metrics.clone()),
-            upgrade: Upgrade::new(forward.clone(), metrics.clone(), idle),
-            raw: Raw::new(dial, metrics, idle),
+            throttle: Throttle::new(&config.limits, pool, metrics.clone()),
+            upgrade: Upgrade::new(forward.clone(), metrics.clone(), idle, tasks.clone()),
+            raw: Raw::new(dial, metrics, idle, tasks),
             forward,
         }
     }

@@ -29,6 +29,7 @@ use crate::idle;
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::pages::{self, Answer};
 use crate::route::Routed;
+use crate::tasks::Tasks;
 use crate::throttle::InFlight;
 
 /// The raw TCP step: streams to agents, and the idle limit.
@@ -38,15 +39,18 @@ pub struct Raw {
     metrics: Arc<Metrics>,
     /// A raw stream with no bytes either way for this long is closed.
     idle: Duration,
+    /// Where raw streams run.
+    tasks: Tasks,
 }
 
 impl Raw {
     /// Opens raw streams with `dial`; streams idle for `idle` are closed.
-    pub fn new(dial: Arc<Dialer>, metrics: Arc<Metrics>, idle: Duration) -> Raw {
+    pub fn new(dial: Arc<Dialer>, metrics: Arc<Metrics>, idle: Duration, tasks: Tasks) -> Raw {
         Raw {
             dial,
             metrics,
             idle,
+            tasks,
         }
     }
 
@@ -71,7 +75,7 @@ impl Raw {
         let upgrade = hyper::upgrade::on(&mut req);
         let open = GaugeGuard::new(&self.metrics.upgrades_open);
         let (port, idle) = (routed.target.port, self.idle);
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let _open = (open, slot);
             splice(upgrade, opened, port, idle).await;
         });

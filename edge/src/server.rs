@@ -17,6 +17,7 @@ use crate::agents;
 use crate::auth::CookieKey;
 use crate::certs::{self, CertError, Identity, PublicCert};
 use crate::config::Config;
+use crate::handshakes::Handshakes;
 use crate::listener::{self, Handler};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
@@ -25,6 +26,7 @@ use crate::registry::{Registry, UrlBase};
 use crate::route::Scheme;
 use crate::secret::Secret;
 use crate::store::{Store, StoreError};
+use crate::tasks::Tasks;
 
 /// File names in `state_dir`.
 const STORE_FILE: &str = "burrow.db";
@@ -92,6 +94,8 @@ pub struct Edge {
     agents_endpoint: quinn::Endpoint,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// Client and upgraded connections, cut off once the listeners and agents have drained.
+    clients: Tasks,
 }
 
 impl Edge {
@@ -111,11 +115,16 @@ impl Edge {
 
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let clients = Tasks::new();
         let metrics = Metrics::new();
         tasks.spawn(agents::serve(
             endpoint,
             registry.clone(),
             metrics.clone(),
+            Handshakes::new(
+                config.limits.agent_handshakes,
+                config.limits.agent_handshakes_per_source,
+            ),
             config.drain_grace,
             shutdown.clone(),
         ));
@@ -123,8 +132,14 @@ impl Edge {
             registry.clone(),
             metrics.clone(),
             &config,
-            Pool::new(config.pool_max_idle, config.pool_idle),
+            Pool::new(
+                config.pool_max_idle,
+                config.pool_max_idle_total,
+                config.pool_idle,
+                metrics.clone(),
+            ),
             CookieKey::load_or_create(&config.state_dir.join(COOKIE_KEY_FILE))?,
+            clients.clone(),
         ));
         let admin = Arc::new(Admin::new(
             registry.clone(),
@@ -140,6 +155,7 @@ impl Edge {
                 handler,
                 config,
                 metrics,
+                clients.clone(),
                 shutdown.clone(),
             ));
         };
@@ -181,6 +197,7 @@ impl Edge {
             agents_endpoint,
             shutdown,
             tasks,
+            clients,
         })
     }
 
@@ -215,15 +232,18 @@ impl Edge {
         self.shutdown.clone()
     }
 
-    /// Stops accepting, tells agents to go away, drains running requests, and returns.
+    /// Stops accepting, tells agents to go away, drains running requests for the drain grace,
+    /// and returns once everything the edge started has ended: connections still open then
+    /// (a client that sends nothing, a WebSocket) are cut off.
     pub async fn stop(self) {
         self.shutdown.cancel();
-        self.tasks.wait().await;
+        self.wait().await;
     }
 
-    /// Waits until the edge has stopped (after its shutdown token fired).
+    /// Waits until the edge has stopped (after its shutdown token fired), as [`Edge::stop`].
     pub async fn wait(&self) {
         self.tasks.wait().await;
+        self.clients.cut_off().await;
     }
 }
 

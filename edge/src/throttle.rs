@@ -1,6 +1,10 @@
 //! The limits step: a tunnel's request rate (429 past it, with `Retry-After`) and its devbox's
 //! requests in flight (503 past it). The counters are [`limits`](crate::limits)'; this step
 //! decides what a request over them is told, and counts it.
+//!
+//! An idle kept-alive connection in the [`Pool`] keeps its devbox's place (it still holds a
+//! stream of the agent), so a devbox at its limit first gives up its oldest idle connection,
+//! and only a devbox whose places are all taken by requests really in flight gets the 503.
 
 use std::sync::Arc;
 
@@ -10,6 +14,7 @@ use http::header::{self, HeaderValue};
 use crate::limits::{Limits, PerKey, Rate, Slot};
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::pages::{self, Answer};
+use crate::pool::Pool;
 use crate::route::Routed;
 
 /// The limits step: a rate per tunnel key, a count of requests in flight per devbox.
@@ -19,6 +24,7 @@ pub struct Throttle {
     rate: u32,
     rates: Rate<String>,
     in_flight: PerKey<String>,
+    pool: Arc<Pool>,
     metrics: Arc<Metrics>,
 }
 
@@ -27,17 +33,27 @@ pub struct Throttle {
 /// `burrow_edge_requests_in_flight` as long.
 #[derive(Debug)]
 pub struct InFlight {
-    _slot: Slot<String>,
-    _counted: GaugeGuard,
+    slot: Slot<String>,
+    counted: GaugeGuard,
+}
+
+impl InFlight {
+    /// The devbox's place, which an idle kept-alive connection keeps after the request, apart
+    /// from the request's count in `burrow_edge_requests_in_flight`, which ends with it.
+    pub fn into_parts(self) -> (Slot<String>, GaugeGuard) {
+        (self.slot, self.counted)
+    }
 }
 
 impl Throttle {
-    /// The limits of `limits` (`rate`, `burst`, `streams_per_devbox`).
-    pub fn new(limits: &Limits, metrics: Arc<Metrics>) -> Throttle {
+    /// The limits of `limits` (`rate`, `burst`, `streams_per_devbox`); the idle connections of
+    /// `pool` hold places among a devbox's streams too.
+    pub fn new(limits: &Limits, pool: Arc<Pool>, metrics: Arc<Metrics>) -> Throttle {
         Throttle {
             rate: limits.rate,
             rates: Rate::new(f64::from(limits.rate), f64::from(limits.burst)),
             in_flight: PerKey::new(limits.streams_per_devbox),
+            pool,
             metrics,
         }
     }
@@ -61,9 +77,13 @@ impl Throttle {
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
             return Err(response);
         }
+        let devbox = &routed.route.devbox_id;
+        // At the limit, an idle connection's place is handed over whole, never given back
+        // first: another request could take it in between.
         let slot = self
             .in_flight
-            .acquire(&routed.route.devbox_id)
+            .acquire(devbox)
+            .or_else(|| self.pool.evict_for_devbox(devbox))
             .ok_or_else(|| {
                 self.metrics.limited.with_label_values(&["streams"]).inc();
                 pages::error(
@@ -73,8 +93,8 @@ impl Throttle {
                 )
             })?;
         Ok(InFlight {
-            _slot: slot,
-            _counted: GaugeGuard::new(&self.metrics.requests_in_flight),
+            slot,
+            counted: GaugeGuard::new(&self.metrics.requests_in_flight),
         })
     }
 }
@@ -118,7 +138,8 @@ mod tests {
             ..Limits::default()
         };
         let metrics = Metrics::new();
-        let throttle = Throttle::new(&limits, metrics.clone());
+        let pool = Pool::new(4, 4, std::time::Duration::from_secs(30), metrics.clone());
+        let throttle = Throttle::new(&limits, pool, metrics.clone());
         let slot = throttle.admit(&routed("a", "d1")).expect("first request");
         assert_eq!(metrics.requests_in_flight.get(), 1);
         let limited = throttle
@@ -143,5 +164,60 @@ mod tests {
             throttle.admit(&routed("a", "d1")).is_ok(),
             "a second later, with the slot back"
         );
+    }
+
+    /// A connection to nowhere that hyper calls ready: the other end never speaks.
+    async fn idle_sender() -> (crate::pool::Sender, tokio::io::DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(ours))
+                .await
+                .expect("handshake");
+        tokio::spawn(conn);
+        (sender, theirs)
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_keeps_its_place_until_a_request_needs_it() {
+        let limits = Limits {
+            streams_per_devbox: 1,
+            ..Limits::default()
+        };
+        let metrics = Metrics::new();
+        let pool = Pool::new(4, 4, std::time::Duration::from_secs(30), metrics.clone());
+        let throttle = Throttle::new(&limits, pool.clone(), metrics.clone());
+        let (slot, counted) = throttle
+            .admit(&routed("a", "d1"))
+            .expect("first")
+            .into_parts();
+        drop(counted);
+        assert_eq!(
+            metrics.requests_in_flight.get(),
+            0,
+            "an idle one is not in flight"
+        );
+        let (sender, _other_end) = idle_sender().await;
+        pool.checkin((1, 3000), sender, slot);
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while pool.idle_count() == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the connection is pooled");
+        assert!(throttle.admit(&routed("b", "d2")).is_ok(), "another devbox");
+        let second = throttle
+            .admit(&routed("a", "d1"))
+            .expect("the idle one's place");
+        assert_eq!(pool.idle_count(), 0);
+        assert_eq!(metrics.pool_idle.get(), 0);
+        let evicted = &metrics.pool_evictions;
+        assert_eq!(evicted.with_label_values(&["devbox_limit"]).get(), 1);
+        let busy = throttle
+            .admit(&routed("a", "d1"))
+            .expect_err("in flight for real");
+        assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
+        drop(second);
+        assert!(throttle.admit(&routed("a", "d1")).is_ok());
     }
 }

@@ -21,6 +21,7 @@ use crate::idle;
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::pages::{self, Answer};
 use crate::route::Routed;
+use crate::tasks::Tasks;
 use crate::throttle::InFlight;
 
 /// The WebSocket step: the forward step it sends the handshake with, and the idle limit.
@@ -30,15 +31,23 @@ pub struct Upgrade {
     metrics: Arc<Metrics>,
     /// An upgraded connection with no bytes either way for this long is closed.
     idle: Duration,
+    /// Where upgraded connections run.
+    tasks: Tasks,
 }
 
 impl Upgrade {
     /// Sends handshakes with `forward`; connections idle for `idle` are closed.
-    pub fn new(forward: Arc<Forward>, metrics: Arc<Metrics>, idle: Duration) -> Upgrade {
+    pub fn new(
+        forward: Arc<Forward>,
+        metrics: Arc<Metrics>,
+        idle: Duration,
+        tasks: Tasks,
+    ) -> Upgrade {
         Upgrade {
             forward,
             metrics,
             idle,
+            tasks,
         }
     }
 
@@ -59,7 +68,7 @@ impl Upgrade {
         let service_side = hyper::upgrade::on(&mut answered.response);
         let open = GaugeGuard::new(&self.metrics.upgrades_open);
         let idle = self.idle;
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let _open = (open, slot);
             match tokio::try_join!(client_side, service_side) {
                 Ok((client_io, service_io)) => {

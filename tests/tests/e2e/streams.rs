@@ -2,7 +2,7 @@
 //! (tokio-tungstenite), a server-sent event stream read as it arrives (hyper), many HTTP/2
 //! requests multiplexed on one connection (curl), and two ports served at once.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use burrow_tests::{DOMAIN, Devbox, TestAgent, TestEdge, WAIT, services};
 use bytes::Bytes;
@@ -319,4 +319,69 @@ async fn two_ports_at_once_through_one_tunnel() {
             .map(|(_, v)| v);
         assert_eq!(got, Some(host));
     }
+}
+
+/// `Edge::stop` returns only once everything the edge started has ended: a WebSocket still
+/// open and a client still sending its request head when the drain grace runs out are cut off,
+/// not left running behind a stopped edge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_cuts_off_what_is_still_open_after_the_drain() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut edge = TestEdge::builder()
+        .toml("drain_grace = \"1s\"")
+        .start()
+        .await;
+    let (_devbox, key, _agent) = tunnel(&edge).await;
+    let service = services::ws_echo().await;
+    let url = format!(
+        "ws://{}:{}/",
+        host(service.port(), &key),
+        edge.http().port()
+    );
+    let request = url.into_client_request().expect("a WebSocket request");
+    let tcp = TcpStream::connect(edge.http()).await.expect("connect");
+    let (mut ws, _) = timeout(WAIT, tokio_tungstenite::client_async(request, tcp))
+        .await
+        .expect("the WebSocket handshake finishes in time")
+        .expect("the edge switches protocols");
+    ws.send(Message::text("before the stop"))
+        .await
+        .expect("send");
+    assert!(matches!(next_message(&mut ws).await, Message::Text(_)));
+
+    let mut slow = TcpStream::connect(edge.http()).await.expect("connect");
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: slow")
+        .await
+        .expect("half a head");
+
+    let stopping = Instant::now();
+    timeout(WAIT, edge.stop())
+        .await
+        .expect("the edge stops within the drain grace and a little");
+    println!("stopped after {:?}", stopping.elapsed());
+
+    // Both are closed by the time `stop` returned: reading finds the end at once (the head
+    // timeout, 10 s, would close the slow one much later).
+    let mut buf = [0u8; 64];
+    let read = timeout(Duration::from_secs(2), slow.read(&mut buf))
+        .await
+        .expect("the slow client's connection is closed, not left waiting for its head");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "no answer, just the end: {read:?}"
+    );
+    let ended = timeout(Duration::from_secs(2), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the WebSocket is closed when the edge has stopped"
+    );
 }

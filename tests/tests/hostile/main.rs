@@ -13,11 +13,13 @@
 //! - [`cookies`]: a browser's way in: the token in the query once, then the tunnel's cookie.
 //! - [`agent_side`]: a hostile edge speaking to a real agent over its live QUIC connection.
 //! - [`floods`]: connections, request rate, requests in flight.
+//! - [`handshakes`]: agent connections before their hello is accepted.
 //! - [`raw`]: the raw HTTP/1.1 client and backend the cases use.
 
 mod agent_side;
 mod cookies;
 mod floods;
+mod handshakes;
 mod heads;
 mod hosts;
 mod raw;
