@@ -146,7 +146,17 @@ impl Metrics {
                 &["reason"],
             ),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
+        for c in m.collectors() {
+            // Invariant: the names above are distinct and valid.
+            m.registry.register(c).expect("metric registers once");
+        }
+        Arc::new(m)
+    }
+
+    /// Every metric, for registering.
+    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 16] {
+        let m = self;
+        [
             Box::new(m.agents_connected.clone()),
             Box::new(m.devboxes.clone()),
             Box::new(m.requests.clone()),
@@ -163,12 +173,7 @@ impl Metrics {
             Box::new(m.pooled.clone()),
             Box::new(m.pool_idle.clone()),
             Box::new(m.pool_evictions.clone()),
-        ];
-        for c in collectors {
-            // Invariant: the names above are distinct and valid.
-            m.registry.register(c).expect("metric registers once");
-        }
-        Arc::new(m)
+        ]
     }
 
     /// Counts an answered request.
