@@ -111,7 +111,10 @@ async fn setup() -> Setup {
     let relay = Relay::start(edge.agents_addr()).await;
     let clocks = Arc::new(TestClocks::default());
     let via = relay.addr().to_string();
-    let agent = TestAgent::spawn_full(&edge, &devbox, &[("edge", &via)], &[], Some(clocks.clone()));
+    // `BURROW_RECOVERY_NUDGE_INTERVAL=1h` compares a run without the agent's nudges.
+    let nudge = std::env::var("BURROW_RECOVERY_NUDGE_INTERVAL").unwrap_or_else(|_| "1s".into());
+    let flags = [("edge", via.as_str()), ("liveness.nudge_interval", &nudge)];
+    let agent = TestAgent::spawn_full(&edge, &devbox, &flags, &[], Some(clocks.clone()));
     agent.wait_for("connected", |s| s.connected).await;
     let service = http_service("127.0.0.1:0").await;
     Setup {
@@ -152,6 +155,10 @@ async fn first_success(setup: &Setup, s: &mut Samples) -> Duration {
 }
 
 async fn blackhole(setup: &mut Setup, hold: Duration, s: &mut Samples) {
+    // Rounds would otherwise keep one phase against the agent's 5 s heartbeat (a round that
+    // keeps its connection lasts about the hold): a random wait gives each its own, since
+    // whether an outage outlasts "heartbeat + two 3 s timeouts" depends on it.
+    tokio::time::sleep(Duration::from_millis(fastrand::u64(0..5000))).await;
     assert!(get(setup).await, "tunnel up before the fault");
     let start = Instant::now();
     setup.relay.set_blackhole(true);
