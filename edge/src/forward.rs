@@ -174,8 +174,7 @@ impl Forward {
                 return match replay {
                     Some(replay) => {
                         debug!(%port, "agent connection replaced under a kept-alive request; sending it again");
-                        let body = self.metrics.count_body(Either::Right(Empty::new()), "from_client", ());
-                        Ok(Err(replay.request(body)))
+                        Ok(Err(replay.request(&self.metrics)))
                     }
                     None => Err(pages::error(
                         StatusCode::BAD_GATEWAY,
@@ -203,10 +202,7 @@ impl Forward {
                 // lets a client send again goes again, on a fresh stream.
                 (None, Some(replay)) => {
                     debug!(error = %e.into_error(), %port, "kept-alive connection failed under the request; sending it again");
-                    let body =
-                        self.metrics
-                            .count_body(Either::Right(Empty::new()), "from_client", ());
-                    Ok(Err(replay.request(body)))
+                    Ok(Err(replay.request(&self.metrics)))
                 }
                 (None, None) => {
                     debug!(error = %e.into_error(), %port, "kept-alive connection failed");
@@ -304,8 +300,9 @@ impl Replay {
         })
     }
 
-    /// The request again, with `body` (an empty one, counted).
-    fn request(self, body: CountedBody<ToService>) -> Outbound {
+    /// The request again, with an empty body counted in `metrics` like any other.
+    fn request(self, metrics: &Metrics) -> Outbound {
+        let body = metrics.count_body(Either::Right(Empty::new()), "from_client", ());
         let mut req = Request::new(body);
         *req.method_mut() = self.method;
         *req.uri_mut() = self.uri;

@@ -41,11 +41,6 @@ impl Tasks {
         self.tracker.wait().await;
     }
 
-    /// Tasks running now.
-    pub fn len(&self) -> usize {
-        self.tracker.len()
-    }
-
     /// Whether none is running.
     pub fn is_empty(&self) -> bool {
         self.tracker.is_empty()

@@ -47,25 +47,33 @@ where
     }
 }
 
+/// A WebSocket to `port` of tunnel `key` through the edge, and the edge's 101.
+async fn websocket(
+    edge: &TestEdge,
+    key: &str,
+    port: u16,
+) -> (
+    tokio_tungstenite::WebSocketStream<TcpStream>,
+    tokio_tungstenite::tungstenite::handshake::client::Response,
+) {
+    let url = format!("ws://{}:{}/", host(port, key), edge.http().port());
+    let request = url.into_client_request().expect("a WebSocket request");
+    let tcp = TcpStream::connect(edge.http())
+        .await
+        .expect("connect to the edge");
+    timeout(WAIT, tokio_tungstenite::client_async(request, tcp))
+        .await
+        .expect("the WebSocket handshake finishes in time")
+        .expect("the edge switches protocols")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_echo_through_the_tunnel() {
     let edge = TestEdge::start().await;
     let (_devbox, key, _agent) = tunnel(&edge).await;
     let service = services::ws_echo().await;
 
-    let url = format!(
-        "ws://{}:{}/",
-        host(service.port(), &key),
-        edge.http().port()
-    );
-    let request = url.into_client_request().expect("a WebSocket request");
-    let tcp = TcpStream::connect(edge.http())
-        .await
-        .expect("connect to the edge");
-    let (mut ws, response) = timeout(WAIT, tokio_tungstenite::client_async(request, tcp))
-        .await
-        .expect("the WebSocket handshake finishes in time")
-        .expect("the edge switches protocols");
+    let (mut ws, response) = websocket(&edge, &key, service.port()).await;
     assert_eq!(response.status(), 101);
 
     ws.send(Message::text("hello through the tunnel"))
@@ -334,17 +342,7 @@ async fn stop_cuts_off_what_is_still_open_after_the_drain() {
         .await;
     let (_devbox, key, _agent) = tunnel(&edge).await;
     let service = services::ws_echo().await;
-    let url = format!(
-        "ws://{}:{}/",
-        host(service.port(), &key),
-        edge.http().port()
-    );
-    let request = url.into_client_request().expect("a WebSocket request");
-    let tcp = TcpStream::connect(edge.http()).await.expect("connect");
-    let (mut ws, _) = timeout(WAIT, tokio_tungstenite::client_async(request, tcp))
-        .await
-        .expect("the WebSocket handshake finishes in time")
-        .expect("the edge switches protocols");
+    let (mut ws, _) = websocket(&edge, &key, service.port()).await;
     ws.send(Message::text("before the stop"))
         .await
         .expect("send");
