@@ -41,10 +41,48 @@ pub struct Opened {
     pub recv: quinn::RecvStream,
     /// The agent connection it is on ([`quinn::Connection::stable_id`]).
     pub conn_id: usize,
+    /// That connection.
+    pub conn: quinn::Connection,
 }
 
 /// Why a stream could not be opened: the answer's status and explanation.
 type Failed = (StatusCode, String);
+
+/// A stream the agent refused, and the agent connection that refused it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    /// The agent's reason.
+    pub reason: RefuseReason,
+    /// The connection ([`quinn::Connection::stable_id`]).
+    pub conn_id: usize,
+}
+
+/// No stream: the answer for the client, and the agent's refusal when that is why.
+#[derive(Debug)]
+pub struct NotOpened {
+    /// What the client gets.
+    pub answer: Answer,
+    /// The agent refused the stream (else it was away too long, or failed).
+    pub refusal: Option<Refusal>,
+}
+
+impl From<NotOpened> for Answer {
+    fn from(not: NotOpened) -> Answer {
+        not.answer
+    }
+}
+
+/// Inside the dialer: a failure, or the agent's refusal on a connection.
+enum NoStream {
+    Failed(Failed),
+    Refused(Refusal),
+}
+
+impl From<Failed> for NoStream {
+    fn from(failed: Failed) -> NoStream {
+        NoStream::Failed(failed)
+    }
+}
 
 impl Dialer {
     /// Requests wait up to `agent_wait` for an absent agent, at most `max_waiting` of them per
@@ -65,19 +103,30 @@ impl Dialer {
 
     /// Opens a stream of `kind` to the routed port and waits for the agent's answer, or answers
     /// the request here (the agent refused, is away too long, or failed).
-    pub async fn open(&self, routed: &Routed, kind: StreamKind) -> Result<Opened, Answer> {
-        let header = StreamHeader::new(routed.target.port, kind, Some(routed.client));
-        self.open_waiting(routed, header)
-            .await
-            .map_err(|(status, detail)| pages::error(status, &detail, routed.html))
+    pub async fn open(&self, routed: &Routed, kind: StreamKind) -> Result<Opened, NotOpened> {
+        let port = routed.target.port;
+        let header = StreamHeader::new(port, kind, Some(routed.client));
+        self.open_waiting(routed, header).await.map_err(|no| {
+            let ((status, detail), refusal) = match no {
+                NoStream::Failed(failed) => (failed, None),
+                NoStream::Refused(r) => (refusal(r.reason, port), Some(r)),
+            };
+            NotOpened {
+                answer: pages::error(status, &detail, routed.html),
+                refusal,
+            }
+        })
     }
 
     /// While the agent is away (reconnecting, resuming, the edge just restarted) the request
     /// waits in a bounded queue for up to `agent_wait`; a connection that fails under it is
     /// retried on the next one, so a short blip costs no request. The request body is not read
     /// until the agent accepted, so a retry never replays anything.
-    async fn open_waiting(&self, routed: &Routed, header: StreamHeader) -> Result<Opened, Failed> {
-        let port = header.port;
+    async fn open_waiting(
+        &self,
+        routed: &Routed,
+        header: StreamHeader,
+    ) -> Result<Opened, NoStream> {
         let deadline = Instant::now() + self.agent_wait;
         // The first try goes to the connection the route step found; the registry is asked
         // again only when there is none to try (after a wait, or a connection that failed).
@@ -94,7 +143,10 @@ impl Dialer {
                 Some(found) => found,
                 None => match self.registry.route(&routed.target.key) {
                     Some(route) => (route.conn, route.attaches),
-                    None => return Err((StatusCode::NOT_FOUND, route::NOT_FOUND.to_owned())),
+                    None => {
+                        let not_found = (StatusCode::NOT_FOUND, route::NOT_FOUND.to_owned());
+                        return Err(not_found.into());
+                    }
                 },
             };
             if let Some(c) = conn.filter(|c| Some(c.stable_id()) != failed) {
@@ -106,9 +158,13 @@ impl Dialer {
                             send,
                             recv,
                             conn_id: c.stable_id(),
+                            conn: c.clone(),
                         });
                     }
-                    Attempt::Refused(reason) => return Err(refusal(reason, port)),
+                    Attempt::Refused(reason) => {
+                        let conn_id = c.stable_id();
+                        return Err(NoStream::Refused(Refusal { reason, conn_id }));
+                    }
                     Attempt::Superseded => {
                         debug!(
                             "agent connection closed or replaced under a request; trying the newest"
@@ -123,16 +179,16 @@ impl Dialer {
                     }
                     Attempt::Failed(e) => {
                         debug!(error = %e, "data stream failed");
-                        return Err((
+                        return Err(NoStream::Failed((
                             StatusCode::BAD_GATEWAY,
                             "the stream to the devbox's agent failed; try again".to_owned(),
-                        ));
+                        )));
                     }
                     Attempt::TimedOut => {
-                        return Err((
+                        return Err(NoStream::Failed((
                             StatusCode::GATEWAY_TIMEOUT,
                             "the devbox's agent did not answer in time".to_owned(),
-                        ));
+                        )));
                     }
                 }
             }
@@ -143,10 +199,10 @@ impl Dialer {
                 waiting_since.get_or_insert_with(Instant::now);
                 if place.is_none() {
                     self.metrics.waits.with_label_values(&["queue_full"]).inc();
-                    return Err((
+                    return Err(NoStream::Failed((
                         StatusCode::SERVICE_UNAVAILABLE,
                         "too many requests are waiting for this devbox's agent; try again in a few seconds".to_owned(),
-                    ));
+                    )));
                 }
             }
             if tokio::time::timeout_at(deadline, next_attach)
@@ -154,10 +210,10 @@ impl Dialer {
                 .is_err()
             {
                 self.waited(waiting_since, "timed_out");
-                return Err((
+                return Err(NoStream::Failed((
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the devbox's agent is not connected; try again in a few seconds".to_owned(),
-                ));
+                )));
             }
         }
     }

@@ -9,8 +9,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use burrow_protocol::{Port, StreamKind};
-use futures_util::FutureExt;
+use burrow_protocol::{Port, RefuseReason, StreamKind};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Empty};
@@ -19,7 +18,7 @@ use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
 use crate::body::{Body, ToService};
-use crate::dial::{Dialer, Opened};
+use crate::dial::{Dialer, Opened, Refusal};
 use crate::headers;
 use crate::metrics::{CountedBody, GaugeGuard, Metrics};
 use crate::pages::{self, Answer};
@@ -176,12 +175,7 @@ impl Forward {
                         debug!(%port, "agent connection replaced under a kept-alive request; sending it again");
                         Ok(Err(replay.request(&self.metrics)))
                     }
-                    None => Err(pages::error(
-                        StatusCode::BAD_GATEWAY,
-                        "the devbox's agent connection was replaced while the request was on \
-                         it; it was not sent again, as it may have reached the service",
-                        routed.html,
-                    )),
+                    None => Err(not_sent_again(routed.html)),
                 };
             }
         };
@@ -204,6 +198,10 @@ impl Forward {
                     debug!(error = %e.into_error(), %port, "kept-alive connection failed under the request; sending it again");
                     Ok(Err(replay.request(&self.metrics)))
                 }
+                (None, None) if conn.close_reason().is_some() => {
+                    debug!(error = %e.into_error(), %port, "agent connection closed under a kept-alive request");
+                    Err(not_sent_again(routed.html))
+                }
                 (None, None) => {
                     debug!(error = %e.into_error(), %port, "kept-alive connection failed");
                     Err(no_answer(port, routed.html))
@@ -212,11 +210,40 @@ impl Forward {
         }
     }
 
-    /// Sends on a new HTTP/1.1 connection over a fresh data stream.
+    /// Sends on a new HTTP/1.1 connection over a fresh data stream. When the agent connection
+    /// under it closes before the service answered (an agent killed and restarted, a dead path
+    /// given up), a bodiless idempotent request goes once more, on a fresh stream of the newest
+    /// connection; any other request is answered 502, as it may have reached the service. A
+    /// service that closes without answering on a live connection gets no second try.
     async fn send_fresh(&self, outbound: Outbound, routed: &Routed) -> Result<Answered, Answer> {
+        let port = routed.target.port;
+        let replay = Replay::of(&outbound);
+        let lost = match self.send_fresh_once(outbound, routed).await? {
+            Ok(answered) => return Ok(answered),
+            Err(lost) => lost,
+        };
+        match replay {
+            Some(replay) if lost => {
+                debug!(%port, "agent connection closed under a request on a fresh stream; sending it again");
+                let again = self.send_fresh_once(replay.request(&self.metrics), routed);
+                again.await?.map_err(|_| no_answer(port, routed.html))
+            }
+            _ if lost => Err(not_sent_again(routed.html)),
+            _ => Err(no_answer(port, routed.html)),
+        }
+    }
+
+    /// One try of [`Forward::send_fresh`]. `Ok(Err(lost))`: the service did not answer;
+    /// `lost` says the agent connection under the stream had closed.
+    async fn send_fresh_once(
+        &self,
+        outbound: Outbound,
+        routed: &Routed,
+    ) -> Result<Result<Answered, bool>, Answer> {
         let port = routed.target.port;
         let opened = self.open(routed).await?;
         self.metrics.pooled.with_label_values(&["opened"]).inc();
+        let conn = opened.conn.clone();
         let io = TokioIo::new(tokio::io::join(opened.recv, opened.send));
         let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
             .handshake::<_, CountedBody<ToService>>(io)
@@ -235,49 +262,43 @@ impl Forward {
             }
         });
         match sender.send_request(outbound).await {
-            Ok(response) => Ok(Answered {
+            Ok(response) => Ok(Ok(Answered {
                 response,
                 sender,
                 conn_id: opened.conn_id,
-            }),
+            })),
             Err(e) => {
                 debug!(error = %e, %port, "service did not answer");
-                Err(no_answer(port, routed.html))
+                Ok(Err(conn.close_reason().is_some()))
             }
         }
     }
 
     /// Opens a data stream for a new connection. An agent at its `forward.max_streams` refuses
-    /// it (503); when kept-alive connections idle on that agent connection, each holding one of
-    /// those streams, they are closed and the stream asked for once more.
+    /// it; when kept-alive connections idle on the refusing agent connection, each holding one
+    /// of those streams, they are closed and the stream asked for once more.
     ///
     /// The agent frees a stream only when its task for it sees the stream closed, a moment
     /// after the edge closed it; so the agent, not the edge, waits (up to 200 ms, its
     /// `forward::SLOT_WAIT`) for a free stream before refusing one. The retry is then a single
     /// stream answered as soon as a stream is free, rather than a loop of tries on a timer here.
     async fn open(&self, routed: &Routed) -> Result<Opened, Answer> {
-        let refused = match self.dial.open(routed, StreamKind::Http).await {
+        let not = match self.dial.open(routed, StreamKind::Http).await {
             Ok(opened) => return Ok(opened),
-            Err(refused) => refused,
+            Err(not) => not,
         };
-        // The dialer's other 503s (no agent connected, too many requests waiting for one) come
-        // only once the routed connection has closed or been replaced.
-        let Some(conn) = routed.route.conn.as_ref() else {
-            return Err(refused);
+        let out_of_streams = match not.refusal {
+            Some(Refusal {
+                reason: RefuseReason::TooManyStreams,
+                conn_id,
+            }) => self.pool.evict_conn(conn_id) > 0,
+            _ => false,
         };
-        let superseded = self
-            .dial
-            .superseded(conn, &routed.target.key, routed.route.attaches)
-            .now_or_never()
-            .is_some();
-        if refused.status() != StatusCode::SERVICE_UNAVAILABLE
-            || superseded
-            || self.pool.evict_conn(conn.stable_id()) == 0
-        {
-            return Err(refused);
+        if !out_of_streams {
+            return Err(not.answer);
         }
         debug!(port = %routed.target.port, "agent out of streams; closed its idle kept-alive ones and trying again");
-        self.dial.open(routed, StreamKind::Http).await
+        Ok(self.dial.open(routed, StreamKind::Http).await?)
     }
 }
 
@@ -317,6 +338,17 @@ fn no_answer(port: Port, html: bool) -> Answer {
     pages::error(
         StatusCode::BAD_GATEWAY,
         &format!("the service on port {port} closed the connection without answering"),
+        html,
+    )
+}
+
+/// 502 for a request whose agent connection closed or was replaced under it, and which HTTP
+/// does not let the edge send again.
+fn not_sent_again(html: bool) -> Answer {
+    pages::error(
+        StatusCode::BAD_GATEWAY,
+        "the devbox's agent connection closed or was replaced while the request was on it; it \
+         was not sent again, as it may have reached the service",
         html,
     )
 }

@@ -24,16 +24,17 @@ use std::process::Command;
 use std::sync::Mutex;
 
 /// The package that owns each binary a test may ask for.
-const PACKAGES: [(&str, &str); 5] = [
+const PACKAGES: [(&str, &str); 6] = [
     ("burrow-agent", "burrow-agent"),
     ("burrow-edge", "burrow-quickstart"),
     ("burrow", "burrow-client"),
     ("bench", "burrow-tests"),
     ("recovery", "burrow-tests"),
+    ("soak", "burrow-tests"),
 ];
 
 /// The path of the workspace binary `name` (`burrow-agent`, `burrow-edge`, `burrow`, `bench`,
-/// `recovery`), built for this test's profile if this process has not built it yet. Panics
+/// `recovery`, `soak`), built for this test's profile if this process has not built it yet. Panics
 /// with cargo's output if the build fails.
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: Mutex<Option<HashMap<String, PathBuf>>> = Mutex::new(None);

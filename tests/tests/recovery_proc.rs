@@ -1,8 +1,10 @@
 //! Recovery from faults of whole processes: the agent frozen (SIGSTOP) past its idle timeout,
 //! the agent killed and restarted with requests in flight (and seen as restarted, not as a
-//! clone), a simulated suspend and a stepped wall clock, a second agent with the same token and
-//! snapshot clones sharing one state file, the agent stopped with SIGTERM while a download
-//! runs, and a graceful restart of the edge with a WebSocket and an event stream open.
+//! clone), a GET and a POST the killed agent had passed to the service (the GET goes again,
+//! the POST is answered 502), a simulated suspend and a stepped wall clock, a second agent
+//! with the same token and snapshot clones sharing one state file, the agent stopped with
+//! SIGTERM while a download runs, and a graceful restart of the edge with a WebSocket and an
+//! event stream open.
 //!
 //! The agent runs as the real `burrow-agent` binary where signals are the fault, and in process
 //! where the test needs its clocks or its status. Every wait is on an event with a deadline;
@@ -321,6 +323,117 @@ async fn agent_killed_and_restarted_with_20_requests_in_flight() {
         "the edge does not take the restarted agent for a clone: {log:#?}"
     );
     drop(second);
+}
+
+/// A service that holds the first request for each path under `/hold/` unanswered (the one a
+/// killed agent was carrying) and answers every later one at once; it reports each arrival
+/// under `/hold/` by path.
+async fn holds_first_request() -> (u16, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (seen_tx, seen) = tokio::sync::mpsc::unbounded_channel();
+    let held = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (seen_tx, held) = (seen_tx.clone(), held.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: http::Request<_>| {
+                    let (seen_tx, held) = (seen_tx.clone(), held.clone());
+                    async move {
+                        let path = req.uri().path().to_owned();
+                        let hold = path.starts_with("/hold/");
+                        if hold {
+                            let _ = seen_tx.send(path.clone());
+                        }
+                        let first = hold && held.lock().expect("lock").insert(path);
+                        if first {
+                            std::future::pending::<()>().await;
+                        }
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(Bytes::from("answered")),
+                        ))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// The agent is killed while the service holds a GET and a POST it received (the agent had
+/// accepted their streams and passed them on), and started again: the GET, which HTTP lets a
+/// client send again, goes once more on the new connection and succeeds; the POST, which may
+/// have had its effect, is answered 502 saying so, not sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_the_killed_agent_was_carrying_goes_again_and_a_post_does_not() {
+    let edge = TestEdge::start().await;
+    let devbox = edge.devbox(Some("open")).await;
+    let key = devbox.key.clone().expect("an open tunnel has a key");
+    let (port, mut seen) = holds_first_request().await;
+    let target = host(port, &key);
+    let state_dir = edge.agent_state_dir();
+    let state = [(
+        "BURROW_STATE_DIR",
+        state_dir.to_str().expect("a UTF-8 path"),
+    )];
+    let mut first = AgentProcess::spawn(&edge, &devbox, &state);
+    first_200(&edge.url(port, &key, "/warm-up"), WAIT).await;
+    let http = edge.http();
+    let send = |method: &'static str, path: &'static str| {
+        let target = target.clone();
+        tokio::spawn(async move {
+            let body = if method == "POST" {
+                b"order".to_vec()
+            } else {
+                vec![]
+            };
+            timeout(WAIT, request(http, method, &target, path, &[], body)).await
+        })
+    };
+    let get = send("GET", "/hold/report");
+    let post = send("POST", "/hold/order");
+    let mut arrived = Vec::new();
+    while arrived.len() < 2 {
+        let path = timeout(WAIT, seen.recv())
+            .await
+            .expect("both reach the service");
+        arrived.push(path.expect("service running"));
+    }
+    arrived.sort();
+    assert_eq!(arrived, ["/hold/order", "/hold/report"]);
+
+    first.signal(Signal::SIGKILL);
+    first.child.wait_within(WAIT).await;
+    let killed = Instant::now();
+    let _second = AgentProcess::spawn(&edge, &devbox, &state);
+    let get = get
+        .await
+        .expect("task")
+        .expect("GET answered in time")
+        .expect("GET");
+    assert_eq!(get.status, 200, "the GET went again: {}", get.text());
+    assert_eq!(get.text(), "answered");
+    println!("the GET answered {:?} after the kill", killed.elapsed());
+    let post = post
+        .await
+        .expect("task")
+        .expect("POST answered in time")
+        .expect("POST");
+    assert_eq!(post.status, 502, "{}", post.text());
+    assert!(
+        post.text().contains("not sent again"),
+        "the 502 says why: {}",
+        post.text()
+    );
+    // The service saw the GET twice and the POST once.
+    assert_eq!(seen.try_recv().ok().as_deref(), Some("/hold/report"));
+    assert!(seen.try_recv().is_err(), "the POST was not sent again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
