@@ -1,5 +1,6 @@
 //! One data stream: read the edge's stream header, check the port policy, dial the local service
-//! on loopback, answer accept or refuse, then copy bytes both ways until both directions end.
+//! on loopback, answer accept or refuse, then copy bytes both ways until both directions end
+//! ([`copy`]).
 //!
 //! Only loopback is ever dialed, whatever the header says: `127.0.0.1` first, then `::1`, so
 //! services bound to `0.0.0.0`, `127.0.0.1` or `::1` are all reached.
@@ -13,17 +14,10 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info};
 
+use crate::copy;
 use crate::policy::PortPolicy;
 use burrow_runtime::wire::{self, WireError};
 
-/// Copy buffer from the edge to the service: large, because a service reads an upload in
-/// bigger writes (the benchmark's 1 GiB upload: 398 MB/s with 64 KiB, 308 MB/s with 16 KiB).
-const TO_SERVICE_BUF: usize = 64 * 1024;
-/// Copy buffer from the service to the edge: QUIC cuts what it sends into packets anyway, so a
-/// smaller buffer costs no download speed (423 MB/s with 64 KiB, 427 with 16 KiB) and less
-/// memory for every stream held open (10,000 WebSockets: 21.3 KiB a stream in the agent with
-/// 64 KiB both ways, 18.9 KiB with 16 KiB both ways).
-const FROM_SERVICE_BUF: usize = 16 * 1024;
 /// How long the edge may take to send the stream header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a stream waits for one of the `forward.max_streams` slots before it is refused
@@ -119,9 +113,8 @@ pub async fn serve(
     wire::write_frame(&mut send, StreamAnswer::Accept.encoded()).await?;
     debug!(%port, client = ?header.client, "stream accepted");
 
-    let mut quic = tokio::io::join(recv, send);
     let copied = tokio::select! {
-        copied = tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut quic, FROM_SERVICE_BUF, TO_SERVICE_BUF) => copied,
+        copied = copy::both_ways(&mut tcp, &mut send, &mut recv) => copied,
         () = limits.policy.denied(port) => {
             info!(%port, "the reloaded port policy denies this port; cutting its stream");
             Err(std::io::Error::other("port denied by a reload"))
@@ -134,7 +127,6 @@ pub async fn serve(
         }
         Err(e) => {
             debug!(%port, error = %e, "stream reset");
-            let (mut recv, mut send) = quic.into_inner();
             let _ = send.reset(reset::AGENT_ABORT.into());
             let _ = recv.stop(reset::AGENT_ABORT.into());
             Ok((port, Outcome::Reset))

@@ -15,6 +15,7 @@
 //! - [`session`]: one connection: hello, welcome, the control stream driving the protocol's
 //!   liveness machine, accepting data streams.
 //! - [`forward`]: one data stream: port policy, loopback dial, accept/refuse, byte copy.
+//! - [`copy`]: a stream's bytes both ways, no buffer held while it is idle.
 //! - [`policy`]: the allow/deny port lists.
 //! - [`status`]: what the agent reports about itself.
 //! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` listener.
@@ -28,6 +29,7 @@ pub mod backoff;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod copy;
 pub mod forward;
 pub mod identity;
 pub mod metrics;

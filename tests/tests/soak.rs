@@ -1,9 +1,9 @@
-//! The soak, CI-sized: two memory rounds of 3 s, then one shuffled round of every fault
+//! The soak, CI-sized: three memory rounds of 3 s, then one shuffled round of every fault
 //! (agent kill -9 and restart, SIGSTOP/SIGCONT, edge kill -9 and restart, edge graceful
 //! restart, a blip, a long blackhole, packet loss, NAT rebinding, tunnel and agent token
 //! rotation) 3-6 s apart under a steady load of every kind. The soak itself judges: every
 //! operation succeeded or failed inside a fault window that allows it, descriptors came back
-//! to their baseline, and a repeated round did not raise either process's RSS.
+//! to their baseline, and a round after the warm-up did not raise either process's RSS.
 
 use std::process::Command;
 
@@ -11,7 +11,7 @@ use std::process::Command;
 fn a_round_of_every_fault_loses_nothing_it_should_not() {
     let out = Command::new(env!("CARGO_BIN_EXE_soak"))
         .args([
-            "--cycles", "1", "--gap", "3", "--rounds", "2", "--load", "3",
+            "--cycles", "1", "--gap", "3", "--rounds", "3", "--load", "3",
         ])
         .output()
         .expect("the soak runs");
