@@ -309,7 +309,19 @@ pub fn main() -> ExitCode {
 fn runtime_with_hangups() -> Result<(tokio::runtime::Runtime, tokio::signal::unix::Signal), String>
 {
     use tokio::signal::unix::{SignalKind, signal};
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // One worker thread, whatever the devbox's size (tokio's default is one per CPU): with
+    // several, a stream's memory is often freed on another thread than the one that took it,
+    // and glibc's per-thread arenas keep the difference. `bench/memory.py` (rounds of wrk
+    // through the tunnel), agent RSS idle after rounds 1-3: 1 worker 7.8 / 7.9 / 7.9 MB,
+    // 2 workers 8.2 / 8.4 / 8.5 MB and still growing, 16 workers 9.8 / 10.2 / 10.5 MB. `bench`
+    // on 2 cores, 2 runs each, 1 worker vs 2: download 328-354 vs 355-420 MB/s, upload 366-369
+    // vs 324-399 MB/s, keep-alive 25.6-26.9k vs 27.6-28.0k req/s (the machine's noise is about
+    // as large). One core carries about 500 MB/s of download; TOKIO_WORKER_THREADS sets more.
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        builder.worker_threads(1);
+    }
+    let runtime = builder
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
