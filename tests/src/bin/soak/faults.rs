@@ -95,6 +95,9 @@ pub struct Window {
     pub fault: Fault,
     /// When it began.
     pub start: Instant,
+    /// When it had taken effect (the killed process reaped, the relay dropping packets, the
+    /// token rotated): an operation started before this was already running.
+    pub effect: Instant,
     /// When the fault was healed and a request through the tunnel succeeded again.
     pub end: Instant,
 }
@@ -129,10 +132,11 @@ pub async fn inject(
                 () = stop.cancelled() => return Ok(windows),
             }
             let start = Instant::now();
-            apply(world, fault).await?;
+            let effect = apply(world, fault).await?;
             windows.push(Window {
                 fault,
                 start,
+                effect,
                 end: Instant::now(),
             });
             println!(
@@ -150,27 +154,36 @@ fn between(lo_ms: u64, hi_ms: u64) -> Duration {
     Duration::from_millis(fastrand::u64(lo_ms..=hi_ms))
 }
 
-/// Does `fault` and heals it; returns once a request through the tunnel succeeds again.
-async fn apply(world: &mut World, fault: Fault) -> anyhow::Result<()> {
-    match fault {
+/// Does `fault` and heals it; returns once a request through the tunnel succeeds again, with
+/// the moment the fault had taken effect.
+async fn apply(world: &mut World, fault: Fault) -> anyhow::Result<Instant> {
+    let effect = match fault {
         Fault::AgentRestart => {
             world.kill_agent().await;
+            let effect = Instant::now();
             tokio::time::sleep(between(200, 1500)).await;
             world.start_agent().await?;
+            effect
         }
         Fault::AgentPause => {
             world.signal_agent(Signal::SIGSTOP);
+            let effect = Instant::now();
             tokio::time::sleep(between(500, 3000)).await;
             world.signal_agent(Signal::SIGCONT);
+            effect
         }
         Fault::EdgeKill => {
             world.kill_edge().await;
+            let effect = Instant::now();
             tokio::time::sleep(between(200, 1500)).await;
             world.start_edge().await?;
+            effect
         }
         Fault::EdgeRestart => {
             world.stop_edge().await?;
+            let effect = Instant::now();
             world.start_edge().await?;
+            effect
         }
         Fault::Blip | Fault::Blackhole => {
             let hold = if fault == Fault::Blip {
@@ -179,17 +192,31 @@ async fn apply(world: &mut World, fault: Fault) -> anyhow::Result<()> {
                 between(8000, 12000)
             };
             world.relay.set_blackhole(true);
+            let effect = Instant::now();
             tokio::time::sleep(hold).await;
             world.relay.set_blackhole(false);
+            effect
         }
         Fault::Loss => {
             world.relay.set_loss(0.05 + 0.15 * fastrand::f64());
+            let effect = Instant::now();
             tokio::time::sleep(between(5000, 10000)).await;
             world.relay.set_loss(0.0);
+            effect
         }
-        Fault::NatRebind => world.relay.rebind(),
-        Fault::TunnelToken => world.rotate_tunnel_token().await?,
-        Fault::AgentToken => world.rotate_agent_token().await?,
-    }
-    world.tunnel_serves().await
+        Fault::NatRebind => {
+            world.relay.rebind();
+            Instant::now()
+        }
+        Fault::TunnelToken => {
+            world.rotate_tunnel_token().await?;
+            Instant::now()
+        }
+        Fault::AgentToken => {
+            world.rotate_agent_token().await?;
+            Instant::now()
+        }
+    };
+    world.tunnel_serves().await?;
+    Ok(effect)
 }

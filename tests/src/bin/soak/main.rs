@@ -54,6 +54,10 @@ struct Args {
     /// Seconds of load in each memory round.
     #[arg(long, default_value_t = 10.0)]
     load: f64,
+    /// The memory rounds' clients per kind: new-connection HTTP, kept-alive HTTP, WebSocket,
+    /// SSE, raw TCP (to find which kind a memory change comes with).
+    #[arg(long, value_delimiter = ',', default_values_t = HEAVY.clients)]
+    mix: Vec<usize>,
 }
 
 /// The memory rounds' clients: flat out, kept-alive requests the most.
@@ -100,9 +104,16 @@ async fn soak(args: &Args) -> anyhow::Result<Vec<String>> {
     println!("logs in {}", world.log_dir().display());
     let ledger = Arc::new(Ledger::default());
     let baseline = settle(&world).await?;
+    if args.mix.len() != HEAVY.clients.len() {
+        bail!("--mix takes 5 numbers, e.g. 8,16,4,2,2");
+    }
+    let mut heavy = HEAVY;
+    for (n, &given) in heavy.clients.iter_mut().zip(&args.mix) {
+        *n = given;
+    }
     let mut rounds = Vec::new();
     for round in 1..=args.rounds {
-        load_for(&world, &ledger, HEAVY, Duration::from_secs_f64(args.load)).await;
+        load_for(&world, &ledger, heavy, Duration::from_secs_f64(args.load)).await;
         rounds.push(settle(&world).await?);
         println!("memory round {round} done");
     }

@@ -31,10 +31,10 @@ pub struct Accounts {
     pub violations: Vec<Violation>,
 }
 
-/// Whether `window`'s fault may make `op` fail: an operation already running when it began
-/// unless the fault spares running ones, a later one unless it spares new ones.
+/// Whether `window`'s fault may make `op` fail: an operation already running when it took
+/// effect unless the fault spares running ones, a later one unless it spares new ones.
 fn allows(window: &Window, op: &Op) -> bool {
-    if op.start < window.start {
+    if op.start < window.effect {
         !window.fault.spares_running()
     } else {
         !window.fault.spares_new()
