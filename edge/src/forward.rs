@@ -76,8 +76,9 @@ impl Forward {
     }
 
     /// Sends the request to the service and waits for its response head. A kept-alive
-    /// connection is tried first (not for an `upgrade`: that takes the connection over); a
-    /// request it could not even start goes on a fresh stream.
+    /// connection is tried first for a request HTTP lets the edge send again (not for an
+    /// `upgrade`, which takes the connection over, nor a POST); a request it could not even
+    /// start goes on a fresh stream.
     pub async fn send(
         &self,
         req: Request<Incoming>,
@@ -101,7 +102,12 @@ impl Forward {
             self.metrics
                 .count_body(Either::Left(body), "from_client", ())
         });
-        let outbound = if upgrade {
+        // A request HTTP does not let the edge send again (a POST, a body) goes on a fresh
+        // stream, whose body waits for the agent's accept: on a kept-alive stream of an agent
+        // that has just died it would be sent into the void, and the edge could not tell
+        // whether the service saw it (the soak met this: a POST sent right after `kill -9`,
+        // answered 502 once the restarted agent took over).
+        let outbound = if upgrade || !Replay::allowed(&outbound) {
             outbound
         } else {
             match self.send_pooled(outbound, routed).await? {
@@ -312,9 +318,13 @@ struct Replay {
 }
 
 impl Replay {
+    /// Whether HTTP lets the edge send `req` again: an idempotent method without a body.
+    fn allowed<B: hyper::body::Body>(req: &Request<B>) -> bool {
+        req.method().is_idempotent() && hyper::body::Body::is_end_stream(req.body())
+    }
+
     fn of<B: hyper::body::Body>(req: &Request<B>) -> Option<Replay> {
-        let bodiless = hyper::body::Body::is_end_stream(req.body());
-        (req.method().is_idempotent() && bodiless).then(|| Replay {
+        Replay::allowed(req).then(|| Replay {
             method: req.method().clone(),
             uri: req.uri().clone(),
             headers: req.headers().clone(),
