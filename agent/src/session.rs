@@ -28,6 +28,7 @@ use crate::config::Config;
 use crate::forward::{self, Limits};
 use crate::metrics::Metrics;
 use crate::status::Status;
+use crate::tls::StreamCredit;
 use burrow_runtime::wire::{self, WireError};
 
 /// The QUIC application close codes, named in the protocol crate (the agent sends `SHUTDOWN`,
@@ -205,6 +206,7 @@ struct Serving<'a> {
     live: Liveness,
     limits: Arc<Limits>,
     slots: Arc<Semaphore>,
+    credit: StreamCredit,
     tasks: TaskTracker,
     status: &'a watch::Sender<Status>,
     metrics: &'a Arc<Metrics>,
@@ -234,6 +236,7 @@ impl<'a> Serving<'a> {
                 connect_timeout: config.connect_timeout,
             }),
             slots: Arc::new(Semaphore::new(config.max_streams)),
+            credit: StreamCredit::new(config.max_streams),
             tasks: TaskTracker::new(),
             status,
             metrics,
@@ -282,13 +285,21 @@ impl<'a> Serving<'a> {
     }
 
     /// Serves one data stream the edge opened, in a task of its own.
-    fn spawn_stream(&self, send: quinn::SendStream, recv: quinn::RecvStream) {
+    fn spawn_stream(&mut self, send: quinn::SendStream, recv: quinn::RecvStream) {
         let slots = self.slots.clone();
         let limits = self.limits.clone();
         let span = info_span!("stream", stream_id = %send.id());
         let status = self.status.clone();
         let metrics = self.metrics.clone();
-        status.send_modify(|s| s.streams += 1);
+        let mut open = 0;
+        status.send_modify(|s| {
+            s.streams += 1;
+            open = s.streams;
+        });
+        if let Some(credit) = self.credit.raise(open) {
+            debug!(open, credit, "more stream credit for the edge");
+            self.conn.set_max_concurrent_bi_streams(credit.into());
+        }
         metrics.streams_open.inc();
         self.tasks.spawn(
             async move {
