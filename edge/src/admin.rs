@@ -19,7 +19,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use burrow_protocol::{AuthMode, ControlMsg, GoAway, GoAwayReason};
+use burrow_protocol::AuthMode;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -35,7 +35,6 @@ use crate::limits::{self, Rate};
 use crate::metrics::Metrics;
 use crate::registry::{DevboxView, IssuedTunnel, Registry, RegistryError, TunnelSpec};
 use crate::secret::TokenHash;
-use burrow_protocol::close;
 
 /// Seconds a throttled admin client is told to wait.
 const RETRY_AFTER_SECS: u32 = 10;
@@ -93,6 +92,10 @@ impl From<RegistryError> for ApiError {
             RegistryError::OpenTunnel(_) => ApiError(StatusCode::CONFLICT, e.to_string()),
             RegistryError::Store(crate::store::StoreError::Exists(_)) => {
                 ApiError(StatusCode::CONFLICT, e.to_string())
+            }
+            RegistryError::Store(ref store) if store.is_unavailable() => {
+                warn!(error = %e, "admin call failed: the store is unavailable");
+                ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
             }
             other => {
                 warn!(error = %other, "admin call failed");
@@ -242,11 +245,7 @@ impl Admin {
     async fn delete(&self, id: &str) -> Reply {
         let target = id.to_owned();
         if let Some(session) = self.blocking(move |r| r.delete(&target)).await? {
-            let _ = session.control.try_send(ControlMsg::GoAway(GoAway {
-                reason: GoAwayReason::Revoked,
-                message: "the devbox was deleted".into(),
-            }));
-            session.conn.close(close::REVOKED.into(), b"devbox deleted");
+            session.revoke("the devbox was deleted");
         }
         info!(devbox = %id, "devbox deleted");
         Ok((StatusCode::NO_CONTENT, None))

@@ -22,7 +22,7 @@ use crate::config::CertFiles;
 
 /// File names in `state_dir`.
 pub const CA_CERT_FILE: &str = "agent-ca.pem";
-const CA_KEY_FILE: &str = "agent-ca.key";
+pub const CA_KEY_FILE: &str = "agent-ca.key";
 
 /// A certificate problem, naming the file.
 #[derive(Debug, thiserror::Error)]

@@ -98,6 +98,10 @@ pub struct ServeArgs {
     /// Metrics listener (key `metrics.listen`) [env: BURROW_METRICS_LISTEN]
     #[arg(long, value_name = "ADDR:PORT")]
     metrics_listen: Option<String>,
+    /// The cluster's PostgreSQL store, postgres://user@host/database; omitted: SQLite in
+    /// state_dir, one edge (key `cluster.store`) [env: BURROW_CLUSTER_STORE]
+    #[arg(long, value_name = "URL")]
+    cluster_store: Option<String>,
     /// Request line and headers in bytes; 431 past it, default 32768 (key `limits.max_head_bytes`) [env: BURROW_LIMITS_MAX_HEAD_BYTES]
     #[arg(long = "limits-max-head-bytes", value_name = "N")]
     limits_max_head_bytes: Option<String>,
@@ -160,6 +164,7 @@ impl ServeArgs {
             ("admin.listen", &self.admin_listen),
             ("admin.token_file", &self.admin_token_file),
             ("metrics.listen", &self.metrics_listen),
+            ("cluster.store", &self.cluster_store),
             ("limits.max_head_bytes", &self.limits_max_head_bytes),
             ("limits.max_headers", &self.limits_max_headers),
             ("limits.head_timeout", &self.limits_head_timeout),

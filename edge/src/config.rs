@@ -9,6 +9,7 @@ use std::time::Duration;
 use burrow_runtime::sources::{self, ConfigError, File, Kind, Setting, int};
 
 use crate::limits::Limits;
+use crate::store::StoreUrl;
 use serde::Deserialize;
 
 macro_rules! settings {
@@ -53,6 +54,7 @@ pub const SETTINGS: &[Setting] = settings! {
     "limits.rate" => "BURROW_LIMITS_RATE" as Int,
     "limits.burst" => "BURROW_LIMITS_BURST" as Int,
     "limits.admin_failures" => "BURROW_LIMITS_ADMIN_FAILURES" as Int,
+    "cluster.store" => "BURROW_CLUSTER_STORE",
 };
 
 #[derive(Debug, Deserialize)]
@@ -73,6 +75,14 @@ struct RawConfig {
     log: RawLog,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    cluster: RawCluster,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    store: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -192,6 +202,8 @@ pub struct Config {
     pub drain_grace: Duration,
     /// Log level and format.
     pub log: burrow_runtime::logging::LogSettings,
+    /// The cluster's PostgreSQL store; `None`: SQLite in `state_dir`, one edge.
+    pub cluster_store: Option<StoreUrl>,
 }
 
 /// `agents.pool_max_idle_total` by default: the agent's default `forward.max_streams` and the
@@ -279,6 +291,16 @@ impl Config {
             log: burrow_runtime::logging::LogSettings::parse(raw.log.level, raw.log.format, env)?,
             limits: limits(raw.limits)?,
             drain_grace: duration("drain_grace", raw.drain_grace, Duration::from_secs(10))?,
+            cluster_store: raw
+                .cluster
+                .store
+                .map(|url| {
+                    url.parse().map_err(|message| ConfigError::Invalid {
+                        key: "cluster.store",
+                        message,
+                    })
+                })
+                .transpose()?,
         })
     }
 }

@@ -12,7 +12,8 @@
 //! - [`proxy`]: a public request as a pipeline; one function lists the steps below.
 //! - [`route`]: step 1, the host `{port}-{key}.{domain}` parsed and looked up, once.
 //! - [`registry`]: devboxes, tunnels and live sessions in memory, written through to the store.
-//! - [`store`]: SQLite in `state_dir`.
+//! - [`cluster`]: several edges on one PostgreSQL store: the secrets they share.
+//! - [`store`]: the durable store: SQLite in `state_dir`, or PostgreSQL for a cluster.
 //! - [`auth`]: step 2, access: the tunnel's bearer token, or a browser's signed cookie.
 //! - [`throttle`]: step 3, the tunnel's request rate and the devbox's requests in flight.
 //! - [`limits`]: the bounds and the counters behind them (rates, slots, per-client keys).
@@ -41,6 +42,7 @@ pub mod auth;
 pub mod body;
 pub mod certs;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod dial;
 pub mod forward;

@@ -1,5 +1,6 @@
 //! The edge's Prometheus metrics, registered once here, and the handler of its metrics
-//! listener: `/metrics`, `/healthz` (alive) and `/readyz` (listeners up and store open).
+//! listener: `/metrics`, `/healthz` (alive) and `/readyz` (listeners up and store open; a
+//! cluster edge stays ready while its shared store is away, routing from memory).
 //!
 //! Labels are bounded (status classes, directions, results); never tunnel keys, devbox ids or
 //! client addresses.
@@ -18,6 +19,7 @@ use tracing::warn;
 
 use crate::body::{self, Body};
 use crate::registry::Registry as Devboxes;
+use crate::store::StoreError;
 
 /// Every metric of the edge.
 #[derive(Debug)]
@@ -236,6 +238,14 @@ impl Metrics {
             "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
             "/readyz" => match devboxes.store_ok() {
                 Ok(()) => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
+                // A cluster edge routes from memory while its shared store is away: taking
+                // every edge out of a load balancer at once would turn a database outage
+                // into a tunnel outage. Only admin writes wait for the store.
+                Err(e @ StoreError::Unavailable(_)) => (
+                    StatusCode::OK,
+                    "text/plain",
+                    format!("ready; admin writes fail until the store is back: {e}\n"),
+                ),
                 Err(e) => (
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",

@@ -4,8 +4,9 @@
 //! waiting for an agent).
 //!
 //! Every change goes to the [`Store`] first and to memory second, so an answer the admin API
-//! gives is already durable. Changes are blocking (SQLite with fsync): call them from
-//! `spawn_blocking`, never on the async workers.
+//! gives is already durable. Changes are blocking (SQLite with fsync, or a PostgreSQL round
+//! trip): call them from `spawn_blocking`, never on the async workers. With a cluster store,
+//! the changes other edges make arrive through [`Registry::apply`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -14,7 +15,7 @@ use std::time::SystemTime;
 use burrow_protocol::{AuthMode, ControlMsg, TunnelState};
 
 use crate::secret::{self, Secret, TokenHash};
-use crate::store::{DevboxRecord, Store, StoreError, TunnelRecord, now_unix};
+use crate::store::{Change, DevboxRecord, Store, StoreError, TunnelRecord, now_unix};
 
 mod sessions;
 
@@ -120,7 +121,7 @@ struct Entry {
 /// All devboxes, their tunnels and their live sessions.
 #[derive(Debug)]
 pub struct Registry {
-    store: Store,
+    store: Arc<dyn Store>,
     urls: UrlBase,
     inner: RwLock<Inner>,
     writer: Mutex<()>,
@@ -129,7 +130,7 @@ pub struct Registry {
 
 impl Registry {
     /// Loads every devbox from the store.
-    pub fn load(store: Store, urls: UrlBase) -> Result<Arc<Registry>, StoreError> {
+    pub fn load(store: Arc<dyn Store>, urls: UrlBase) -> Result<Arc<Registry>, StoreError> {
         let mut inner = Inner::default();
         for record in store.all()? {
             inner.index(&record);
@@ -377,6 +378,63 @@ impl Registry {
         };
         inner.unindex(&entry.record);
         Ok(entry.session)
+    }
+
+    /// Brings memory in line with the store after another edge changed it: each devbox as it
+    /// is stored now (a tunnel changed reaches its agent here as it would on the edge that made
+    /// the change; a devbox deleted has its agent's session revoked).
+    pub fn apply(&self, change: Change) {
+        let _writer = self.writer();
+        let changed = match change {
+            Change::Some(changed) => changed,
+            Change::All(records) => {
+                let mut changed: Vec<(String, Option<DevboxRecord>)> = {
+                    let inner = self.read();
+                    inner
+                        .devboxes
+                        .keys()
+                        .filter(|id| !records.iter().any(|r| &&r.id == id))
+                        .map(|id| (id.clone(), None))
+                        .collect()
+                };
+                changed.extend(records.into_iter().map(|r| (r.id.clone(), Some(r))));
+                changed
+            }
+        };
+        for (id, record) in changed {
+            self.apply_one(&id, record);
+        }
+    }
+
+    /// [`Registry::apply`] for one devbox (the caller holds the writer lock).
+    fn apply_one(&self, id: &str, record: Option<DevboxRecord>) {
+        let mut inner = self.write();
+        let Some(record) = record else {
+            if let Some(entry) = inner.devboxes.remove(id) {
+                inner.unindex(&entry.record);
+                if let Some(session) = entry.session {
+                    session.revoke("the devbox was deleted");
+                }
+            }
+            return;
+        };
+        let Some(mut entry) = inner.devboxes.remove(id) else {
+            inner.index(&record);
+            let session = None;
+            inner
+                .devboxes
+                .insert(id.to_owned(), Entry { record, session });
+            return;
+        };
+        let tunnel_changed = entry.record.tunnel != record.tunnel;
+        inner.unindex(&entry.record);
+        inner.index(&record);
+        entry.record = record;
+        if tunnel_changed {
+            let state = entry.record.tunnel.as_ref().map(|t| self.tunnel_state(t));
+            notify(Some(&entry), ControlMsg::TunnelUpdate(state));
+        }
+        inner.devboxes.insert(id.to_owned(), entry);
     }
 
     /// Whether the store answers (for `/readyz`).

@@ -16,6 +16,7 @@ use crate::admin::Admin;
 use crate::agents;
 use crate::auth::CookieKey;
 use crate::certs::{self, CertError, Identity, PublicCert};
+use crate::cluster;
 use crate::config::Config;
 use crate::handshakes::Handshakes;
 use crate::listener::{self, Handler};
@@ -25,14 +26,14 @@ use crate::proxy::Proxy;
 use crate::registry::{Registry, UrlBase};
 use crate::route::Scheme;
 use crate::secret::Secret;
-use crate::store::{Store, StoreError};
+use crate::store::{self, Postgres, Sqlite, StoreError};
 use crate::tasks::Tasks;
 
 /// File names in `state_dir`.
 const STORE_FILE: &str = "burrow.db";
-const ADMIN_TOKEN_FILE: &str = "admin.token";
-const RESET_KEY_FILE: &str = "reset.key";
-const COOKIE_KEY_FILE: &str = "cookie.key";
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+pub const RESET_KEY_FILE: &str = "reset.key";
+pub const COOKIE_KEY_FILE: &str = "cookie.key";
 
 /// Why the edge could not start.
 #[derive(Debug, thiserror::Error)]
@@ -102,18 +103,18 @@ impl Edge {
     /// Starts every listener. Returns once all are bound and serving.
     pub async fn start(config: Config) -> Result<Edge, StartError> {
         create_state_dir(&config.state_dir)?;
-        let admin_token = admin_token(&config)?;
-        let store = Store::open(&config.state_dir.join(STORE_FILE))?;
         let listeners = Listeners::bind(&config).await?;
         let (http_addr, https_addr) = (listeners.http_addr(), listeners.https_addr());
-        let registry = Registry::load(store, listeners.urls(&config.domain))?;
+        let shutdown = CancellationToken::new();
+        // First: a cluster's store writes the cluster's secrets into `state_dir`.
+        let registry = load_registry(&config, listeners.urls(&config.domain), &shutdown)?;
+        let admin_token = admin_token(&config)?;
         let (identity, agent_ca) = agents_identity(&config)?;
         let endpoint = agents_endpoint(&config, certs::agents_server_config(identity)?)?;
         let agents_endpoint = endpoint.clone();
         let agents_addr = endpoint.local_addr().unwrap_or(config.agents_listen);
         let admin_addr = local(&listeners.admin).unwrap_or(config.admin_listen);
 
-        let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let clients = Tasks::new();
         let metrics = Metrics::new();
@@ -343,6 +344,29 @@ fn metrics_handler(metrics: &Arc<Metrics>, registry: &Arc<Registry>) -> Handler 
         let response = metrics.handle(req.uri().path(), &registry);
         Box::pin(async move { response })
     })
+}
+
+/// The devboxes from the store the configuration names: SQLite in `state_dir`, or the
+/// cluster's PostgreSQL, whose secrets are then written into `state_dir`
+/// ([`cluster::share_secrets`]) and whose changes by other edges this edge follows until
+/// `shutdown`.
+fn load_registry(
+    config: &Config,
+    urls: UrlBase,
+    shutdown: &CancellationToken,
+) -> Result<Arc<Registry>, StartError> {
+    let Some(url) = &config.cluster_store else {
+        let store = Sqlite::open(&config.state_dir.join(STORE_FILE))?;
+        return Ok(Registry::load(Arc::new(store), urls)?);
+    };
+    let pg = Arc::new(Postgres::connect(url)?);
+    cluster::share_secrets(&pg, config)?;
+    // Read before the devboxes: a change in between is applied twice, never missed.
+    let since = pg.last_change()?;
+    let registry = Registry::load(pg.clone(), urls)?;
+    let follower = store::through(Arc::downgrade(&registry), Registry::apply);
+    pg.follow(since, follower, shutdown.clone());
+    Ok(registry)
 }
 
 /// The agents' TLS identity: the configured certificate, or a leaf of the CA generated in

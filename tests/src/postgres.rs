@@ -96,7 +96,7 @@ impl Postgres {
         let data = server.data();
         let initdb: [OsString; 9] = [
             "-D".into(),
-            data.clone().into(),
+            data.into(),
             "--auth=trust".into(),
             "-U".into(),
             "postgres".into(),
@@ -106,16 +106,64 @@ impl Postgres {
             "--locale=C".into(),
         ];
         server.run("initdb", &initdb).await;
+        server.pg_ctl_start().await;
+        server
+    }
+
+    /// `postgres://postgres@127.0.0.1:{port}/postgres`: the URL an edge's `cluster.store`
+    /// takes.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Kills the server with SIGKILL (a crash: no shutdown, connections cut) and waits until
+    /// it is gone. [`Postgres::start_again`] brings it back on the same port.
+    pub async fn kill(&self) {
+        let pid = std::fs::read_to_string(self.data().join("postmaster.pid")).unwrap_or_default();
+        let pid = pid.lines().next().unwrap_or_default().to_owned();
+        assert!(pid.parse::<u32>().is_ok(), "no postmaster pid: {pid:?}");
+        // The postmaster and its children (backends, background workers) at once, as a crash
+        // of the machine would: a child left behind would keep the shared memory in use and
+        // refuse the next start.
+        let mut pids = children(&pid);
+        pids.push(pid);
+        // A child may exit by itself meanwhile (kill(1) then fails for it): what matters is
+        // that every one is gone, waited for below.
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .args(&pids)
+            .stderr(Stdio::null())
+            .status()
+            .await;
+        timeout(WAIT, async {
+            while pids
+                .iter()
+                .any(|p| PathBuf::from(format!("/proc/{p}")).exists())
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the killed server exits");
+    }
+
+    /// Starts the server again after [`Postgres::kill`] (crash recovery, then accepting).
+    pub async fn start_again(&self) {
+        self.pg_ctl_start().await;
+    }
+
+    /// `pg_ctl start`, waiting until the server accepts connections.
+    async fn pg_ctl_start(&self) {
         // pg_ctl hands `-o` to a shell: the socket directory is quoted.
         let options = format!(
             "-c listen_addresses='' -p {SOCKET_PORT} -k '{}' -c fsync=off",
-            server.dir.path().display()
+            self.dir.path().display()
         );
         let start: [OsString; 10] = [
             "-D".into(),
-            data.into(),
+            self.data().into(),
             "-l".into(),
-            server.log().into(),
+            self.log().into(),
             "-o".into(),
             options.into(),
             "-w".into(),
@@ -123,8 +171,7 @@ impl Postgres {
             START.as_secs().to_string().into(),
             "start".into(),
         ];
-        server.run("pg_ctl", &start).await;
-        server
+        self.run("pg_ctl", &start).await;
     }
 
     /// The server's log so far.
@@ -208,6 +255,25 @@ impl Drop for Postgres {
                 .status();
         }
     }
+}
+
+/// The processes whose parent is `pid`.
+fn children(pid: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.parse::<u32>().is_ok())
+        .filter(|name| {
+            // `pid (comm) state ppid ...`: the command may hold spaces, so split after `)`.
+            std::fs::read_to_string(format!("/proc/{name}/stat")).is_ok_and(|stat| {
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                    == Some(pid)
+            })
+        })
+        .collect()
 }
 
 /// Runs `sql` (any number of statements) with `psql` against `127.0.0.1:{port}` as user

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use burrow_protocol::{ControlMsg, TunnelState};
+use burrow_protocol::{ControlMsg, GoAway, GoAwayReason, TunnelState, close};
 use tokio::sync::{Notify, mpsc};
 
 use super::Registry;
@@ -31,6 +31,15 @@ pub struct AgentSession {
 }
 
 impl AgentSession {
+    /// Ends the session for good: the agent is told why and its connection closed.
+    pub fn revoke(&self, why: &str) {
+        let _ = self.control.try_send(ControlMsg::GoAway(GoAway {
+            reason: GoAwayReason::Revoked,
+            message: why.into(),
+        }));
+        self.conn.close(close::REVOKED.into(), why.as_bytes());
+    }
+
     /// Whether a hello with `instance` and `previous` comes from this session's agent,
     /// restarted or reconnecting, rather than from a second agent holding the same token (a
     /// cloned devbox): its `previous` is this session's instance (or, from an agent that draws
@@ -207,12 +216,12 @@ impl Registry {
 mod tests {
     use super::*;
     use crate::registry::UrlBase;
-    use crate::store::Store;
+    use crate::store::Sqlite;
 
     #[test]
     fn queue_places_are_bounded_per_devbox_and_given_back() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store = Store::open(&dir.path().join("burrow.db")).expect("store");
+        let store = Arc::new(Sqlite::open(&dir.path().join("burrow.db")).expect("store"));
         let urls = UrlBase {
             scheme: "http",
             domain: "tunnel.example.com".into(),

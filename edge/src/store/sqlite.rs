@@ -1,67 +1,18 @@
-//! The durable store: devboxes, their agent token hashes and their tunnels, in SQLite inside
-//! `state_dir`. Every write is committed (synchronous=FULL) before the API call that made it
-//! answers, so an edge restart loses nothing. Secrets are stored only as hashes.
+//! The embedded engine: SQLite in `state_dir`, the default for one edge. Every write is
+//! committed (synchronous=FULL) before the API call that made it answers, so an edge restart
+//! loses nothing.
 
 use std::path::Path;
 use std::sync::{Mutex, TryLockError};
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use burrow_protocol::AuthMode;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::{DevboxRecord, RawRow, Store, StoreError, TunnelRecord, tunnel_columns};
 use crate::secret::TokenHash;
 
-/// A store failure.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    /// SQLite failed.
-    #[error("store: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    /// A row holds something this edge cannot read (edited by hand or corrupted).
-    #[error("store: corrupt row for devbox `{0}`")]
-    Corrupt(String),
-    /// A devbox with this id exists already.
-    #[error("devbox `{0}` exists already")]
-    Exists(String),
-    /// The store is busy with a write, and the last operation that reached SQLite failed.
-    #[error("store: the last operation failed: {0}")]
-    Failing(String),
-}
-
-/// A devbox as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DevboxRecord {
-    /// Its id.
-    pub id: String,
-    /// Hash of its agent token.
-    pub agent_token: TokenHash,
-    /// Unix seconds.
-    pub created_at: i64,
-    /// Its tunnel, if enabled.
-    pub tunnel: Option<TunnelRecord>,
-}
-
-/// A tunnel as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TunnelRecord {
-    /// The key in its URLs.
-    pub key: String,
-    /// Who may use it.
-    pub auth_mode: AuthMode,
-    /// Hash of its bearer token (authenticated tunnels only).
-    pub auth_token: Option<TokenHash>,
-    /// Requests reach the service with `Host: localhost:{port}` (for dev servers that refuse
-    /// other hosts); `X-Forwarded-Host` keeps the public one.
-    pub rewrite_host: bool,
-    /// `burrow connect` may reach raw TCP ports through an open tunnel (an authenticated one
-    /// always allows it: its token already stands for the devbox's owner).
-    pub raw_tcp: bool,
-}
-
-/// The SQLite store.
+/// The SQLite engine.
 #[derive(Debug)]
-pub struct Store {
+pub struct Sqlite {
     conn: Mutex<Connection>,
     /// How the last operation that reached SQLite went: `Some(error)` if it failed. Never held
     /// across I/O, so [`Store::ping`] can answer from it while a write holds `conn`.
@@ -92,9 +43,9 @@ const ADDED_COLUMNS: [(&str, &str); 2] = [
     ("raw_tcp", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
-impl Store {
+impl Sqlite {
     /// Opens (creating if needed) the store at `path`.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
+    pub fn open(path: &Path) -> Result<Sqlite, StoreError> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -110,7 +61,7 @@ impl Store {
                 ))?;
             }
         }
-        Ok(Store {
+        Ok(Sqlite {
             conn: Mutex::new(conn),
             last_failure: Mutex::new(None),
         })
@@ -136,9 +87,11 @@ impl Store {
         };
         *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) = failure;
     }
+}
 
+impl Store for Sqlite {
     /// Every devbox.
-    pub fn all(&self) -> Result<Vec<DevboxRecord>, StoreError> {
+    fn all(&self) -> Result<Vec<DevboxRecord>, StoreError> {
         self.with(|c| {
             let mut stmt = c.prepare(&format!("{SELECT} ORDER BY created_at, id"))?;
             let rows = stmt.query_map([], row)?;
@@ -151,7 +104,7 @@ impl Store {
     }
 
     /// Adds a devbox.
-    pub fn insert(&self, devbox: &DevboxRecord) -> Result<(), StoreError> {
+    fn insert(&self, devbox: &DevboxRecord) -> Result<(), StoreError> {
         self.with(|c| {
             let (key, mode, token, rewrite, raw) = tunnel_columns(devbox.tunnel.as_ref());
             let done = c.execute(
@@ -178,7 +131,7 @@ impl Store {
     }
 
     /// Sets or clears a devbox's tunnel. `false`: no such devbox.
-    pub fn set_tunnel(&self, id: &str, tunnel: Option<&TunnelRecord>) -> Result<bool, StoreError> {
+    fn set_tunnel(&self, id: &str, tunnel: Option<&TunnelRecord>) -> Result<bool, StoreError> {
         self.with(|c| {
             let (key, mode, token, rewrite, raw) = tunnel_columns(tunnel);
             let n = c.execute(
@@ -191,7 +144,7 @@ impl Store {
     }
 
     /// Replaces a devbox's agent token hash. `false`: no such devbox.
-    pub fn set_agent_token(&self, id: &str, token: &TokenHash) -> Result<bool, StoreError> {
+    fn set_agent_token(&self, id: &str, token: &TokenHash) -> Result<bool, StoreError> {
         self.with(|c| {
             let n = c.execute(
                 "UPDATE devboxes SET agent_token_hash = ?2 WHERE id = ?1",
@@ -202,14 +155,14 @@ impl Store {
     }
 
     /// Removes a devbox. `false`: no such devbox.
-    pub fn delete(&self, id: &str) -> Result<bool, StoreError> {
+    fn delete(&self, id: &str) -> Result<bool, StoreError> {
         self.with(|c| Ok(c.execute("DELETE FROM devboxes WHERE id = ?1", params![id])? > 0))
     }
 
     /// Checks that the database answers, without waiting: while another call holds the
     /// connection (an admin write waiting on its fsync), the answer is how the last operation
     /// went. `/readyz` asks this, and must not hang behind a slow disk.
-    pub fn ping(&self) -> Result<(), StoreError> {
+    fn ping(&self) -> Result<(), StoreError> {
         let conn = match self.conn.try_lock() {
             Ok(conn) => conn,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
@@ -230,7 +183,7 @@ impl Store {
     }
 
     /// One devbox.
-    pub fn get(&self, id: &str) -> Result<Option<DevboxRecord>, StoreError> {
+    fn get(&self, id: &str) -> Result<Option<DevboxRecord>, StoreError> {
         self.with(|c| {
             c.query_row(&format!("{SELECT} WHERE id = ?1"), params![id], row)
                 .optional()?
@@ -239,81 +192,26 @@ impl Store {
     }
 }
 
-/// Seconds since the Unix epoch.
-pub fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
-type Columns = (
-    Option<String>,
-    Option<&'static str>,
-    Option<String>,
-    bool,
-    bool,
-);
-
-fn tunnel_columns(tunnel: Option<&TunnelRecord>) -> Columns {
-    match tunnel {
-        None => (None, None, None, false, false),
-        Some(t) => (
-            Some(t.key.clone()),
-            Some(t.auth_mode.as_str()),
-            t.auth_token.map(|h| h.to_hex()),
-            t.rewrite_host,
-            t.raw_tcp,
-        ),
-    }
-}
-
+/// Reads a row of [`SELECT`]'s columns.
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<DevboxRecord, StoreError>> {
-    let id: String = r.get(0)?;
-    let token: String = r.get(1)?;
-    let created_at: i64 = r.get(2)?;
-    let key: Option<String> = r.get(3)?;
-    let mode: Option<String> = r.get(4)?;
-    let auth: Option<String> = r.get(5)?;
-    let rewrite_host: bool = r.get(6)?;
-    let raw_tcp: bool = r.get(7)?;
-    let corrupt = || StoreError::Corrupt(id.clone());
-    let parse = || -> Result<DevboxRecord, StoreError> {
-        let agent_token = TokenHash::from_hex(&token).ok_or_else(corrupt)?;
-        let tunnel = match (key, mode) {
-            (Some(key), Some(mode)) => {
-                let auth_mode: AuthMode = mode.parse().map_err(|_| corrupt())?;
-                let auth_token = match auth {
-                    Some(h) => Some(TokenHash::from_hex(&h).ok_or_else(corrupt)?),
-                    None => None,
-                };
-                if (auth_mode == AuthMode::Authenticated) != auth_token.is_some() {
-                    return Err(corrupt());
-                }
-                Some(TunnelRecord {
-                    key,
-                    auth_mode,
-                    auth_token,
-                    rewrite_host,
-                    raw_tcp,
-                })
-            }
-            (None, None) => None,
-            _ => return Err(corrupt()),
-        };
-        Ok(DevboxRecord {
-            id: id.clone(),
-            agent_token,
-            created_at,
-            tunnel,
-        })
-    };
-    Ok(parse())
+    Ok(RawRow {
+        id: r.get(0)?,
+        agent_token: r.get(1)?,
+        created_at: r.get(2)?,
+        key: r.get(3)?,
+        mode: r.get(4)?,
+        auth: r.get(5)?,
+        rewrite_host: r.get(6)?,
+        raw_tcp: r.get(7)?,
+    }
+    .parse())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::secret::Secret;
+    use burrow_protocol::AuthMode;
 
     #[test]
     fn survives_reopen() {
@@ -328,7 +226,7 @@ mod tests {
             tunnel: None,
         };
         {
-            let store = Store::open(&path).unwrap();
+            let store = Sqlite::open(&path).unwrap();
             store.insert(&record).unwrap();
             assert!(matches!(store.insert(&record), Err(StoreError::Exists(_))));
             let tunnel = TunnelRecord {
@@ -341,7 +239,7 @@ mod tests {
             assert!(store.set_tunnel("box1", Some(&tunnel)).unwrap());
             assert!(!store.set_tunnel("nope", Some(&tunnel)).unwrap());
         }
-        let store = Store::open(&path).unwrap();
+        let store = Sqlite::open(&path).unwrap();
         let all = store.all().unwrap();
         assert_eq!(all.len(), 1);
         let t = all[0].tunnel.as_ref().unwrap();
@@ -372,19 +270,19 @@ mod tests {
             )
             .unwrap();
         }
-        let store = Store::open(&path).unwrap();
+        let store = Sqlite::open(&path).unwrap();
         let old = store.get("old").unwrap().unwrap();
         let tunnel = old.tunnel.unwrap();
         assert_eq!(tunnel.auth_mode, AuthMode::Open);
         assert!(!tunnel.rewrite_host && !tunnel.raw_tcp);
         drop(store);
-        Store::open(&path).expect("opening twice adds nothing twice");
+        Sqlite::open(&path).expect("opening twice adds nothing twice");
     }
 
     #[test]
     fn ping_does_not_wait_behind_a_write() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("store.db")).unwrap();
+        let store = Sqlite::open(&dir.path().join("store.db")).unwrap();
         assert!(store.ping().is_ok());
         // A write in progress holds the connection: the ping answers at once, from the last
         // operation, instead of queueing behind it.
