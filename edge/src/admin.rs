@@ -11,6 +11,10 @@
 //! | `POST /v1/devboxes/{id}/rotate-agent-token` | 200 `{"id", "agent_token"}` |
 //! | `DELETE /v1/devboxes/{id}/tunnel` | 204 |
 //! | `DELETE /v1/devboxes/{id}` | 204 |
+//! | `GET /v1/cluster` | 200 `{"node", "nodes": [{"node", "mesh_addr", "last_seen_ms", "agents", "alive"}]}` (404 on a single edge) |
+//!
+//! On an edge of a cluster the devbox view's `agent` also has `edges`: the live edges holding
+//! a connection of its agent.
 //!
 //! A client whose calls keep failing authentication is refused with 429 for a while
 //! (`limits.admin_failures` a minute), before its token is even looked at.
@@ -31,6 +35,7 @@ use tracing::{info, warn};
 
 use crate::auth;
 use crate::body::{self, Body};
+use crate::cluster::ClusterView;
 use crate::limits::{self, Rate};
 use crate::metrics::Metrics;
 use crate::registry::{DevboxView, IssuedTunnel, Registry, RegistryError, TunnelSpec};
@@ -46,6 +51,7 @@ const MAX_BODY: usize = 64 * 1024;
 #[derive(Debug)]
 pub struct Admin {
     registry: Arc<Registry>,
+    cluster: Option<Arc<ClusterView>>,
     token: TokenHash,
     metrics: Arc<Metrics>,
     /// Failed authentications per client address.
@@ -113,6 +119,7 @@ impl Admin {
     /// authentications a minute.
     pub fn new(
         registry: Arc<Registry>,
+        cluster: Option<Arc<ClusterView>>,
         token: TokenHash,
         metrics: Arc<Metrics>,
         max_failures: u32,
@@ -120,6 +127,7 @@ impl Admin {
         let per_minute = f64::from(max_failures);
         Admin {
             registry,
+            cluster,
             token,
             metrics,
             failures: Rate::new(per_minute / 60.0, per_minute),
@@ -166,13 +174,15 @@ impl Admin {
                 self.rotate_agent_token(id).await
             }
             (&Method::DELETE, ["v1", "devboxes", id, "tunnel"]) => self.disable_tunnel(id).await,
+            (&Method::GET, ["v1", "cluster"]) => self.cluster(),
             (
                 _,
                 ["v1", "devboxes"]
                 | ["v1", "devboxes", _]
                 | ["v1", "devboxes", _, "tunnel"]
                 | ["v1", "devboxes", _, "tunnel", "rotate-token"]
-                | ["v1", "devboxes", _, "rotate-agent-token"],
+                | ["v1", "devboxes", _, "rotate-agent-token"]
+                | ["v1", "cluster"],
             ) => Err(ApiError(
                 StatusCode::METHOD_NOT_ALLOWED,
                 format!("{method} is not supported on {path}"),
@@ -342,16 +352,48 @@ impl Admin {
                 "url_template": self.registry.urls().template(&t.key),
             })
         });
+        let mut agent = json!({
+            "connected": view.connected_since.is_some(),
+            "since": view.connected_since.map(unix),
+            "rtt_ms": view.rtt.map(|r| r.as_secs_f64() * 1000.0),
+        });
+        if let Some(cluster) = &self.cluster {
+            agent["edges"] = json!(cluster.holders(&view.record.id));
+        }
         json!({
             "id": view.record.id,
             "created_at": view.record.created_at,
-            "agent": {
-                "connected": view.connected_since.is_some(),
-                "since": view.connected_since.map(unix),
-                "rtt_ms": view.rtt.map(|r| r.as_secs_f64() * 1000.0),
-            },
+            "agent": agent,
             "tunnel": tunnel,
         })
+    }
+
+    /// `GET /v1/cluster`
+    fn cluster(&self) -> Reply {
+        let Some(cluster) = &self.cluster else {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                "this edge is not part of a cluster (`cluster.store` is not set)".into(),
+            ));
+        };
+        let nodes: Vec<Value> = cluster
+            .edges()
+            .into_iter()
+            .map(|e| {
+                json!({
+                    "node": e.node,
+                    // Edges do not forward to each other yet: no mesh address.
+                    "mesh_addr": null,
+                    "last_seen_ms": u64::try_from(e.last_seen.as_millis()).unwrap_or(u64::MAX),
+                    "agents": e.agents,
+                    "alive": e.alive,
+                })
+            })
+            .collect();
+        Ok((
+            StatusCode::OK,
+            Some(json!({ "node": cluster.node, "nodes": nodes })),
+        ))
     }
 }
 

@@ -102,6 +102,10 @@ pub struct ServeArgs {
     /// state_dir, one edge (key `cluster.store`) [env: BURROW_CLUSTER_STORE]
     #[arg(long, value_name = "URL")]
     cluster_store: Option<String>,
+    /// This edge's unique name in its cluster; default: the host name (key `cluster.node`)
+    /// [env: BURROW_CLUSTER_NODE]
+    #[arg(long, value_name = "NAME")]
+    cluster_node: Option<String>,
     /// Request line and headers in bytes; 431 past it, default 32768 (key `limits.max_head_bytes`) [env: BURROW_LIMITS_MAX_HEAD_BYTES]
     #[arg(long = "limits-max-head-bytes", value_name = "N")]
     limits_max_head_bytes: Option<String>,
@@ -165,6 +169,7 @@ impl ServeArgs {
             ("admin.token_file", &self.admin_token_file),
             ("metrics.listen", &self.metrics_listen),
             ("cluster.store", &self.cluster_store),
+            ("cluster.node", &self.cluster_node),
             ("limits.max_head_bytes", &self.limits_max_head_bytes),
             ("limits.max_headers", &self.limits_max_headers),
             ("limits.head_timeout", &self.limits_head_timeout),

@@ -1,5 +1,9 @@
 //! Several edges serving one domain on one PostgreSQL store (`[cluster] store`).
 //!
+//! [`ClusterView`] is this edge's picture of the cluster, kept from the store's change log:
+//! the edges and their heartbeats, and which edges hold each devbox's agent (presence). Each
+//! edge writes only its own agents' presence ([`crate::store::Postgres::join`]).
+//!
 //! What the edges share lives in the store: devboxes and tunnels (the store's engine), and the
 //! secrets a single edge generates into `state_dir` on its first start. For a cluster they are
 //! generated once, by whichever edge asks first, and every edge writes the cluster's values
@@ -7,13 +11,16 @@
 //! agent token, admin token, cookie or stateless reset issued by one edge is good at every
 //! other, and agents trust the same CA whichever edge they reach.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::certs::{self, CA_KEY_FILE};
 use crate::config::Config;
 use crate::secret::Secret;
 use crate::server::{ADMIN_TOKEN_FILE, COOKIE_KEY_FILE, RESET_KEY_FILE, StartError};
-use crate::store::Postgres;
+use crate::store::{Change, EDGE_DEAD_AFTER, EdgeRow, Postgres, PresenceStats};
 
 /// Writes the cluster's secrets into `state_dir`, generating any the cluster lacks: the agents'
 /// CA key (unless `agents.cert` is configured), the admin token (unless `admin.token_file`
@@ -52,4 +59,109 @@ fn write(dir: &Path, name: &str, value: &[u8]) -> Result<(), StartError> {
     }
     certs::write_private(&path, value)?;
     Ok(())
+}
+
+/// This edge's picture of the cluster.
+#[derive(Debug)]
+pub struct ClusterView {
+    /// This edge's name.
+    pub node: String,
+    /// How this edge's presence writes went.
+    pub stats: Arc<PresenceStats>,
+    inner: RwLock<ViewInner>,
+}
+
+#[derive(Debug, Default)]
+struct ViewInner {
+    /// Devbox -> the edges holding its agent.
+    presence: HashMap<String, Vec<String>>,
+    /// The edges, and when this edge read them.
+    edges: Vec<EdgeRow>,
+    read_at: Option<Instant>,
+}
+
+/// An edge as [`ClusterView::edges`] shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeView {
+    /// Its name.
+    pub node: String,
+    /// How long ago it last heartbeat.
+    pub last_seen: Duration,
+    /// The agents it holds.
+    pub agents: u64,
+    /// Whether it heartbeat within [`EDGE_DEAD_AFTER`]: a dead edge is routed around.
+    pub alive: bool,
+}
+
+impl ClusterView {
+    /// An empty picture for the edge `node`.
+    pub fn new(node: &str) -> ClusterView {
+        ClusterView {
+            node: node.to_owned(),
+            stats: Arc::default(),
+            inner: RwLock::new(ViewInner::default()),
+        }
+    }
+
+    /// Takes the presence and edges of a change (its devboxes are the registry's).
+    pub fn apply(&self, change: &Change) {
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        match change {
+            Change::All { presence, .. } => inner.presence.clone_from(presence),
+            Change::Some { presence, .. } => {
+                for (devbox, nodes) in presence {
+                    if nodes.is_empty() {
+                        inner.presence.remove(devbox);
+                    } else {
+                        inner.presence.insert(devbox.clone(), nodes.clone());
+                    }
+                }
+            }
+            Change::Edges(edges) => {
+                inner.edges.clone_from(edges);
+                inner.read_at = Some(Instant::now());
+            }
+        }
+    }
+
+    /// Every edge the store knows, with how long ago it heartbeat.
+    pub fn edges(&self) -> Vec<EdgeView> {
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        let since_read = inner.read_at.map_or(Duration::ZERO, |at| at.elapsed());
+        inner
+            .edges
+            .iter()
+            .map(|e| {
+                let last_seen = e.last_seen + since_read;
+                EdgeView {
+                    node: e.node.clone(),
+                    last_seen,
+                    agents: e.agents,
+                    alive: last_seen < EDGE_DEAD_AFTER,
+                }
+            })
+            .collect()
+    }
+
+    /// The live edges holding `devbox`'s agent, by name.
+    pub fn holders(&self, devbox: &str) -> Vec<String> {
+        let alive: Vec<String> = self
+            .edges()
+            .into_iter()
+            .filter(|e| e.alive)
+            .map(|e| e.node)
+            .collect();
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        inner
+            .presence
+            .get(devbox)
+            .map(|nodes| {
+                nodes
+                    .iter()
+                    .filter(|n| alive.contains(n))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 }

@@ -55,6 +55,7 @@ pub const SETTINGS: &[Setting] = settings! {
     "limits.burst" => "BURROW_LIMITS_BURST" as Int,
     "limits.admin_failures" => "BURROW_LIMITS_ADMIN_FAILURES" as Int,
     "cluster.store" => "BURROW_CLUSTER_STORE",
+    "cluster.node" => "BURROW_CLUSTER_NODE",
 };
 
 #[derive(Debug, Deserialize)]
@@ -83,6 +84,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawCluster {
     store: Option<String>,
+    node: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -204,6 +206,8 @@ pub struct Config {
     pub log: burrow_runtime::logging::LogSettings,
     /// The cluster's PostgreSQL store; `None`: SQLite in `state_dir`, one edge.
     pub cluster_store: Option<StoreUrl>,
+    /// This edge's unique name in its cluster (default: the host name).
+    pub cluster_node: String,
 }
 
 /// `agents.pool_max_idle_total` by default: the agent's default `forward.max_streams` and the
@@ -291,6 +295,7 @@ impl Config {
             log: burrow_runtime::logging::LogSettings::parse(raw.log.level, raw.log.format, env)?,
             limits: limits(raw.limits)?,
             drain_grace: duration("drain_grace", raw.drain_grace, Duration::from_secs(10))?,
+            cluster_node: node(raw.cluster.node)?,
             cluster_store: raw
                 .cluster
                 .store
@@ -301,6 +306,31 @@ impl Config {
                     })
                 })
                 .transpose()?,
+        })
+    }
+}
+
+/// `cluster.node`: 1-63 letters, digits, `-`, `_` or `.`; by default the host name.
+fn node(raw: Option<String>) -> Result<String, ConfigError> {
+    let node = match raw {
+        Some(node) => node,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default(),
+    };
+    let fits = (1..=63).contains(&node.len())
+        && node
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if fits {
+        Ok(node)
+    } else {
+        Err(ConfigError::Invalid {
+            key: "cluster.node",
+            message: format!(
+                "`{node}` is not a node name: use 1-63 letters, digits, `-`, `_` or `.`, unique \
+                 among the cluster's edges"
+            ),
         })
     }
 }

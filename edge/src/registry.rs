@@ -380,14 +380,17 @@ impl Registry {
         Ok(entry.session)
     }
 
-    /// Brings memory in line with the store after another edge changed it: each devbox as it
-    /// is stored now (a tunnel changed reaches its agent here as it would on the edge that made
+    /// Brings memory in line with the store after another edge changed it (the devboxes of a
+    /// [`Change`]; presence is [`crate::cluster::ClusterView`]'s): each devbox as it is stored now (a tunnel changed reaches its agent here as it would on the edge that made
     /// the change; a devbox deleted has its agent's session revoked).
     pub fn apply(&self, change: Change) {
         let _writer = self.writer();
         let changed = match change {
-            Change::Some(changed) => changed,
-            Change::All(records) => {
+            Change::Some { devboxes, .. } => devboxes,
+            Change::Edges(_) => return,
+            Change::All {
+                devboxes: records, ..
+            } => {
                 let mut changed: Vec<(String, Option<DevboxRecord>)> = {
                     let inner = self.read();
                     inner

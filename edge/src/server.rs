@@ -16,7 +16,7 @@ use crate::admin::Admin;
 use crate::agents;
 use crate::auth::CookieKey;
 use crate::certs::{self, CertError, Identity, PublicCert};
-use crate::cluster;
+use crate::cluster::{self, ClusterView};
 use crate::config::Config;
 use crate::handshakes::Handshakes;
 use crate::listener::{self, Handler};
@@ -91,6 +91,8 @@ pub struct Edge {
     pub server_name: String,
     /// Devboxes, tunnels and sessions.
     pub registry: Arc<Registry>,
+    /// The cluster as this edge sees it, when it is one of several.
+    pub cluster: Option<Arc<ClusterView>>,
     public_cert: Option<Arc<PublicCert>>,
     agents_endpoint: quinn::Endpoint,
     shutdown: CancellationToken,
@@ -107,16 +109,15 @@ impl Edge {
         let (http_addr, https_addr) = (listeners.http_addr(), listeners.https_addr());
         let shutdown = CancellationToken::new();
         // First: a cluster's store writes the cluster's secrets into `state_dir`.
-        let registry = load_registry(&config, listeners.urls(&config.domain), &shutdown)?;
+        let (registry, cluster) =
+            load_registry(&config, listeners.urls(&config.domain), &shutdown)?;
         let admin_token = admin_token(&config)?;
         let (identity, agent_ca) = agents_identity(&config)?;
         let endpoint = agents_endpoint(&config, certs::agents_server_config(identity)?)?;
         let agents_endpoint = endpoint.clone();
         let agents_addr = endpoint.local_addr().unwrap_or(config.agents_listen);
         let admin_addr = local(&listeners.admin).unwrap_or(config.admin_listen);
-
-        let tasks = TaskTracker::new();
-        let clients = Tasks::new();
+        let (tasks, clients) = (TaskTracker::new(), Tasks::new());
         let metrics = Metrics::new();
         tasks.spawn(agents::serve(
             endpoint,
@@ -144,6 +145,7 @@ impl Edge {
         ));
         let admin = Arc::new(Admin::new(
             registry.clone(),
+            cluster.clone(),
             admin_token.hash(),
             metrics.clone(),
             config.limits.admin_failures,
@@ -194,6 +196,7 @@ impl Edge {
             agent_ca,
             server_name: config.agents_server_name.clone(),
             registry,
+            cluster,
             public_cert: listeners.public_cert,
             agents_endpoint,
             shutdown,
@@ -348,25 +351,39 @@ fn metrics_handler(metrics: &Arc<Metrics>, registry: &Arc<Registry>) -> Handler 
 
 /// The devboxes from the store the configuration names: SQLite in `state_dir`, or the
 /// cluster's PostgreSQL, whose secrets are then written into `state_dir`
-/// ([`cluster::share_secrets`]) and whose changes by other edges this edge follows until
-/// `shutdown`.
+/// ([`cluster::share_secrets`]). An edge of a cluster also joins it: it follows the other
+/// edges' changes and writes its own agents' presence until `shutdown`.
 fn load_registry(
     config: &Config,
     urls: UrlBase,
     shutdown: &CancellationToken,
-) -> Result<Arc<Registry>, StartError> {
+) -> Result<(Arc<Registry>, Option<Arc<ClusterView>>), StartError> {
     let Some(url) = &config.cluster_store else {
         let store = Sqlite::open(&config.state_dir.join(STORE_FILE))?;
-        return Ok(Registry::load(Arc::new(store), urls)?);
+        return Ok((Registry::load(Arc::new(store), urls)?, None));
     };
     let pg = Arc::new(Postgres::connect(url)?);
     cluster::share_secrets(&pg, config)?;
     // Read before the devboxes: a change in between is applied twice, never missed.
     let since = pg.last_change()?;
     let registry = Registry::load(pg.clone(), urls)?;
-    let follower = store::through(Arc::downgrade(&registry), Registry::apply);
+    let view = Arc::new(ClusterView::new(&config.cluster_node));
+    let sessions = Arc::downgrade(&registry);
+    let live = move || {
+        sessions
+            .upgrade()
+            .map(|r| r.live_sessions())
+            .unwrap_or_default()
+    };
+    let stats = view.stats.clone();
+    registry.report_presence(pg.join(&config.cluster_node, live, stats, shutdown.clone()));
+    let taker = view.clone();
+    let follower = store::through(Arc::downgrade(&registry), move |registry, change| {
+        taker.apply(&change);
+        registry.apply(change);
+    });
     pg.follow(since, follower, shutdown.clone());
-    Ok(registry)
+    Ok((registry, Some(view)))
 }
 
 /// The agents' TLS identity: the configured certificate, or a leaf of the CA generated in

@@ -12,11 +12,11 @@ use serde_json::json;
 /// How soon an admin change on one edge must show on another.
 const EVERY_EDGE_WITHIN: Duration = Duration::from_secs(1);
 
-/// An edge of the cluster on `pg`, with a metrics listener.
-async fn edge(pg: &Postgres) -> TestEdge {
+/// The edge `node` of the cluster on `pg`, with a metrics listener.
+async fn edge(pg: &Postgres, node: &str) -> TestEdge {
     TestEdge::builder()
         .toml(&format!(
-            "[metrics]\nlisten = \"127.0.0.1:0\"\n[cluster]\nstore = \"{}\"",
+            "[metrics]\nlisten = \"127.0.0.1:0\"\n[cluster]\nstore = \"{}\"\nnode = \"{node}\"",
             pg.url()
         ))
         .start()
@@ -47,8 +47,8 @@ async fn code(url: &str, token: Option<&str>) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edges_on_one_store_share_secrets_devboxes_and_every_change() {
     let pg = Postgres::start().await;
-    let one = edge(&pg).await;
-    let two = edge(&pg).await;
+    let one = edge(&pg, "one").await;
+    let two = edge(&pg, "two").await;
 
     // One set of secrets: the same admin token, and the files a single edge generates.
     assert_eq!(
@@ -128,7 +128,7 @@ async fn edges_on_one_store_share_secrets_devboxes_and_every_change() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_edge_routes_from_memory_while_postgres_is_away() {
     let pg = Postgres::start().await;
-    let one = edge(&pg).await;
+    let one = edge(&pg, "one").await;
     let devbox = one.devbox(Some("open")).await;
     let key = devbox.key.clone().expect("key");
     let _agent = TestAgent::start(&one, &devbox).await;
@@ -159,4 +159,71 @@ async fn a_cluster_edge_routes_from_memory_while_postgres_is_away() {
     })
     .await;
     assert_eq!(code(&url, None).await, 200);
+}
+
+/// The edges holding `devbox`'s agent, as `edge`'s admin API shows them.
+async fn holders(edge: &TestEdge, devbox: &str) -> serde_json::Value {
+    let (status, view) = edge
+        .admin("GET", &format!("/v1/devboxes/{devbox}"), None)
+        .await;
+    assert_eq!(status, 200, "{view}");
+    view["agent"]["edges"].clone()
+}
+
+/// `node`'s entry in `edge`'s `GET /v1/cluster`.
+async fn node(edge: &TestEdge, node: &str) -> serde_json::Value {
+    let (status, cluster) = edge.admin("GET", "/v1/cluster", None).await;
+    assert_eq!(status, 200, "{cluster}");
+    let nodes = cluster["nodes"].as_array().cloned().unwrap_or_default();
+    nodes
+        .into_iter()
+        .find(|n| n["node"] == node)
+        .unwrap_or(serde_json::Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_edge_knows_which_edge_holds_an_agent_and_drops_a_stopped_edge() {
+    let pg = Postgres::start().await;
+    let one = edge(&pg, "one").await;
+    let mut two = edge(&pg, "two").await;
+    let three = edge(&pg, "three").await;
+    let devbox = one.devbox(Some("open")).await;
+    let _agent = TestAgent::start(&two, &devbox).await;
+
+    for e in [&one, &two, &three] {
+        until("every edge sees edge two hold the agent", || async {
+            holders(e, &devbox.id).await == json!(["two"])
+        })
+        .await;
+    }
+    let (status, cluster) = three.admin("GET", "/v1/cluster", None).await;
+    assert_eq!(status, 200, "{cluster}");
+    assert_eq!(cluster["node"], "three");
+    let names: Vec<&str> = cluster["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["node"].as_str())
+        .collect();
+    assert_eq!(names, ["one", "three", "two"], "{cluster}");
+    until("edge two's heartbeat counts its agent", || async {
+        node(&three, "two").await["agents"] == 1
+    })
+    .await;
+    assert_eq!(node(&three, "two").await["alive"], true);
+
+    // Edge two stops: its heartbeat ends, and the others drop it from routing.
+    two.stop().await;
+    let took = until("edge two dropped", || async {
+        node(&one, "two").await["alive"] == false
+    })
+    .await;
+    println!("a stopped edge was dropped after {took:?}");
+    assert_eq!(holders(&one, &devbox.id).await, json!([]));
+    assert_eq!(node(&one, "one").await["alive"], true);
+
+    // A single edge has no cluster to show.
+    let single = TestEdge::start().await;
+    let (status, body) = single.admin("GET", "/v1/cluster", None).await;
+    assert_eq!(status, 404, "{body}");
 }

@@ -153,7 +153,7 @@ async fn postgres_migrates_once_and_refuses_a_newer_schema() {
         start.join().expect("thread").expect("connects");
     }
     let versions = postgres::psql(server.port, "SELECT count(*) FROM burrow_migrations").await;
-    assert_eq!(versions, "1", "one migration, applied once");
+    assert_eq!(versions, "2", "each migration applied once");
 
     postgres::psql(
         server.port,
@@ -214,4 +214,101 @@ fn a_store_url_is_checked_and_never_shows_its_password() {
             "{bad}: {err}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_written_in_batches_and_a_late_disconnect_removes_nothing_newer() {
+    use burrow_edge::store::{PresenceEvent, PresenceStats};
+    use std::sync::atomic::Ordering;
+    let server = Server::start().await;
+    let url = server.url().parse().expect("url");
+    let store = Postgres::connect(&url).expect("connect");
+    let storm = 500;
+    postgres::psql(
+        server.port,
+        &format!(
+            "INSERT INTO devboxes (id, agent_token_hash, created_at)
+             SELECT 'd' || i, md5(i::text) || md5(i::text), 0 FROM generate_series(1, {storm}) i"
+        ),
+    )
+    .await;
+    let stats = Arc::new(PresenceStats::default());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let events = store.join("edge-a", Vec::new, stats.clone(), stop.clone());
+
+    // A connect storm: every agent at once.
+    for i in 1..=storm {
+        let devbox = format!("d{i}");
+        let event = PresenceEvent {
+            devbox,
+            epoch: 1,
+            present: true,
+        };
+        events.send(event).expect("writer running");
+    }
+    let count = || postgres::psql(server.port, "SELECT count(*) FROM presence");
+    let start = std::time::Instant::now();
+    while count().await != storm.to_string() {
+        assert!(
+            start.elapsed() < burrow_tests::WAIT,
+            "the storm is not written"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let transactions = stats.transactions.load(Ordering::Relaxed);
+    println!("{storm} connects written in {transactions} transactions");
+    assert!(
+        transactions <= 10,
+        "{storm} connects took {transactions} transactions: not batched"
+    );
+
+    // d1's agent reconnects (epoch 2); the old connection's disconnect (epoch 1) comes late.
+    let send = |devbox: &str, epoch, present| {
+        let devbox = devbox.to_owned();
+        events
+            .send(PresenceEvent {
+                devbox,
+                epoch,
+                present,
+            })
+            .expect("writer running");
+    };
+    send("d1", 2, true);
+    send("d1", 1, false);
+    send("d2", 1, false);
+    let rows = || {
+        postgres::psql(
+            server.port,
+            "SELECT count(*) FROM presence WHERE devbox IN ('d1', 'd2')",
+        )
+    };
+    let start = std::time::Instant::now();
+    while rows().await != "1" {
+        assert!(
+            start.elapsed() < burrow_tests::WAIT,
+            "the changes are not written"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        presence_rows_of(&server, "d1").await,
+        "d1@edge-a:2",
+        "the newer connection stays"
+    );
+
+    // The edge heartbeats.
+    let edges = postgres::psql(server.port, "SELECT node || ':' || agents FROM edges").await;
+    assert!(edges.starts_with("edge-a:"), "{edges}");
+    stop.cancel();
+}
+
+/// A devbox's presence rows as `devbox@node:epoch`.
+async fn presence_rows_of(server: &Server, devbox: &str) -> String {
+    postgres::psql(
+        server.port,
+        &format!(
+            "SELECT devbox || '@' || node || ':' || epoch FROM presence WHERE devbox = '{devbox}'"
+        ),
+    )
+    .await
 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
 use burrow_protocol::{ControlMsg, GoAway, GoAwayReason, TunnelState, close};
@@ -12,6 +12,7 @@ use tokio::sync::{Notify, mpsc};
 
 use super::Registry;
 use crate::secret::Secret;
+use crate::store::PresenceEvent;
 
 /// A live agent connection.
 #[derive(Debug, Clone)]
@@ -107,6 +108,8 @@ pub(super) struct Live {
     attaches: AtomicU64,
     /// Requests waiting for their agent, per devbox.
     waiting: Mutex<HashMap<String, usize>>,
+    /// Where attaches and detaches go, on an edge of a cluster.
+    presence: OnceLock<mpsc::UnboundedSender<PresenceEvent>>,
 }
 
 impl Registry {
@@ -146,6 +149,7 @@ impl Registry {
         {
             return Err(AttachError::Busy);
         }
+        self.report(&id, generation, true);
         let replaced = entry.session.replace(session);
         let tunnel = entry.record.tunnel.as_ref().map(|t| self.tunnel_state(t));
         // Counted under the write lock, so a route read under the read lock sees the session
@@ -191,15 +195,45 @@ impl Registry {
     /// said go-away): new requests wait for the next one.
     pub fn detach(&self, devbox_id: &str, generation: u64) {
         let mut inner = self.write();
-        if let Some(entry) = inner.devboxes.get_mut(devbox_id) {
-            if entry
-                .session
-                .as_ref()
-                .is_some_and(|s| s.generation == generation)
-            {
-                entry.session = None;
+        match inner.devboxes.get_mut(devbox_id) {
+            Some(entry) => {
+                if entry
+                    .session
+                    .as_ref()
+                    .is_some_and(|s| s.generation == generation)
+                {
+                    entry.session = None;
+                    self.report(devbox_id, generation, false);
+                }
             }
+            // Deleted meanwhile: its presence goes too.
+            None => self.report(devbox_id, generation, false),
         }
+    }
+
+    /// Sends this edge's attaches and detaches to `presence` from now on (an edge of a
+    /// cluster: the store's presence writer).
+    pub fn report_presence(&self, presence: mpsc::UnboundedSender<PresenceEvent>) {
+        let _ = self.live.presence.set(presence);
+    }
+
+    fn report(&self, devbox: &str, epoch: u64, present: bool) {
+        if let Some(presence) = self.live.presence.get() {
+            let _ = presence.send(PresenceEvent {
+                devbox: devbox.to_owned(),
+                epoch,
+                present,
+            });
+        }
+    }
+
+    /// Every live session's devbox and generation (for a rewrite of this edge's presence).
+    pub fn live_sessions(&self) -> Vec<(String, u64)> {
+        self.read()
+            .devboxes
+            .values()
+            .filter_map(|e| Some((e.record.id.clone(), e.session.as_ref()?.generation)))
+            .collect()
     }
 
     /// Every live session, for a go-away at shutdown.

@@ -7,6 +7,7 @@
 //! After the listening connection is lost, or when the edge has not read the log for longer
 //! than entries are kept, the follower reads every devbox again ([`Change::All`]).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -31,10 +32,35 @@ const BATCH: i64 = 1000;
 /// What changed in the store.
 #[derive(Debug, Clone)]
 pub enum Change {
-    /// Every devbox as stored: any other one in memory is gone.
-    All(Vec<DevboxRecord>),
-    /// These devboxes as they are now; `None`: deleted.
-    Some(Vec<(String, Option<DevboxRecord>)>),
+    /// Every devbox as stored, and which edges hold each devbox's agent: anything else in
+    /// memory is gone.
+    All {
+        /// The devboxes.
+        devboxes: Vec<DevboxRecord>,
+        /// Which edges hold each devbox's agent.
+        presence: HashMap<String, Vec<String>>,
+    },
+    /// These devboxes as they are now (`None`: deleted), and the edges that now hold the
+    /// agents of those whose presence changed.
+    Some {
+        /// The devboxes changed.
+        devboxes: Vec<(String, Option<DevboxRecord>)>,
+        /// The devboxes whose presence changed, with the edges holding them now.
+        presence: Vec<(String, Vec<String>)>,
+    },
+    /// The cluster's edges, read at every poll.
+    Edges(Vec<EdgeRow>),
+}
+
+/// An edge of the cluster as the store knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeRow {
+    /// Its name.
+    pub node: String,
+    /// How long ago it last heartbeat, by the database's clock.
+    pub last_seen: Duration,
+    /// The agents it holds.
+    pub agents: u64,
 }
 
 /// Who takes the changes: `false` once it is gone (the follower stops).
@@ -101,21 +127,16 @@ async fn follow(shared: Arc<Shared>, since: i64, apply: impl Apply) {
         let mut last_prune = Instant::now();
         loop {
             let result = match since {
-                Some(from) if last_read.elapsed() < KEEP / 2 => {
-                    read(&client, from).await.map(|(changes, to)| {
-                        ((!changes.is_empty()).then_some(Change::Some(changes)), to)
-                    })
-                }
-                _ => read_all(&client)
-                    .await
-                    .map(|(all, to)| (Some(Change::All(all)), to)),
+                Some(from) if last_read.elapsed() < KEEP / 2 => read(&client, from).await,
+                _ => read_all(&client).await.map(|(all, to)| (Some(all), to)),
             };
-            match result {
-                Ok((change, to)) => {
+            let edges = edges(&client).await;
+            match result.and_then(|read| Ok((read, edges?))) {
+                Ok(((change, to), edges)) => {
                     // Applied off this runtime's one worker: the registry takes its writer
                     // lock, which an admin write holds while it waits on this runtime for its
                     // commit.
-                    if let Some(change) = change {
+                    for change in change.into_iter().chain([Change::Edges(edges)]) {
                         let taker = apply.clone();
                         let applied = tokio::task::spawn_blocking(move || taker.apply(change));
                         if !applied.await.unwrap_or(false) {
@@ -180,27 +201,33 @@ async fn listen(
     Ok((client, rx))
 }
 
-type Changed = Vec<(String, Option<DevboxRecord>)>;
-
-/// The devboxes changed after `since`, as they are now, and the last sequence number read.
-async fn read(client: &tokio_postgres::Client, since: i64) -> PgResult<(Changed, i64)> {
+/// The devboxes changed after `since`, as they are now, with the edges holding those whose
+/// presence changed; and the last sequence number read.
+async fn read(client: &tokio_postgres::Client, since: i64) -> PgResult<(Option<Change>, i64)> {
     let columns = COLUMNS
         .split(", ")
         .map(|c| format!("d.{}", c.trim()))
         .collect::<Vec<_>>()
         .join(", ");
     let sql = format!(
-        "SELECT c.seq, c.devbox, {columns} FROM devbox_changes c
+        "SELECT c.seq, c.devbox, c.node, {columns} FROM devbox_changes c
          LEFT JOIN devboxes d ON d.id = c.devbox
          WHERE c.seq > $1 ORDER BY c.seq LIMIT {BATCH}"
     );
     let rows = client.query(&sql, &[&since]).await?;
     let mut to = since;
-    let mut changed: Changed = Vec::new();
+    let mut devboxes: Vec<(String, Option<DevboxRecord>)> = Vec::new();
+    let mut moved: Vec<String> = Vec::new();
     for r in &rows {
         to = r.try_get(0)?;
         let id: String = r.try_get(1)?;
-        let record = match row(r, 2)? {
+        if r.try_get::<_, Option<String>>(2)?.is_some() {
+            if !moved.contains(&id) {
+                moved.push(id);
+            }
+            continue;
+        }
+        let record = match row(r, 3)? {
             Some(Ok(record)) => Some(record),
             Some(Err(e)) => {
                 warn!(devbox = %id, error = %e, "skipping a devbox the store holds corrupt");
@@ -209,14 +236,72 @@ async fn read(client: &tokio_postgres::Client, since: i64) -> PgResult<(Changed,
             None => None,
         };
         // A devbox changed twice reads the same row twice: keep one.
-        changed.retain(|(seen, _)| *seen != id);
-        changed.push((id, record));
+        devboxes.retain(|(seen, _)| *seen != id);
+        devboxes.push((id, record));
     }
-    Ok((changed, to))
+    if devboxes.is_empty() && moved.is_empty() {
+        return Ok((None, to));
+    }
+    let mut holders = presence(client, Some(&moved)).await?;
+    let presence = moved
+        .into_iter()
+        .map(|id| {
+            let nodes = holders.remove(&id).unwrap_or_default();
+            (id, nodes)
+        })
+        .collect();
+    Ok((Some(Change::Some { devboxes, presence }), to))
 }
 
-/// Every devbox and the log's last sequence number, from one snapshot.
-async fn read_all(client: &tokio_postgres::Client) -> PgResult<(Vec<DevboxRecord>, i64)> {
+/// Which edges hold each devbox's agent: of `only` these devboxes, or of all.
+async fn presence(
+    client: &tokio_postgres::Client,
+    only: Option<&[String]>,
+) -> PgResult<HashMap<String, Vec<String>>> {
+    let rows = match only {
+        Some(ids) => {
+            let sql = "SELECT devbox, node FROM presence WHERE devbox = ANY($1) ORDER BY node";
+            client.query(sql, &[&ids]).await?
+        }
+        None => {
+            let sql = "SELECT devbox, node FROM presence ORDER BY node";
+            client.query(sql, &[]).await?
+        }
+    };
+    let mut holders: HashMap<String, Vec<String>> = HashMap::new();
+    for r in &rows {
+        holders
+            .entry(r.try_get(0)?)
+            .or_default()
+            .push(r.try_get(1)?);
+    }
+    Ok(holders)
+}
+
+/// The cluster's edges and how long ago each heartbeat.
+async fn edges(client: &tokio_postgres::Client) -> PgResult<Vec<EdgeRow>> {
+    let rows = client
+        .query(
+            "SELECT node, (extract(epoch FROM now() - last_seen) * 1000)::bigint, agents
+             FROM edges ORDER BY node",
+            &[],
+        )
+        .await?;
+    let mut edges = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let ago: i64 = r.try_get(1)?;
+        let agents: i64 = r.try_get(2)?;
+        edges.push(EdgeRow {
+            node: r.try_get(0)?,
+            last_seen: Duration::from_millis(u64::try_from(ago).unwrap_or(0)),
+            agents: u64::try_from(agents).unwrap_or(0),
+        });
+    }
+    Ok(edges)
+}
+
+/// Every devbox and presence, and the log's last sequence number, from one snapshot.
+async fn read_all(client: &tokio_postgres::Client) -> PgResult<(Change, i64)> {
     client
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
         .await?;
@@ -227,16 +312,17 @@ async fn read_all(client: &tokio_postgres::Client) -> PgResult<(Vec<DevboxRecord
     let rows = client
         .query(&format!("SELECT {COLUMNS} FROM devboxes"), &[])
         .await?;
+    let presence = presence(client, None).await?;
     client.batch_execute("COMMIT").await?;
-    let mut all = Vec::with_capacity(rows.len());
+    let mut devboxes = Vec::with_capacity(rows.len());
     for r in &rows {
         match row(r, 0)? {
-            Some(Ok(record)) => all.push(record),
+            Some(Ok(record)) => devboxes.push(record),
             Some(Err(e)) => warn!(error = %e, "skipping a devbox the store holds corrupt"),
             None => {}
         }
     }
-    Ok((all, to))
+    Ok((Change::All { devboxes, presence }, to))
 }
 
 /// Deletes log entries older than [`KEEP`]; any edge may, at any time.

@@ -37,14 +37,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often the health check asks the database.
 const HEALTH_EVERY: Duration = Duration::from_secs(1);
 /// The advisory lock every write transaction holds until it commits.
-const WRITE_LOCK: i64 = 0x6275_7272_6f77_0001;
+pub(super) const WRITE_LOCK: i64 = 0x6275_7272_6f77_0001;
 /// The advisory lock held while migrating, so edges starting together migrate once.
 const MIGRATE_LOCK: i64 = 0x6275_7272_6f77_0002;
 /// The channel a write notifies.
 pub const CHANNEL: &str = "burrow_changes";
 
 /// The schema, one entry per version; an entry never changes once released.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE devboxes (
     id TEXT PRIMARY KEY,
     agent_token_hash TEXT NOT NULL UNIQUE,
@@ -66,7 +67,22 @@ CREATE TABLE cluster_secrets (
     value BYTEA NOT NULL,
     created_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
-"];
+",
+    "
+ALTER TABLE devbox_changes ADD COLUMN node TEXT;
+CREATE TABLE presence (
+    devbox TEXT NOT NULL,
+    node TEXT NOT NULL,
+    epoch BIGINT NOT NULL,
+    PRIMARY KEY (devbox, node)
+);
+CREATE TABLE edges (
+    node TEXT PRIMARY KEY,
+    last_seen TIMESTAMPTZ NOT NULL,
+    agents BIGINT NOT NULL DEFAULT 0
+);
+",
+];
 
 /// Every column of a devbox, in the order [`row`] reads them.
 pub(super) const COLUMNS: &str = "id, agent_token_hash, created_at, tunnel_key, auth_mode, \
