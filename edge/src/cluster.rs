@@ -16,6 +16,8 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use prometheus::{Histogram, HistogramOpts, IntGaugeVec, Opts};
+
 use crate::certs::{self, CA_KEY_FILE};
 use crate::config::Config;
 use crate::secret::Secret;
@@ -68,6 +70,10 @@ pub struct ClusterView {
     pub node: String,
     /// How this edge's presence writes went.
     pub stats: Arc<PresenceStats>,
+    /// Edges by state (alive, dead), as of the last read.
+    edges_gauge: IntGaugeVec,
+    /// From a change written (by any edge) to this edge applying it.
+    change_lag: Histogram,
     inner: RwLock<ViewInner>,
 }
 
@@ -96,11 +102,41 @@ pub struct EdgeView {
 impl ClusterView {
     /// An empty picture for the edge `node`.
     pub fn new(node: &str) -> ClusterView {
+        let edges_gauge = IntGaugeVec::new(
+            Opts::new(
+                "burrow_edge_cluster_edges",
+                "The cluster's edges by state (alive: heartbeat within 3 s; dead)",
+            ),
+            &["state"],
+        )
+        .expect("valid metric");
+        let change_lag = Histogram::with_opts(
+            HistogramOpts::new(
+                "burrow_edge_cluster_change_lag_seconds",
+                "From a change (admin write or presence) committed by any edge to this edge applying it",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+        )
+        .expect("valid metric");
         ClusterView {
             node: node.to_owned(),
             stats: Arc::default(),
+            edges_gauge,
+            change_lag,
             inner: RwLock::new(ViewInner::default()),
         }
+    }
+
+    /// This edge's cluster metrics, to register with the others.
+    pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.stats.transactions.clone()),
+            Box::new(self.stats.events.clone()),
+            Box::new(self.edges_gauge.clone()),
+            Box::new(self.change_lag.clone()),
+        ]
     }
 
     /// Takes the presence and edges of a change (its devboxes are the registry's).
@@ -108,7 +144,16 @@ impl ClusterView {
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
         match change {
             Change::All { presence, .. } => inner.presence.clone_from(presence),
-            Change::Some { presence, .. } => {
+            Change::Some {
+                presence,
+                ages,
+                read_at,
+                ..
+            } => {
+                let since_read = read_at.elapsed();
+                for age in ages {
+                    self.change_lag.observe((*age + since_read).as_secs_f64());
+                }
                 for (devbox, nodes) in presence {
                     if nodes.is_empty() {
                         inner.presence.remove(devbox);
@@ -120,6 +165,17 @@ impl ClusterView {
             Change::Edges(edges) => {
                 inner.edges.clone_from(edges);
                 inner.read_at = Some(Instant::now());
+                let alive = edges
+                    .iter()
+                    .filter(|e| e.last_seen < EDGE_DEAD_AFTER)
+                    .count();
+                let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+                self.edges_gauge
+                    .with_label_values(&["alive"])
+                    .set(count(alive));
+                self.edges_gauge
+                    .with_label_values(&["dead"])
+                    .set(count(edges.len() - alive));
             }
         }
     }

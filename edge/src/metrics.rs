@@ -212,6 +212,15 @@ impl Metrics {
         }))
     }
 
+    /// Registers more metrics (a cluster edge's) to be rendered with these.
+    pub fn register(&self, collectors: Vec<Box<dyn prometheus::core::Collector>>) {
+        for c in collectors {
+            if let Err(e) = self.registry.register(c) {
+                warn!(error = %e, "a metric registers twice");
+            }
+        }
+    }
+
     /// The text exposition, with the scrape-time gauges refreshed from `devboxes`.
     pub fn render(&self, devboxes: &Devboxes) -> String {
         let list = devboxes.list();

@@ -107,10 +107,10 @@ impl Edge {
         create_state_dir(&config.state_dir)?;
         let listeners = Listeners::bind(&config).await?;
         let (http_addr, https_addr) = (listeners.http_addr(), listeners.https_addr());
-        let shutdown = CancellationToken::new();
+        let (shutdown, metrics) = (CancellationToken::new(), Metrics::new());
         // First: a cluster's store writes the cluster's secrets into `state_dir`.
-        let (registry, cluster) =
-            load_registry(&config, listeners.urls(&config.domain), &shutdown)?;
+        let urls = listeners.urls(&config.domain);
+        let (registry, cluster) = load_registry(&config, urls, &metrics, &shutdown)?;
         let admin_token = admin_token(&config)?;
         let (identity, agent_ca) = agents_identity(&config)?;
         let endpoint = agents_endpoint(&config, certs::agents_server_config(identity)?)?;
@@ -118,7 +118,6 @@ impl Edge {
         let agents_addr = endpoint.local_addr().unwrap_or(config.agents_listen);
         let admin_addr = local(&listeners.admin).unwrap_or(config.admin_listen);
         let (tasks, clients) = (TaskTracker::new(), Tasks::new());
-        let metrics = Metrics::new();
         tasks.spawn(agents::serve(
             endpoint,
             registry.clone(),
@@ -356,6 +355,7 @@ fn metrics_handler(metrics: &Arc<Metrics>, registry: &Arc<Registry>) -> Handler 
 fn load_registry(
     config: &Config,
     urls: UrlBase,
+    metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> Result<(Arc<Registry>, Option<Arc<ClusterView>>), StartError> {
     let Some(url) = &config.cluster_store else {
@@ -368,6 +368,7 @@ fn load_registry(
     let since = pg.last_change()?;
     let registry = Registry::load(pg.clone(), urls)?;
     let view = Arc::new(ClusterView::new(&config.cluster_node));
+    metrics.register(view.collectors());
     let sessions = Arc::downgrade(&registry);
     let live = move || {
         sessions

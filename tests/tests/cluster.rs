@@ -85,6 +85,7 @@ async fn edges_on_one_store_share_secrets_devboxes_and_every_change() {
         code(&url, None).await == 401
     })
     .await;
+    println!("a tunnel made authenticated on edge 1 was so on edge 2 after {took:?}");
     assert!(took < EVERY_EDGE_WITHIN, "took {took:?}");
     assert_eq!(code(&url, Some(&token)).await, 200);
 
@@ -161,6 +162,15 @@ async fn a_cluster_edge_routes_from_memory_while_postgres_is_away() {
     assert_eq!(code(&url, None).await, 200);
 }
 
+/// `edge`'s `/metrics`.
+async fn metrics(edge: &TestEdge) -> String {
+    let addr = edge.edge().metrics_addr.expect("metrics listener");
+    let reply = request(addr, "GET", "localhost", "/metrics", &[], Vec::new())
+        .await
+        .expect("metrics answer");
+    String::from_utf8_lossy(&reply.body).into_owned()
+}
+
 /// The edges holding `devbox`'s agent, as `edge`'s admin API shows them.
 async fn holders(edge: &TestEdge, devbox: &str) -> serde_json::Value {
     let (status, view) = edge
@@ -211,6 +221,20 @@ async fn every_edge_knows_which_edge_holds_an_agent_and_drops_a_stopped_edge() {
     })
     .await;
     assert_eq!(node(&three, "two").await["alive"], true);
+    until("edge one's metrics count three live edges", || async {
+        metrics(&one)
+            .await
+            .contains("burrow_edge_cluster_edges{state=\"alive\"} 3")
+    })
+    .await;
+    let text = metrics(&one).await;
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    assert!(value("burrow_edge_cluster_change_lag_seconds_count") >= 1.0);
+    assert!(value("burrow_edge_cluster_presence_writes_total") >= 1.0);
 
     // Edge two stops: its heartbeat ends, and the others drop it from routing.
     two.stop().await;

@@ -219,7 +219,6 @@ fn a_store_url_is_checked_and_never_shows_its_password() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_is_written_in_batches_and_a_late_disconnect_removes_nothing_newer() {
     use burrow_edge::store::{PresenceEvent, PresenceStats};
-    use std::sync::atomic::Ordering;
     let server = Server::start().await;
     let url = server.url().parse().expect("url");
     let store = Postgres::connect(&url).expect("connect");
@@ -255,7 +254,7 @@ async fn presence_is_written_in_batches_and_a_late_disconnect_removes_nothing_ne
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let transactions = stats.transactions.load(Ordering::Relaxed);
+    let transactions = stats.transactions.get();
     println!("{storm} connects written in {transactions} transactions");
     assert!(
         transactions <= 10,

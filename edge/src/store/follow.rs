@@ -47,6 +47,10 @@ pub enum Change {
         devboxes: Vec<(String, Option<DevboxRecord>)>,
         /// The devboxes whose presence changed, with the edges holding them now.
         presence: Vec<(String, Vec<String>)>,
+        /// How long before `read_at` each change read was written.
+        ages: Vec<Duration>,
+        /// When the changes were read.
+        read_at: Instant,
     },
     /// The cluster's edges, read at every poll.
     Edges(Vec<EdgeRow>),
@@ -210,7 +214,9 @@ async fn read(client: &tokio_postgres::Client, since: i64) -> PgResult<(Option<C
         .collect::<Vec<_>>()
         .join(", ");
     let sql = format!(
-        "SELECT c.seq, c.devbox, c.node, {columns} FROM devbox_changes c
+        "SELECT c.seq, c.devbox, c.node,
+                (extract(epoch FROM clock_timestamp() - c.at) * 1000000)::bigint, {columns}
+         FROM devbox_changes c
          LEFT JOIN devboxes d ON d.id = c.devbox
          WHERE c.seq > $1 ORDER BY c.seq LIMIT {BATCH}"
     );
@@ -218,16 +224,20 @@ async fn read(client: &tokio_postgres::Client, since: i64) -> PgResult<(Option<C
     let mut to = since;
     let mut devboxes: Vec<(String, Option<DevboxRecord>)> = Vec::new();
     let mut moved: Vec<String> = Vec::new();
+    let mut ages = Vec::with_capacity(rows.len());
+    let read_at = Instant::now();
     for r in &rows {
         to = r.try_get(0)?;
         let id: String = r.try_get(1)?;
+        let age: i64 = r.try_get(3)?;
+        ages.push(Duration::from_micros(u64::try_from(age).unwrap_or(0)));
         if r.try_get::<_, Option<String>>(2)?.is_some() {
             if !moved.contains(&id) {
                 moved.push(id);
             }
             continue;
         }
-        let record = match row(r, 3)? {
+        let record = match row(r, 4)? {
             Some(Ok(record)) => Some(record),
             Some(Err(e)) => {
                 warn!(devbox = %id, error = %e, "skipping a devbox the store holds corrupt");
@@ -250,7 +260,13 @@ async fn read(client: &tokio_postgres::Client, since: i64) -> PgResult<(Option<C
             (id, nodes)
         })
         .collect();
-    Ok((Some(Change::Some { devboxes, presence }), to))
+    let change = Change::Some {
+        devboxes,
+        presence,
+        ages,
+        read_at,
+    };
+    Ok((Some(change), to))
 }
 
 /// Which edges hold each devbox's agent: of `only` these devboxes, or of all.

@@ -14,9 +14,9 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use prometheus::IntCounter;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -43,12 +43,28 @@ pub struct PresenceEvent {
 }
 
 /// What this edge's presence writer reports, for metrics and tests.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone)]
 pub struct PresenceStats {
     /// Transactions that wrote presence.
-    pub transactions: AtomicU64,
+    pub transactions: IntCounter,
     /// Events written.
-    pub events: AtomicU64,
+    pub events: IntCounter,
+}
+
+impl Default for PresenceStats {
+    fn default() -> Self {
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
+        PresenceStats {
+            transactions: counter(
+                "burrow_edge_cluster_presence_writes_total",
+                "Transactions that wrote this edge's presence (connects and disconnects, batched)",
+            ),
+            events: counter(
+                "burrow_edge_cluster_presence_events_total",
+                "Agent connects and disconnects this edge wrote to the cluster store",
+            ),
+        }
+    }
 }
 
 /// This edge's live sessions: (devbox, epoch) pairs, for a rewrite; and how many agents.
@@ -189,9 +205,7 @@ impl Writer {
             }
         }
         self.transaction(present, gone, false).await?;
-        self.stats
-            .events
-            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        self.stats.events.inc_by(events.len() as u64);
         Ok(())
     }
 
@@ -254,7 +268,7 @@ impl Writer {
                 })
             })
             .await?;
-        self.stats.transactions.fetch_add(1, Ordering::Relaxed);
+        self.stats.transactions.inc();
         Ok(())
     }
 }
