@@ -382,8 +382,7 @@ impl Admin {
             .map(|e| {
                 json!({
                     "node": e.node,
-                    // Edges do not forward to each other yet: no mesh address.
-                    "mesh_addr": null,
+                    "mesh_addr": e.mesh_addr,
                     "last_seen_ms": u64::try_from(e.last_seen.as_millis()).unwrap_or(u64::MAX),
                     "agents": e.agents,
                     "alive": e.alive,

@@ -189,7 +189,7 @@ pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), CertError> {
     file.sync_all().map_err(err)
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

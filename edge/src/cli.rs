@@ -106,6 +106,14 @@ pub struct ServeArgs {
     /// [env: BURROW_CLUSTER_NODE]
     #[arg(long, value_name = "NAME")]
     cluster_node: Option<String>,
+    /// Where other edges of the cluster forward requests to this one, QUIC over UDP (key
+    /// `cluster.mesh_listen`, default 0.0.0.0:7443) [env: BURROW_CLUSTER_MESH_LISTEN]
+    #[arg(long, value_name = "ADDR:PORT")]
+    cluster_mesh_listen: Option<String>,
+    /// The address other edges dial for the mesh; default: mesh_listen's (key
+    /// `cluster.mesh_addr`) [env: BURROW_CLUSTER_MESH_ADDR]
+    #[arg(long, value_name = "ADDR:PORT")]
+    cluster_mesh_addr: Option<String>,
     /// Request line and headers in bytes; 431 past it, default 32768 (key `limits.max_head_bytes`) [env: BURROW_LIMITS_MAX_HEAD_BYTES]
     #[arg(long = "limits-max-head-bytes", value_name = "N")]
     limits_max_head_bytes: Option<String>,
@@ -170,6 +178,8 @@ impl ServeArgs {
             ("metrics.listen", &self.metrics_listen),
             ("cluster.store", &self.cluster_store),
             ("cluster.node", &self.cluster_node),
+            ("cluster.mesh_listen", &self.cluster_mesh_listen),
+            ("cluster.mesh_addr", &self.cluster_mesh_addr),
             ("limits.max_head_bytes", &self.limits_max_head_bytes),
             ("limits.max_headers", &self.limits_max_headers),
             ("limits.head_timeout", &self.limits_head_timeout),

@@ -12,14 +12,17 @@
 //! other, and agents trust the same CA whichever edge they reach.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, HistogramOpts, IntGaugeVec, Opts};
+use tokio::sync::Notify;
 
 use crate::certs::{self, CA_KEY_FILE};
 use crate::config::Config;
+use crate::mesh::Mesh;
 use crate::secret::Secret;
 use crate::server::{ADMIN_TOKEN_FILE, COOKIE_KEY_FILE, RESET_KEY_FILE, StartError};
 use crate::store::{Change, EDGE_DEAD_AFTER, EdgeRow, Postgres, PresenceStats};
@@ -27,7 +30,8 @@ use crate::store::{Change, EDGE_DEAD_AFTER, EdgeRow, Postgres, PresenceStats};
 /// Writes the cluster's secrets into `state_dir`, generating any the cluster lacks: the agents'
 /// CA key (unless `agents.cert` is configured), the admin token (unless `admin.token_file`
 /// is), the cookie key and the stateless-reset key.
-pub fn share_secrets(store: &Postgres, config: &Config) -> Result<(), StartError> {
+/// Returns the cluster's mesh CA key (PEM), which stays in memory.
+pub fn share_secrets(store: &Postgres, config: &Config) -> Result<String, StartError> {
     let dir = &config.state_dir;
     if config.agents_tls.is_none() {
         let fresh = rcgen::KeyPair::generate()
@@ -47,7 +51,23 @@ pub fn share_secrets(store: &Postgres, config: &Config) -> Result<(), StartError
         let secret = store.cluster_secret(name, fresh)?;
         write(dir, name, &secret)?;
     }
-    Ok(())
+    let fresh = rcgen::KeyPair::generate()
+        .map_err(certs::CertError::from)?
+        .serialize_pem();
+    let mesh = store.cluster_secret("mesh-ca.key", fresh.into_bytes())?;
+    String::from_utf8(mesh).map_err(|_| StartError::File {
+        path: dir.join("mesh-ca.key"),
+        message: "the cluster's mesh CA key in the store is not PEM text".into(),
+    })
+}
+
+/// What forwarding a request to another edge takes: the mesh, and who holds which agent.
+#[derive(Debug, Clone)]
+pub struct Forwarding {
+    /// This edge's end of the mesh.
+    pub mesh: Arc<Mesh>,
+    /// The cluster as this edge sees it.
+    pub view: Arc<ClusterView>,
 }
 
 /// Writes one secret file (mode 0600) unless it already holds the cluster's value.
@@ -74,6 +94,8 @@ pub struct ClusterView {
     edges_gauge: IntGaugeVec,
     /// From a change written (by any edge) to this edge applying it.
     change_lag: Histogram,
+    /// Woken whenever presence or the edges change: a request waiting for an agent looks again.
+    changed: Notify,
     inner: RwLock<ViewInner>,
 }
 
@@ -97,6 +119,8 @@ pub struct EdgeView {
     pub agents: u64,
     /// Whether it heartbeat within [`EDGE_DEAD_AFTER`]: a dead edge is routed around.
     pub alive: bool,
+    /// Where other edges forward requests to it.
+    pub mesh_addr: Option<String>,
 }
 
 impl ClusterView {
@@ -125,6 +149,7 @@ impl ClusterView {
             stats: Arc::default(),
             edges_gauge,
             change_lag,
+            changed: Notify::new(),
             inner: RwLock::new(ViewInner::default()),
         }
     }
@@ -178,6 +203,8 @@ impl ClusterView {
                     .set(count(edges.len() - alive));
             }
         }
+        drop(inner);
+        self.changed.notify_waiters();
     }
 
     /// Every edge the store knows, with how long ago it heartbeat.
@@ -194,7 +221,27 @@ impl ClusterView {
                     last_seen,
                     agents: e.agents,
                     alive: last_seen < EDGE_DEAD_AFTER,
+                    mesh_addr: e.mesh_addr.clone(),
                 }
+            })
+            .collect()
+    }
+
+    /// A future that completes at the next change of presence or edges; create it before
+    /// looking, so a change in between is not missed.
+    pub fn next_change(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
+    /// The mesh addresses of the other live edges holding `devbox`'s agent.
+    pub fn remote_holders(&self, devbox: &str) -> Vec<SocketAddr> {
+        let edges = self.edges();
+        self.holders(devbox)
+            .into_iter()
+            .filter(|node| *node != self.node)
+            .filter_map(|node| {
+                let edge = edges.iter().find(|e| e.node == node)?;
+                edge.mesh_addr.as_deref()?.parse().ok()
             })
             .collect()
     }

@@ -56,6 +56,8 @@ pub const SETTINGS: &[Setting] = settings! {
     "limits.admin_failures" => "BURROW_LIMITS_ADMIN_FAILURES" as Int,
     "cluster.store" => "BURROW_CLUSTER_STORE",
     "cluster.node" => "BURROW_CLUSTER_NODE",
+    "cluster.mesh_listen" => "BURROW_CLUSTER_MESH_LISTEN",
+    "cluster.mesh_addr" => "BURROW_CLUSTER_MESH_ADDR",
 };
 
 #[derive(Debug, Deserialize)]
@@ -85,6 +87,8 @@ struct RawConfig {
 struct RawCluster {
     store: Option<String>,
     node: Option<String>,
+    mesh_listen: Option<String>,
+    mesh_addr: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -208,6 +212,10 @@ pub struct Config {
     pub cluster_store: Option<StoreUrl>,
     /// This edge's unique name in its cluster (default: the host name).
     pub cluster_node: String,
+    /// Where other edges forward requests to this one (QUIC, UDP).
+    pub mesh_listen: SocketAddr,
+    /// The address other edges dial; `None`: `mesh_listen`'s.
+    pub mesh_addr: Option<SocketAddr>,
 }
 
 /// `agents.pool_max_idle_total` by default: the agent's default `forward.max_streams` and the
@@ -296,6 +304,15 @@ impl Config {
             limits: limits(raw.limits)?,
             drain_grace: duration("drain_grace", raw.drain_grace, Duration::from_secs(10))?,
             cluster_node: node(raw.cluster.node)?,
+            mesh_listen: addr(
+                "cluster.mesh_listen",
+                raw.cluster.mesh_listen.as_deref().unwrap_or("0.0.0.0:7443"),
+            )?,
+            mesh_addr: raw
+                .cluster
+                .mesh_addr
+                .map(|a| addr("cluster.mesh_addr", &a))
+                .transpose()?,
             cluster_store: raw
                 .cluster
                 .store

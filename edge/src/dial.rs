@@ -3,6 +3,7 @@
 //! away. The first try uses the agent connection the route step found; the registry is asked
 //! again only when that one is missing or fails, for the connection that attached meanwhile.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +13,8 @@ use http::StatusCode;
 use tokio::time::Instant;
 use tracing::debug;
 
+use crate::cluster::Forwarding;
+use crate::mesh::NotForwarded;
 use crate::metrics::Metrics;
 use crate::pages::{self, Answer};
 use crate::registry::Registry;
@@ -30,6 +33,8 @@ pub struct Dialer {
     agent_wait: Duration,
     /// Requests waiting per devbox, at most.
     max_waiting: usize,
+    /// On an edge of a cluster: the other edges a request can go to.
+    forwarding: Option<Forwarding>,
 }
 
 /// A data stream the agent accepted.
@@ -41,8 +46,11 @@ pub struct Opened {
     pub recv: quinn::RecvStream,
     /// The agent connection it is on ([`quinn::Connection::stable_id`]).
     pub conn_id: usize,
-    /// That connection.
+    /// That connection (a mesh connection when `forwarded`).
     pub conn: quinn::Connection,
+    /// Through another edge: kept-alive connections are not pooled (the pool's key is the
+    /// agent connection, and a mesh connection carries many devboxes).
+    pub forwarded: bool,
 }
 
 /// Why a stream could not be opened: the answer's status and explanation.
@@ -92,12 +100,14 @@ impl Dialer {
         metrics: Arc<Metrics>,
         agent_wait: Duration,
         max_waiting: usize,
+        forwarding: Option<Forwarding>,
     ) -> Dialer {
         Dialer {
             registry,
             metrics,
             agent_wait,
             max_waiting,
+            forwarding,
         }
     }
 
@@ -135,10 +145,18 @@ impl Dialer {
         let mut failed = None;
         let mut waiting_since: Option<Instant> = None;
         loop {
-            // Register for the next attach before looking, so one in between is not missed.
+            // Register for the next attach (and, in a cluster, the next presence change)
+            // before looking, so one in between is not missed.
             let next_attach = self.registry.next_attach();
             tokio::pin!(next_attach);
             next_attach.as_mut().enable();
+            let mut next_change = self
+                .forwarding
+                .as_ref()
+                .map(|f| Box::pin(f.view.next_change()));
+            if let Some(change) = next_change.as_mut() {
+                change.as_mut().enable();
+            }
             let (conn, attaches) = match found.take() {
                 Some(found) => found,
                 None => match self.registry.route(&routed.target.key) {
@@ -151,46 +169,19 @@ impl Dialer {
             };
             if let Some(c) = conn.filter(|c| Some(c.stable_id()) != failed) {
                 let key = &routed.target.key;
-                match self.attempt(&c, key, attaches, header.clone()).await {
-                    Attempt::Accepted(send, recv) => {
-                        self.waited(waiting_since, "served");
-                        return Ok(Opened {
-                            send,
-                            recv,
-                            conn_id: c.stable_id(),
-                            conn: c.clone(),
-                        });
-                    }
-                    Attempt::Refused(reason) => {
-                        let conn_id = c.stable_id();
-                        return Err(NoStream::Refused(Refusal { reason, conn_id }));
-                    }
-                    Attempt::Superseded => {
-                        debug!(
-                            "agent connection closed or replaced under a request; trying the newest"
-                        );
+                let attempt = self.attempt(&c, key, attaches, header.clone()).await;
+                match self.settle(attempt, &c, waiting_since) {
+                    ControlFlow::Break(answer) => return answer,
+                    ControlFlow::Continue(()) => {
                         failed = Some(c.stable_id());
                         continue;
-                    }
-                    Attempt::Failed(e) if connection_lost(&e) => {
-                        debug!(error = %e, "agent connection failed under a request; waiting for the next");
-                        failed = Some(c.stable_id());
-                        continue;
-                    }
-                    Attempt::Failed(e) => {
-                        debug!(error = %e, "data stream failed");
-                        return Err(NoStream::Failed((
-                            StatusCode::BAD_GATEWAY,
-                            "the stream to the devbox's agent failed; try again".to_owned(),
-                        )));
-                    }
-                    Attempt::TimedOut => {
-                        return Err(NoStream::Failed((
-                            StatusCode::GATEWAY_TIMEOUT,
-                            "the devbox's agent did not answer in time".to_owned(),
-                        )));
                     }
                 }
+            }
+            // No connection here: another edge of the cluster may hold the agent.
+            if let Some(opened) = self.forward(routed, &header).await? {
+                self.waited(waiting_since, "served");
+                return Ok(opened);
             }
             if place.is_none() {
                 place = self
@@ -205,16 +196,70 @@ impl Dialer {
                     )));
                 }
             }
-            if tokio::time::timeout_at(deadline, next_attach)
-                .await
-                .is_err()
-            {
+            let woken = async {
+                match next_change {
+                    Some(change) => tokio::select! {
+                        () = next_attach => {}
+                        () = change => {}
+                    },
+                    None => next_attach.await,
+                }
+            };
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
                 self.waited(waiting_since, "timed_out");
                 return Err(NoStream::Failed((
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the devbox's agent is not connected; try again in a few seconds".to_owned(),
                 )));
             }
+        }
+    }
+
+    /// What a try on the agent connection `c` means for the request: its answer (`Break`), or
+    /// go on to the newest connection (`Continue`: `c` closed or was replaced under it).
+    fn settle(
+        &self,
+        attempt: Attempt,
+        c: &quinn::Connection,
+        waiting_since: Option<Instant>,
+    ) -> ControlFlow<Result<Opened, NoStream>> {
+        let failed = |status, message: &str| {
+            ControlFlow::Break(Err(NoStream::Failed((status, message.to_owned()))))
+        };
+        match attempt {
+            Attempt::Accepted(send, recv) => {
+                self.waited(waiting_since, "served");
+                ControlFlow::Break(Ok(Opened {
+                    send,
+                    recv,
+                    conn_id: c.stable_id(),
+                    conn: c.clone(),
+                    forwarded: false,
+                }))
+            }
+            Attempt::Refused(reason) => {
+                let conn_id = c.stable_id();
+                ControlFlow::Break(Err(NoStream::Refused(Refusal { reason, conn_id })))
+            }
+            Attempt::Superseded => {
+                debug!("agent connection closed or replaced under a request; trying the newest");
+                ControlFlow::Continue(())
+            }
+            Attempt::Failed(e) if connection_lost(&e) => {
+                debug!(error = %e, "agent connection failed under a request; waiting for the next");
+                ControlFlow::Continue(())
+            }
+            Attempt::Failed(e) => {
+                debug!(error = %e, "data stream failed");
+                failed(
+                    StatusCode::BAD_GATEWAY,
+                    "the stream to the devbox's agent failed; try again",
+                )
+            }
+            Attempt::TimedOut => failed(
+                StatusCode::GATEWAY_TIMEOUT,
+                "the devbox's agent did not answer in time",
+            ),
         }
     }
 
@@ -280,6 +325,48 @@ impl Dialer {
                 _ = conn.closed() => return,
             }
         }
+    }
+
+    /// Opens the stream through another edge that holds the devbox's agent: each in turn, until
+    /// one relays it (an edge whose presence was stale says so, and the next is tried).
+    /// `Ok(None)`: no other edge holds it now.
+    async fn forward(
+        &self,
+        routed: &Routed,
+        header: &StreamHeader,
+    ) -> Result<Option<Opened>, NoStream> {
+        let Some(forwarding) = &self.forwarding else {
+            return Ok(None);
+        };
+        let devbox = &routed.route.devbox_id;
+        for to in forwarding.view.remote_holders(devbox) {
+            let started = Instant::now();
+            match forwarding.mesh.open(to, devbox, header).await {
+                Ok(forwarded) => {
+                    self.metrics.forwarded("opened", started.elapsed());
+                    return Ok(Some(Opened {
+                        send: forwarded.send,
+                        recv: forwarded.recv,
+                        conn_id: forwarded.conn.stable_id(),
+                        conn: forwarded.conn,
+                        forwarded: true,
+                    }));
+                }
+                Err(NotForwarded::Refused(reason, conn_id)) => {
+                    self.metrics.forwarded("refused", started.elapsed());
+                    return Err(NoStream::Refused(Refusal { reason, conn_id }));
+                }
+                Err(NotForwarded::NotHere) => {
+                    self.metrics.forwarded("not_here", started.elapsed());
+                    debug!(%devbox, edge = %to, "the edge no longer holds the agent; trying the next");
+                }
+                Err(NotForwarded::Failed(e)) => {
+                    self.metrics.forwarded("failed", started.elapsed());
+                    debug!(%devbox, edge = %to, error = %e, "forwarding failed; trying the next");
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Records a wait for an agent, if the request waited.

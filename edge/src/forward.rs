@@ -43,7 +43,8 @@ pub struct Answered {
     /// The response head and its streaming body.
     pub response: Response<Incoming>,
     sender: Sender,
-    conn_id: usize,
+    /// The agent connection, for the pool; `None`: not pooled (forwarded through another edge).
+    conn_id: Option<usize>,
 }
 
 impl Forward {
@@ -137,7 +138,7 @@ impl Forward {
         let (slot, counted) = slot.into_parts();
         let back = Back {
             pool: self.pool.clone(),
-            key: (conn_id, port.get()),
+            key: conn_id.map(|conn_id| (conn_id, port.get())),
             sender,
             slot,
         };
@@ -191,7 +192,7 @@ impl Forward {
                 Ok(Ok(Answered {
                     response,
                     sender,
-                    conn_id,
+                    conn_id: Some(conn_id),
                 }))
             }
             Err(mut e) => match (e.take_message(), replay) {
@@ -271,7 +272,7 @@ impl Forward {
             Ok(response) => Ok(Ok(Answered {
                 response,
                 sender,
-                conn_id: opened.conn_id,
+                conn_id: (!opened.forwarded).then_some(opened.conn_id),
             })),
             Err(e) => {
                 debug!(error = %e, %port, "service did not answer");

@@ -12,7 +12,8 @@
 //! - [`proxy`]: a public request as a pipeline; one function lists the steps below.
 //! - [`route`]: step 1, the host `{port}-{key}.{domain}` parsed and looked up, once.
 //! - [`registry`]: devboxes, tunnels and live sessions in memory, written through to the store.
-//! - [`cluster`]: several edges on one PostgreSQL store: the secrets they share.
+//! - [`cluster`]: several edges on one PostgreSQL store: the secrets they share, presence.
+//! - [`mesh`]: forwarding a request to the edge that holds the devbox's agent, in one hop.
 //! - [`store`]: the durable store: SQLite in `state_dir`, or PostgreSQL for a cluster.
 //! - [`auth`]: step 2, access: the tunnel's bearer token, or a browser's signed cookie.
 //! - [`throttle`]: step 3, the tunnel's request rate and the devbox's requests in flight.
@@ -51,6 +52,7 @@ pub mod headers;
 pub mod idle;
 pub mod limits;
 pub mod listener;
+pub mod mesh;
 pub mod metrics;
 pub mod pages;
 pub mod pool;

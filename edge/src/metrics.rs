@@ -56,6 +56,11 @@ pub struct Metrics {
     pub pool_idle: IntGauge,
     /// Idle kept-alive connections closed before their reuse, by reason.
     pub pool_evictions: IntCounterVec,
+    /// Streams forwarded to another edge of the cluster, by result.
+    forwarded: IntCounterVec,
+    /// How long opening a stream through another edge took (the hop's added latency, with the
+    /// agent's answer).
+    forward_open: Histogram,
 }
 
 impl Metrics {
@@ -68,6 +73,7 @@ impl Metrics {
             Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
                 .expect("valid metric")
         };
+        let (forwarded, forward_open) = forwarding(counter_vec, histogram);
         let m = Metrics {
             registry: Registry::new(),
             agents_connected: IntGauge::new("burrow_edge_agents_connected", "Agents connected now")
@@ -147,6 +153,8 @@ impl Metrics {
                 "Idle kept-alive connections closed before their reuse, by reason (total_cap, devbox_limit, agent_streams, expired, closed)",
                 &["reason"],
             ),
+            forwarded,
+            forward_open,
         };
         for c in m.collectors() {
             // Invariant: the names above are distinct and valid.
@@ -156,7 +164,7 @@ impl Metrics {
     }
 
     /// Every metric, for registering.
-    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 16] {
+    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 18] {
         let m = self;
         [
             Box::new(m.agents_connected.clone()),
@@ -175,6 +183,8 @@ impl Metrics {
             Box::new(m.pooled.clone()),
             Box::new(m.pool_idle.clone()),
             Box::new(m.pool_evictions.clone()),
+            Box::new(m.forwarded.clone()),
+            Box::new(m.forward_open.clone()),
         ]
     }
 
@@ -210,6 +220,14 @@ impl Metrics {
             }
             frame
         }))
+    }
+
+    /// Counts a stream opened (or not) through another edge, and how long it took.
+    pub fn forwarded(&self, result: &str, took: std::time::Duration) {
+        self.forwarded.with_label_values(&[result]).inc();
+        if result == "opened" {
+            self.forward_open.observe(took.as_secs_f64());
+        }
     }
 
     /// Registers more metrics (a cluster edge's) to be rendered with these.
@@ -298,4 +316,24 @@ impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.0.dec();
     }
+}
+
+/// The metrics of requests forwarded to another edge of the cluster.
+fn forwarding(
+    counter_vec: impl Fn(&str, &str, &[&str]) -> IntCounterVec,
+    histogram: impl Fn(&str, &str, Vec<f64>) -> Histogram,
+) -> (IntCounterVec, Histogram) {
+    let forwarded = counter_vec(
+        "burrow_edge_forwarded_total",
+        "Streams opened through another edge of the cluster, by result (opened, not_here, refused, failed)",
+        &["result"],
+    );
+    let open = histogram(
+        "burrow_edge_forward_open_seconds",
+        "Time to open a stream through another edge: the mesh hop and the agent's answer",
+        vec![
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+        ],
+    );
+    (forwarded, open)
 }

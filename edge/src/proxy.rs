@@ -26,6 +26,7 @@ use hyper::body::Incoming;
 
 use crate::auth::{Access, CookieKey};
 use crate::body::Body;
+use crate::cluster::Forwarding;
 use crate::config::Config;
 use crate::dial::Dialer;
 use crate::forward::Forward;
@@ -74,6 +75,7 @@ impl Proxy {
         pool: Arc<Pool>,
         cookie_key: CookieKey,
         tasks: Tasks,
+        forwarding: Option<Forwarding>,
     ) -> Proxy {
         let idle = config.limits.upgrade_idle;
         let dial = Arc::new(Dialer::new(
@@ -81,6 +83,7 @@ impl Proxy {
             metrics.clone(),
             config.agent_wait,
             config.max_waiting,
+            forwarding,
         ));
         let forward = Arc::new(Forward::new(dial.clone(), pool.clone(), metrics.clone()));
         Proxy {

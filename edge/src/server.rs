@@ -16,10 +16,11 @@ use crate::admin::Admin;
 use crate::agents;
 use crate::auth::CookieKey;
 use crate::certs::{self, CertError, Identity, PublicCert};
-use crate::cluster::{self, ClusterView};
+use crate::cluster::{self, ClusterView, Forwarding};
 use crate::config::Config;
 use crate::handshakes::Handshakes;
 use crate::listener::{self, Handler};
+use crate::mesh::{self, Mesh};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::proxy::Proxy;
@@ -66,6 +67,9 @@ pub enum StartError {
     /// The OS RNG failed.
     #[error("cannot generate the admin token: {0}")]
     Random(#[from] getrandom::Error),
+    /// The cluster settings cannot work.
+    #[error("{0}")]
+    Cluster(String),
 }
 
 /// A running edge.
@@ -105,21 +109,21 @@ impl Edge {
     /// Starts every listener. Returns once all are bound and serving.
     pub async fn start(config: Config) -> Result<Edge, StartError> {
         create_state_dir(&config.state_dir)?;
+        // The store first: a cluster's writes its secrets into `state_dir` (admin token too).
+        let db = open_store(&config)?;
+        let admin_token = admin_token(&config)?;
         let listeners = Listeners::bind(&config).await?;
         let (http_addr, https_addr) = (listeners.http_addr(), listeners.https_addr());
         let (shutdown, metrics) = (CancellationToken::new(), Metrics::new());
-        // First: a cluster's store writes the cluster's secrets into `state_dir`.
         let urls = listeners.urls(&config.domain);
-        let (registry, cluster) = load_registry(&config, urls, &metrics, &shutdown)?;
-        let admin_token = admin_token(&config)?;
+        let (tasks, clients) = (TaskTracker::new(), Tasks::new());
+        let (registry, cluster) = load_registry(&config, db, urls, &metrics, &tasks, &shutdown)?;
         let (identity, agent_ca) = agents_identity(&config)?;
         let endpoint = agents_endpoint(&config, certs::agents_server_config(identity)?)?;
-        let agents_endpoint = endpoint.clone();
         let agents_addr = endpoint.local_addr().unwrap_or(config.agents_listen);
         let admin_addr = local(&listeners.admin).unwrap_or(config.admin_listen);
-        let (tasks, clients) = (TaskTracker::new(), Tasks::new());
         tasks.spawn(agents::serve(
-            endpoint,
+            endpoint.clone(),
             registry.clone(),
             metrics.clone(),
             Handshakes::new(
@@ -141,10 +145,11 @@ impl Edge {
             ),
             CookieKey::load_or_create(&config.state_dir.join(COOKIE_KEY_FILE))?,
             clients.clone(),
+            cluster.clone(),
         ));
         let admin = Arc::new(Admin::new(
             registry.clone(),
-            cluster.clone(),
+            cluster.as_ref().map(|forwarding| forwarding.view.clone()),
             admin_token.hash(),
             metrics.clone(),
             config.limits.admin_failures,
@@ -195,9 +200,9 @@ impl Edge {
             agent_ca,
             server_name: config.agents_server_name.clone(),
             registry,
-            cluster,
+            cluster: cluster.map(|forwarding| forwarding.view),
             public_cert: listeners.public_cert,
-            agents_endpoint,
+            agents_endpoint: endpoint,
             shutdown,
             tasks,
             clients,
@@ -348,22 +353,41 @@ fn metrics_handler(metrics: &Arc<Metrics>, registry: &Arc<Registry>) -> Handler 
     })
 }
 
-/// The devboxes from the store the configuration names: SQLite in `state_dir`, or the
-/// cluster's PostgreSQL, whose secrets are then written into `state_dir`
-/// ([`cluster::share_secrets`]). An edge of a cluster also joins it: it follows the other
-/// edges' changes and writes its own agents' presence until `shutdown`.
-fn load_registry(
-    config: &Config,
-    urls: UrlBase,
-    metrics: &Metrics,
-    shutdown: &CancellationToken,
-) -> Result<(Arc<Registry>, Option<Arc<ClusterView>>), StartError> {
+/// The store the configuration names: SQLite in `state_dir`, or the cluster's PostgreSQL,
+/// whose secrets are then written into `state_dir` ([`cluster::share_secrets`]).
+enum Db {
+    Sqlite(Sqlite),
+    /// With the cluster's mesh CA key.
+    Postgres(Arc<Postgres>, String),
+}
+
+fn open_store(config: &Config) -> Result<Db, StartError> {
     let Some(url) = &config.cluster_store else {
-        let store = Sqlite::open(&config.state_dir.join(STORE_FILE))?;
-        return Ok((Registry::load(Arc::new(store), urls)?, None));
+        return Ok(Db::Sqlite(Sqlite::open(
+            &config.state_dir.join(STORE_FILE),
+        )?));
     };
     let pg = Arc::new(Postgres::connect(url)?);
-    cluster::share_secrets(&pg, config)?;
+    let mesh_key = cluster::share_secrets(&pg, config)?;
+    Ok(Db::Postgres(pg, mesh_key))
+}
+
+/// The devboxes from the store. An edge of a cluster also joins it: it follows the other
+/// edges' changes, writes its own agents' presence and relays the requests other edges forward
+/// to it (in `tasks`) until `shutdown`.
+fn load_registry(
+    config: &Config,
+    db: Db,
+    urls: UrlBase,
+    metrics: &Metrics,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<(Arc<Registry>, Option<Forwarding>), StartError> {
+    let (pg, mesh_key) = match db {
+        Db::Sqlite(store) => return Ok((Registry::load(Arc::new(store), urls)?, None)),
+        Db::Postgres(pg, mesh_key) => (pg, mesh_key),
+    };
+    let (mesh, mesh_addr) = bind_mesh(config, &mesh_key)?;
     // Read before the devboxes: a change in between is applied twice, never missed.
     let since = pg.last_change()?;
     let registry = Registry::load(pg.clone(), urls)?;
@@ -377,14 +401,36 @@ fn load_registry(
             .unwrap_or_default()
     };
     let stats = view.stats.clone();
-    registry.report_presence(pg.join(&config.cluster_node, live, stats, shutdown.clone()));
+    let node = &config.cluster_node;
+    let mesh_addr = Some(mesh_addr.to_string());
+    registry.report_presence(pg.join(node, mesh_addr, live, stats, shutdown.clone()));
     let taker = view.clone();
     let follower = store::through(Arc::downgrade(&registry), move |registry, change| {
         taker.apply(&change);
         registry.apply(change);
     });
     pg.follow(since, follower, shutdown.clone());
-    Ok((registry, Some(view)))
+    mesh.serve(registry.clone(), tasks, shutdown.clone());
+    Ok((registry, Some(Forwarding { mesh, view })))
+}
+
+/// Binds the mesh on `cluster.mesh_listen`; with the address other edges are to dial.
+fn bind_mesh(config: &Config, ca_key: &str) -> Result<(Arc<Mesh>, SocketAddr), StartError> {
+    let bind_err = |source| StartError::Bind {
+        key: "cluster.mesh_listen",
+        addr: config.mesh_listen,
+        source,
+    };
+    let mesh = Mesh::bind(config.mesh_listen, mesh::tls::mesh_tls(ca_key)?).map_err(bind_err)?;
+    let bound = mesh.local_addr().map_err(bind_err)?;
+    let advertised = config.mesh_addr.unwrap_or(bound);
+    if advertised.ip().is_unspecified() {
+        return Err(StartError::Cluster(format!(
+            "`cluster.mesh_listen` is {bound}: set `cluster.mesh_addr` to the address other \
+             edges reach this one at"
+        )));
+    }
+    Ok((Arc::new(mesh), advertised))
 }
 
 /// The agents' TLS identity: the configured certificate, or a leaf of the CA generated in

@@ -16,7 +16,7 @@ const EVERY_EDGE_WITHIN: Duration = Duration::from_secs(1);
 async fn edge(pg: &Postgres, node: &str) -> TestEdge {
     TestEdge::builder()
         .toml(&format!(
-            "[metrics]\nlisten = \"127.0.0.1:0\"\n[cluster]\nstore = \"{}\"\nnode = \"{node}\"",
+            "[metrics]\nlisten = \"127.0.0.1:0\"\n[cluster]\nstore = \"{}\"\nnode = \"{node}\"\nmesh_listen = \"127.0.0.1:0\"",
             pg.url()
         ))
         .start()
@@ -250,4 +250,169 @@ async fn every_edge_knows_which_edge_holds_an_agent_and_drops_a_stopped_edge() {
     let single = TestEdge::start().await;
     let (status, body) = single.admin("GET", "/v1/cluster", None).await;
     assert_eq!(status, 404, "{body}");
+}
+
+/// A TCP echo service on loopback.
+async fn tcp_echo() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_to_any_edge_reaches_the_agent_through_the_edge_that_holds_it() {
+    use burrow_client::connect::{Connector, Target};
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let pg = Postgres::start().await;
+    let one = edge(&pg, "one").await;
+    let two = edge(&pg, "two").await;
+    let devbox = one.devbox(Some("authenticated")).await;
+    let key = devbox.key.clone().expect("key");
+    let token = devbox.auth_token.clone().expect("token");
+    let _agent = TestAgent::start(&two, &devbox).await;
+    until("edge one sees edge two hold the agent", || async {
+        holders(&one, &devbox.id).await == json!(["two"])
+    })
+    .await;
+    let service = http_service("127.0.0.1:0").await;
+    let port = service.addr.port();
+
+    // HTTP: the access check happens at edge one; with the token, the request goes through.
+    let url = one.url(port, &key, "/forwarded?x=1");
+    assert_eq!(code(&url, None).await, 401, "edge one checks the token");
+    assert_eq!(
+        service.seen.lock().expect("lock").requests.len(),
+        0,
+        "nothing reached the service without the token"
+    );
+    let body: Vec<u8> = (0..(1024 * 1024u64))
+        .map(burrow_tests::services::pattern)
+        .collect();
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), &body).expect("write body");
+    let auth = format!("Authorization: Bearer {token}");
+    let posted = curl(&[
+        "-H",
+        &auth,
+        "--data-binary",
+        &format!("@{}", file.path().display()),
+        &url,
+    ])
+    .await;
+    assert_eq!(posted.code, 200, "{posted:?}");
+    let json: serde_json::Value = serde_json::from_str(&posted.body).expect("json");
+    assert_eq!(json["path"], "/forwarded");
+    assert_eq!(json["len"], 1024 * 1024);
+    assert_eq!(
+        json["sha256"].as_str(),
+        Some(burrow_tests::services::sha256_hex(&body).as_str())
+    );
+    let out = tempfile::NamedTempFile::new().expect("temp file");
+    let out_path = out.path().display().to_string();
+    let big = curl(&[
+        "-H",
+        &auth,
+        "-o",
+        &out_path,
+        &one.url(port, &key, "/bytes/4194304"),
+    ])
+    .await;
+    assert_eq!(big.code, 200);
+    let got = std::fs::read(out.path()).expect("the download");
+    let want: Vec<u8> = (0..4 * 1024 * 1024u64)
+        .map(burrow_tests::services::pattern)
+        .collect();
+    assert!(
+        got == want,
+        "4 MiB streamed back whole ({} bytes)",
+        got.len()
+    );
+
+    // SSE: the events arrive through both edges.
+    let sse = curl(&["-N", "-H", &auth, &one.url(port, &key, "/sse")]).await;
+    let expected: String = (0..5)
+        .map(|i| format!("id: {i}\ndata: event {i}\n\n"))
+        .collect();
+    assert_eq!(sse.body, expected);
+
+    // WebSocket.
+    let ws_service = burrow_tests::services::ws_echo().await;
+    let host = format!("{}-{key}.{}", ws_service.port(), one.domain);
+    let mut request = format!("ws://{host}:{}/", one.http().port())
+        .into_client_request()
+        .expect("request");
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    let tcp = tokio::net::TcpStream::connect(one.http())
+        .await
+        .expect("connect");
+    let (mut ws, response) = tokio_tungstenite::client_async(request, tcp)
+        .await
+        .expect("WebSocket through edge one");
+    assert_eq!(response.status(), 101);
+    ws.send(Message::text("through two edges"))
+        .await
+        .expect("send");
+    let echoed = tokio::time::timeout(WAIT, ws.next())
+        .await
+        .expect("an echo in time")
+        .expect("open")
+        .expect("a message");
+    assert_eq!(echoed, Message::text("through two edges"));
+
+    // Raw TCP (`burrow connect`'s library), 256 KiB each way.
+    let echo = tcp_echo().await;
+    let target: Target = format!(
+        "http://{}-{key}.{}:{}",
+        echo.port(),
+        one.domain,
+        one.http().port()
+    )
+    .parse()
+    .expect("target");
+    let connector = Connector::new(
+        target,
+        Some(token.clone()),
+        None,
+        Some(one.http().to_string()),
+    )
+    .expect("connector");
+    let mut raw = connector.open().await.expect("raw TCP through edge one");
+    let sent: Vec<u8> = (0..256 * 1024u64)
+        .map(burrow_tests::services::pattern)
+        .collect();
+    let mut back = vec![0u8; sent.len()];
+    let (mut r, mut w) = tokio::io::split(&mut raw);
+    let writing = async {
+        w.write_all(&sent).await.expect("write");
+        w.flush().await.expect("flush");
+    };
+    let reading = async { r.read_exact(&mut back).await.expect("read") };
+    tokio::time::timeout(WAIT, async { tokio::join!(writing, reading) })
+        .await
+        .expect("the echo in time");
+    assert!(back == sent, "the raw echo differs");
+
+    // Edge one counted what it forwarded, and how long opening through edge two took.
+    let text = metrics(&one).await;
+    assert!(
+        text.contains("burrow_edge_forwarded_total{result=\"opened\"}"),
+        "{text}"
+    );
 }

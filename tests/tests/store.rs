@@ -153,7 +153,7 @@ async fn postgres_migrates_once_and_refuses_a_newer_schema() {
         start.join().expect("thread").expect("connects");
     }
     let versions = postgres::psql(server.port, "SELECT count(*) FROM burrow_migrations").await;
-    assert_eq!(versions, "2", "each migration applied once");
+    assert_eq!(versions, "3", "each migration applied once");
 
     postgres::psql(
         server.port,
@@ -233,7 +233,7 @@ async fn presence_is_written_in_batches_and_a_late_disconnect_removes_nothing_ne
     .await;
     let stats = Arc::new(PresenceStats::default());
     let stop = tokio_util::sync::CancellationToken::new();
-    let events = store.join("edge-a", Vec::new, stats.clone(), stop.clone());
+    let events = store.join("edge-a", None, Vec::new, stats.clone(), stop.clone());
 
     // A connect storm: every agent at once.
     for i in 1..=storm {

@@ -227,6 +227,18 @@ impl Registry {
         }
     }
 
+    /// The devbox's agent connection on this edge, if it has a live one (for a request another
+    /// edge forwards here).
+    pub fn local_conn(&self, devbox_id: &str) -> Option<quinn::Connection> {
+        self.read()
+            .devboxes
+            .get(devbox_id)?
+            .session
+            .as_ref()
+            .filter(|s| s.conn.close_reason().is_none())
+            .map(|s| s.conn.clone())
+    }
+
     /// Every live session's devbox and generation (for a rewrite of this edge's presence).
     pub fn live_sessions(&self) -> Vec<(String, u64)> {
         self.read()

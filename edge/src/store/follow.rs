@@ -65,6 +65,8 @@ pub struct EdgeRow {
     pub last_seen: Duration,
     /// The agents it holds.
     pub agents: u64,
+    /// Where other edges forward requests to it.
+    pub mesh_addr: Option<String>,
 }
 
 /// Who takes the changes: `false` once it is gone (the follower stops).
@@ -298,7 +300,8 @@ async fn presence(
 async fn edges(client: &tokio_postgres::Client) -> PgResult<Vec<EdgeRow>> {
     let rows = client
         .query(
-            "SELECT node, (extract(epoch FROM now() - last_seen) * 1000)::bigint, agents
+            "SELECT node, (extract(epoch FROM now() - last_seen) * 1000)::bigint, agents,
+                    mesh_addr
              FROM edges ORDER BY node",
             &[],
         )
@@ -311,6 +314,7 @@ async fn edges(client: &tokio_postgres::Client) -> PgResult<Vec<EdgeRow>> {
             node: r.try_get(0)?,
             last_seen: Duration::from_millis(u64::try_from(ago).unwrap_or(0)),
             agents: u64::try_from(agents).unwrap_or(0),
+            mesh_addr: r.try_get(3)?,
         });
     }
     Ok(edges)

@@ -82,6 +82,9 @@ CREATE TABLE edges (
     agents BIGINT NOT NULL DEFAULT 0
 );
 ",
+    "
+ALTER TABLE edges ADD COLUMN mesh_addr TEXT;
+",
 ];
 
 /// Every column of a devbox, in the order [`row`] reads them.

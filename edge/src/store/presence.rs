@@ -86,6 +86,7 @@ impl Postgres {
     pub fn join(
         &self,
         node: &str,
+        mesh_addr: Option<String>,
         sessions: impl Sessions,
         stats: Arc<PresenceStats>,
         stop: CancellationToken,
@@ -94,6 +95,7 @@ impl Postgres {
         let writer = Writer {
             shared: self.shared(),
             node: node.to_owned(),
+            mesh_addr,
             sessions: Box::new(sessions),
             stats,
         };
@@ -111,6 +113,7 @@ impl Postgres {
 struct Writer {
     shared: Arc<Shared>,
     node: String,
+    mesh_addr: Option<String>,
     sessions: Box<dyn Sessions>,
     stats: Arc<PresenceStats>,
 }
@@ -172,14 +175,17 @@ impl Writer {
 
     async fn heartbeat(&self) -> Result<(), StoreError> {
         let node = self.node.clone();
+        let mesh = self.mesh_addr.clone();
         let agents = i64::try_from(self.sessions.live().len()).unwrap_or(i64::MAX);
         self.shared
             .with(move |c| {
                 Box::pin(async move {
                     c.execute(
-                        "INSERT INTO edges (node, last_seen, agents) VALUES ($1, now(), $2)
-                         ON CONFLICT (node) DO UPDATE SET last_seen = now(), agents = $2",
-                        &[&node, &agents],
+                        "INSERT INTO edges (node, last_seen, agents, mesh_addr)
+                         VALUES ($1, now(), $2, $3)
+                         ON CONFLICT (node) DO UPDATE
+                         SET last_seen = now(), agents = $2, mesh_addr = $3",
+                        &[&node, &agents, &mesh],
                     )
                     .await
                     .map(drop)
