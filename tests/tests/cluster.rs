@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use burrow_tests::postgres::Postgres;
+use burrow_tests::postgres::{self, Postgres};
 use burrow_tests::services::http_service;
 use burrow_tests::{TestAgent, TestEdge, WAIT, curl, request};
 use serde_json::json;
@@ -414,5 +414,54 @@ async fn a_request_to_any_edge_reaches_the_agent_through_the_edge_that_holds_it(
     assert!(
         text.contains("burrow_edge_forwarded_total{result=\"opened\"}"),
         "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_of_another_cluster_cannot_forward_through_the_mesh() {
+    use burrow_edge::mesh::tls::{mesh_tls, mesh_tls_with};
+    use burrow_edge::mesh::{Mesh, NotForwarded};
+    use burrow_protocol::{Port, StreamHeader, StreamKind};
+
+    let pg = Postgres::start().await;
+    let one = edge(&pg, "one").await;
+    let devbox = one.devbox(Some("open")).await;
+    let _agent = TestAgent::start(&one, &devbox).await;
+    until("edge one's heartbeat names its mesh address", || async {
+        node(&one, "one").await["mesh_addr"].is_string()
+    })
+    .await;
+    let mesh_addr: std::net::SocketAddr = node(&one, "one").await["mesh_addr"]
+        .as_str()
+        .expect("mesh_addr")
+        .parse()
+        .expect("an address");
+
+    // Mesh ends with a CA of their own: one that does not trust the cluster, and one that
+    // does but presents a stranger's certificate. Both handshakes fail; nothing is relayed.
+    let cluster_ca = postgres::psql(
+        pg.port,
+        "SELECT convert_from(value, 'UTF8') FROM cluster_secrets WHERE name = 'mesh-ca.key'",
+    )
+    .await;
+    let stranger_ca = rcgen::KeyPair::generate().expect("key").serialize_pem();
+    let service = http_service("127.0.0.1:0").await;
+    let port = Port::new(service.addr.port()).expect("port");
+    let header = StreamHeader::new(port, StreamKind::Http, None);
+    for tls in [
+        mesh_tls(&stranger_ca).expect("tls"),
+        mesh_tls_with(&cluster_ca, &stranger_ca).expect("tls"),
+    ] {
+        let stranger = Mesh::bind("127.0.0.1:0".parse().expect("addr"), tls).expect("bind");
+        match stranger.open(mesh_addr, &devbox.id, &header).await {
+            Err(NotForwarded::Failed(why)) => println!("refused: {why}"),
+            Ok(_) => panic!("a stranger's mesh reached the agent"),
+            Err(other) => panic!("expected a failed handshake, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        service.seen.lock().expect("lock").requests.len(),
+        0,
+        "nothing reached the service"
     );
 }

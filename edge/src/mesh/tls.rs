@@ -32,14 +32,18 @@ pub struct MeshTls {
 
 /// The mesh's TLS from the cluster's mesh CA key (PEM).
 pub fn mesh_tls(ca_key_pem: &str) -> Result<MeshTls, CertError> {
+    mesh_tls_with(ca_key_pem, ca_key_pem)
+}
+
+/// Mesh TLS that trusts the CA of `trusted_key` and presents a leaf of the CA of `issuer_key`:
+/// the same key for a real edge; two keys make the stranger a test needs.
+pub fn mesh_tls_with(trusted_key: &str, issuer_key: &str) -> Result<MeshTls, CertError> {
     let tls_err = |e: &dyn std::fmt::Display| CertError::Tls {
         what: "mesh",
         message: e.to_string(),
     };
-    let ca_key = KeyPair::from_pem(ca_key_pem)?;
-    let ca_params = ca_params();
-    let ca_cert = ca_params.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca_params, ca_key);
+    let ca_cert = ca_params().self_signed(&KeyPair::from_pem(trusted_key)?)?;
+    let issuer = Issuer::new(ca_params(), KeyPair::from_pem(issuer_key)?);
     let leaf_key = KeyPair::generate()?;
     let mut leaf = CertificateParams::new(vec![MESH_NAME.to_owned()])?;
     leaf.distinguished_name = DistinguishedName::new();
