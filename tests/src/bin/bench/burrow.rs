@@ -110,7 +110,7 @@ pub async fn start(env: &Env, dir: &Path) -> Result<Running> {
 }
 
 /// `POST /v1/devboxes` with an open tunnel: (tunnel key, agent token).
-async fn register(state: &Path, admin: u16) -> Result<(String, String)> {
+pub async fn register(state: &Path, admin: u16) -> Result<(String, String)> {
     let token_file = state.join("admin.token");
     let token = std::fs::read_to_string(&token_file)
         .with_context(|| format!("reading {}", token_file.display()))?;

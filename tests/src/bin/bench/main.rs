@@ -22,6 +22,7 @@
 
 mod burrow;
 mod chart;
+mod cluster;
 mod driver;
 mod load;
 mod origin;
@@ -96,6 +97,19 @@ enum Cmd {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// The cluster's forwarding hop: two edges on a throwaway PostgreSQL, the same requests
+    /// through the edge that holds the agent and through the other
+    Cluster {
+        /// Requests a second of the fixed-rate run
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        /// Seconds of each run
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Keep-alive connections
+        #[arg(long, default_value_t = 8)]
+        conns: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -123,8 +137,25 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;
+        let run = async {
+            match cli.command {
+                Some(Cmd::Cluster {
+                    rate,
+                    seconds,
+                    conns,
+                }) => {
+                    let shape = cluster::Shape {
+                        rate,
+                        seconds,
+                        conns,
+                    };
+                    cluster_bench(cli.bin_dir.clone(), shape).await
+                }
+                _ => bench(cli).await,
+            }
+        };
         tokio::select! {
-            r = bench(cli) => r,
+            r = run => r,
             _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
             _ = term.recv() => Err(anyhow::anyhow!("terminated")),
         }
@@ -138,6 +169,41 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Starts `bench origin` on a reserved loopback port.
+async fn start_origin(exe: &Path, work: &Path) -> Result<(Proc, SocketAddr)> {
+    let origin_port = systems::reserved_port()?;
+    let origin_addr = SocketAddr::from(([127, 0, 0, 1], origin_port));
+    let origin = Proc::spawn(
+        "origin",
+        "origin",
+        Command::new(exe)
+            .arg("origin")
+            .arg("--listen")
+            .arg(origin_addr.to_string()),
+        work,
+    )?;
+    systems::accepting(origin_port, Duration::from_secs(10))
+        .await
+        .with_context(|| format!("the origin did not start: {}", origin.log_tail()))?;
+    Ok((origin, origin_addr))
+}
+
+/// `bench cluster`.
+async fn cluster_bench(bin_dir: Option<PathBuf>, shape: cluster::Shape) -> Result<()> {
+    let exe = std::env::current_exe().context("this program's path")?;
+    let bin_dir = match bin_dir {
+        Some(d) => d,
+        None => exe.parent().context("this program's directory")?.to_owned(),
+    };
+    let work = tempfile::Builder::new()
+        .prefix("burrow-bench-cluster-")
+        .tempdir()?;
+    let (origin, origin_addr) = start_origin(&exe, work.path()).await?;
+    let result = cluster::run(&bin_dir, work.path(), origin_addr, shape).await;
+    origin.stop().await;
+    result
 }
 
 async fn bench(cli: Cli) -> Result<()> {
@@ -164,20 +230,7 @@ async fn bench(cli: Cli) -> Result<()> {
     };
     let mut work = tempfile::Builder::new().prefix("burrow-bench-").tempdir()?;
     work.disable_cleanup(cli.keep);
-    let origin_port = systems::reserved_port()?;
-    let origin_addr = SocketAddr::from(([127, 0, 0, 1], origin_port));
-    let origin = Proc::spawn(
-        "origin",
-        "origin",
-        Command::new(&exe)
-            .arg("origin")
-            .arg("--listen")
-            .arg(origin_addr.to_string()),
-        work.path(),
-    )?;
-    systems::accepting(origin_port, Duration::from_secs(10))
-        .await
-        .with_context(|| format!("the origin did not start: {}", origin.log_tail()))?;
+    let (origin, origin_addr) = start_origin(&exe, work.path()).await?;
 
     let env = Env::new(bin_dir, work.path().to_owned(), origin_addr);
     let mut tools = if plan.in_process {
