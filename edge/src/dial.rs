@@ -3,6 +3,7 @@
 //! away. The first try uses the agent connection the route step found; the registry is asked
 //! again only when that one is missing or fails, for the connection that attached meanwhile.
 
+use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +36,9 @@ pub struct Dialer {
     max_waiting: usize,
     /// On an edge of a cluster: the other edges a request can go to.
     forwarding: Option<Forwarding>,
+    /// The pool's connection ids of streams through another edge: one per mesh connection and
+    /// devbox ([`Dialer::forward_id`]).
+    forward_ids: std::sync::Mutex<HashMap<(usize, String), usize>>,
 }
 
 /// A data stream the agent accepted.
@@ -48,8 +52,8 @@ pub struct Opened {
     pub conn_id: usize,
     /// That connection (a mesh connection when `forwarded`).
     pub conn: quinn::Connection,
-    /// Through another edge: kept-alive connections are not pooled (the pool's key is the
-    /// agent connection, and a mesh connection carries many devboxes).
+    /// Through another edge (`conn_id` is then the pool's id for the mesh connection and the
+    /// devbox).
     pub forwarded: bool,
 }
 
@@ -108,7 +112,32 @@ impl Dialer {
             agent_wait,
             max_waiting,
             forwarding,
+            forward_ids: std::sync::Mutex::default(),
         }
+    }
+
+    /// The pool's id for streams to `devbox` over the mesh connection `mesh_id`: kept-alive
+    /// connections through another edge are pooled per devbox (a mesh connection carries many
+    /// devboxes, and one devbox's kept-alive connection must never carry another's request).
+    /// The top bit is set, so an id is never a local agent connection's (`stable_id` is an
+    /// address, which has it clear).
+    fn forward_id(&self, mesh_id: usize, devbox: &str) -> usize {
+        let mut ids = self.forward_ids.lock().unwrap_or_else(|p| p.into_inner());
+        let next = ids.len() | (1 << (usize::BITS - 1));
+        *ids.entry((mesh_id, devbox.to_owned())).or_insert(next)
+    }
+
+    /// The live mesh connection to an edge holding `devbox`'s agent, and the pool's id for
+    /// it: where a kept-alive connection through another edge would be. None is dialed.
+    pub async fn forwarded_conn(&self, devbox: &str) -> Option<(quinn::Connection, usize)> {
+        let forwarding = self.forwarding.as_ref()?;
+        for to in forwarding.view.remote_holders(devbox) {
+            if let Some(conn) = forwarding.mesh.existing(to).await {
+                let id = self.forward_id(conn.stable_id(), devbox);
+                return Some((conn, id));
+            }
+        }
+        None
     }
 
     /// Opens a stream of `kind` to the routed port and waits for the agent's answer, or answers
@@ -347,13 +376,14 @@ impl Dialer {
                     return Ok(Some(Opened {
                         send: forwarded.send,
                         recv: forwarded.recv,
-                        conn_id: forwarded.conn.stable_id(),
+                        conn_id: self.forward_id(forwarded.conn.stable_id(), devbox),
                         conn: forwarded.conn,
                         forwarded: true,
                     }));
                 }
-                Err(NotForwarded::Refused(reason, conn_id)) => {
+                Err(NotForwarded::Refused(reason, mesh_id)) => {
                     self.metrics.forwarded("refused", started.elapsed());
+                    let conn_id = self.forward_id(mesh_id, devbox);
                     return Err(NoStream::Refused(Refusal { reason, conn_id }));
                 }
                 Err(NotForwarded::NotHere) => {

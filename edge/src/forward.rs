@@ -43,8 +43,8 @@ pub struct Answered {
     /// The response head and its streaming body.
     pub response: Response<Incoming>,
     sender: Sender,
-    /// The agent connection, for the pool; `None`: not pooled (forwarded through another edge).
-    conn_id: Option<usize>,
+    /// The pool's id of the agent connection (or of the mesh connection and devbox).
+    conn_id: usize,
 }
 
 impl Forward {
@@ -138,7 +138,7 @@ impl Forward {
         let (slot, counted) = slot.into_parts();
         let back = Back {
             pool: self.pool.clone(),
-            key: conn_id.map(|conn_id| (conn_id, port.get())),
+            key: (conn_id, port.get()),
             sender,
             slot,
         };
@@ -165,18 +165,33 @@ impl Forward {
     ) -> Result<Result<Answered, Outbound>, Answer> {
         let port = routed.target.port;
         let key = &routed.target.key;
-        // The route step has just read the devbox's current connection.
-        let Some(conn) = routed.route.conn.as_ref() else {
-            return Ok(Err(outbound));
+        // The route step has just read the devbox's current connection; without one here,
+        // another edge's may carry a kept-alive connection through the mesh.
+        let (conn, conn_id, forwarded) = match routed.route.conn.as_ref() {
+            Some(conn) => (conn.clone(), conn.stable_id(), false),
+            None => match self.dial.forwarded_conn(&routed.route.devbox_id).await {
+                Some((conn, id)) => (conn, id, true),
+                None => return Ok(Err(outbound)),
+            },
         };
-        let conn_id = conn.stable_id();
         let Some(mut sender) = self.pool.checkout((conn_id, port.get())) else {
             return Ok(Err(outbound));
         };
         let replay = Replay::of(&outbound);
+        let superseded = async {
+            if forwarded {
+                // The owner's agent connection is the owner's to follow: a stream it can no
+                // longer relay fails, and the request goes again below.
+                conn.closed().await;
+            } else {
+                self.dial
+                    .superseded(&conn, key, routed.route.attaches)
+                    .await;
+            }
+        };
         let sent = tokio::select! {
             sent = sender.try_send_request(outbound) => sent,
-            () = self.dial.superseded(conn, key, routed.route.attaches) => {
+            () = superseded => {
                 return match replay {
                     Some(replay) => {
                         debug!(%port, "agent connection replaced under a kept-alive request; sending it again");
@@ -192,7 +207,7 @@ impl Forward {
                 Ok(Ok(Answered {
                     response,
                     sender,
-                    conn_id: Some(conn_id),
+                    conn_id,
                 }))
             }
             Err(mut e) => match (e.take_message(), replay) {
@@ -272,7 +287,7 @@ impl Forward {
             Ok(response) => Ok(Ok(Answered {
                 response,
                 sender,
-                conn_id: (!opened.forwarded).then_some(opened.conn_id),
+                conn_id: opened.conn_id,
             })),
             Err(e) => {
                 debug!(error = %e, %port, "service did not answer");

@@ -162,6 +162,15 @@ impl Mesh {
         }
     }
 
+    /// The live connection to the edge at `to`, if there is one (none is dialed).
+    pub async fn existing(&self, to: SocketAddr) -> Option<quinn::Connection> {
+        let conns = self.conns.lock().await;
+        conns
+            .get(&to)
+            .filter(|c| c.close_reason().is_none())
+            .cloned()
+    }
+
     /// The connection to the edge at `to`, dialed if there is none or it closed.
     async fn connection(&self, to: SocketAddr) -> Result<quinn::Connection, NotForwarded> {
         let mut conns = self.conns.lock().await;

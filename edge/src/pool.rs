@@ -391,8 +391,8 @@ pub struct Returning<B> {
 pub struct Back {
     /// The pool.
     pub pool: Arc<Pool>,
-    /// The agent connection and port it is for; `None`: the connection closes instead.
-    pub key: Option<Key>,
+    /// The agent connection and port it is for.
+    pub key: Key,
     /// The connection.
     pub sender: Sender,
     /// The devbox's place its request held, which the idle connection keeps.
@@ -421,7 +421,7 @@ impl<B> Drop for Returning<B> {
     fn drop(&mut self) {
         if let Some(Back {
             pool,
-            key: Some(key),
+            key,
             sender,
             slot,
         }) = self.back.take()

@@ -409,11 +409,29 @@ async fn a_request_to_any_edge_reaches_the_agent_through_the_edge_that_holds_it(
         .expect("the echo in time");
     assert!(back == sent, "the raw echo differs");
 
+    // Kept-alive connections through the hop are reused, per devbox and port.
+    for _ in 0..3 {
+        let again = curl(&["-H", &auth, &one.url(port, &key, "/again")]).await;
+        assert_eq!(again.code, 200, "{again:?}");
+    }
     // Edge one counted what it forwarded, and how long opening through edge two took.
     let text = metrics(&one).await;
     assert!(
         text.contains("burrow_edge_forwarded_total{result=\"opened\"}"),
         "{text}"
+    );
+    let reused = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("burrow_edge_service_connections_total{connection=\"reused\"}")?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .unwrap_or(0.0);
+    assert!(
+        reused >= 2.0,
+        "kept-alive connections through the hop were not reused:\n{text}"
     );
 }
 
