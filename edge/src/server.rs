@@ -109,16 +109,16 @@ impl Edge {
     /// Starts every listener. Returns once all are bound and serving.
     pub async fn start(config: Config) -> Result<Edge, StartError> {
         create_state_dir(&config.state_dir)?;
-        // The store first: a cluster's writes its secrets into `state_dir` (admin token too).
+        // Files first (a cluster's secrets, admin token, agents' CA), then the listeners.
         let db = open_store(&config)?;
         let admin_token = admin_token(&config)?;
+        let (identity, agent_ca) = agents_identity(&config)?;
         let listeners = Listeners::bind(&config).await?;
         let (http_addr, https_addr) = (listeners.http_addr(), listeners.https_addr());
         let (shutdown, metrics) = (CancellationToken::new(), Metrics::new());
         let urls = listeners.urls(&config.domain);
         let (tasks, clients) = (TaskTracker::new(), Tasks::new());
         let (registry, cluster) = load_registry(&config, db, urls, &metrics, &tasks, &shutdown)?;
-        let (identity, agent_ca) = agents_identity(&config)?;
         let endpoint = agents_endpoint(&config, certs::agents_server_config(identity)?)?;
         let agents_addr = endpoint.local_addr().unwrap_or(config.agents_listen);
         let admin_addr = local(&listeners.admin).unwrap_or(config.admin_listen);

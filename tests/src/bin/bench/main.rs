@@ -104,11 +104,14 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         rate: u32,
         /// Seconds of each run
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 5)]
         seconds: u64,
         /// Keep-alive connections
         #[arg(long, default_value_t = 8)]
         conns: usize,
+        /// Rounds (the two paths take turns; the median round is shown)
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
     },
 }
 
@@ -143,11 +146,13 @@ fn main() -> ExitCode {
                     rate,
                     seconds,
                     conns,
+                    rounds,
                 }) => {
                     let shape = cluster::Shape {
                         rate,
                         seconds,
                         conns,
+                        rounds: rounds.max(1),
                     };
                     cluster_bench(cli.bin_dir.clone(), shape).await
                 }
