@@ -36,9 +36,14 @@ pub struct Cli {
     /// TOML config file [env: BURROW_CONFIG]
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// The edge's QUIC listener, host:port (key `edge`) [env: BURROW_EDGE]
+    /// The edge's QUIC listener, host:port, or several, comma-separated (key `edge`) [env:
+    /// BURROW_EDGE]
     #[arg(long, value_name = "HOST:PORT")]
     pub edge: Option<String>,
+    /// Connections to hold, each to a distinct edge; default 2 with several edges, else 1
+    /// (key `ha_connections`) [env: BURROW_HA_CONNECTIONS]
+    #[arg(long, value_name = "N")]
+    pub ha_connections: Option<String>,
     /// TLS name the edge's certificate must carry; default: the host of `edge` (key
     /// `server_name`) [env: BURROW_SERVER_NAME]
     #[arg(long, value_name = "NAME")]
@@ -144,6 +149,7 @@ impl Cli {
     pub fn flags(&self) -> Vec<(&'static str, String)> {
         [
             ("edge", &self.edge),
+            ("ha_connections", &self.ha_connections),
             ("server_name", &self.server_name),
             ("ca", &self.ca),
             ("token_file", &self.token_file),

@@ -9,6 +9,7 @@ use std::time::Duration;
 use burrow_protocol::{AgentToken, Port};
 use serde::Deserialize;
 
+use crate::edges::{RawEdges, edge};
 use crate::policy::PortPolicy;
 use burrow_runtime::sources::{self, ConfigError, File, Kind, Setting};
 
@@ -23,6 +24,11 @@ pub const SETTINGS: &[Setting] = &[
         key: "server_name",
         env: "BURROW_SERVER_NAME",
         kind: Kind::Str,
+    },
+    Setting {
+        key: "ha_connections",
+        env: "BURROW_HA_CONNECTIONS",
+        kind: Kind::Int,
     },
     Setting {
         key: "ca",
@@ -138,7 +144,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/burrow-agent";
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    edge: Option<String>,
+    edge: Option<RawEdges>,
+    ha_connections: Option<i64>,
     server_name: Option<String>,
     ca: Option<PathBuf>,
     token_file: Option<PathBuf>,
@@ -258,8 +265,12 @@ struct RawMetrics {
 /// The agent's checked configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The edge's QUIC listener, `host:port`; resolved again on every dial.
+    /// The edges' QUIC listeners, as given (comma-separated), for logs and the status.
     pub edge: String,
+    /// Each edge's QUIC listener, `host:port`; resolved again on every dial.
+    pub edges: Vec<String>,
+    /// How many connections the agent holds, to distinct edges ([`crate::reconnect`]).
+    pub ha_connections: usize,
     /// The TLS name the edge's certificate must carry.
     pub server_name: String,
     /// Roots to trust instead of the system's.
@@ -325,7 +336,9 @@ impl Config {
             _ => p,
         };
 
-        let (edge, server_name) = edge(raw.edge, raw.server_name)?;
+        let (edges, server_name) = edge(raw.edge, raw.server_name)?;
+        let ha_default = if edges.len() > 1 { 2 } else { 1 };
+        let ha_connections = sources::int("ha_connections", raw.ha_connections, ha_default, 1..=8)?;
         let (token, token_file) = token(env, raw.token_file.map(relative))?;
         let state_dir = relative(state_dir(raw.state_dir, env)?);
         let metrics_listen = metrics_listen(raw.metrics.listen)?;
@@ -337,7 +350,9 @@ impl Config {
         let liveness = liveness(raw.liveness)?;
         let log = burrow_runtime::logging::LogSettings::parse(raw.log.level, raw.log.format, env)?;
         Ok(Config {
-            edge,
+            edge: edges.join(","),
+            edges,
+            ha_connections,
             server_name,
             ca: raw.ca.map(relative),
             token,
@@ -362,24 +377,6 @@ impl Config {
             )?,
         })
     }
-}
-
-/// `edge` (required, `host:port`) and the TLS name to verify (`server_name`, by default the
-/// edge's host).
-fn edge(
-    edge: Option<String>,
-    server_name: Option<String>,
-) -> Result<(String, String), ConfigError> {
-    let edge = edge.ok_or_else(|| ConfigError::Missing {
-        key: "edge",
-        hint: "set `edge = \"host:port\"` in the file, BURROW_EDGE, or --edge".into(),
-    })?;
-    let host = edge_host(&edge).ok_or_else(|| ConfigError::Invalid {
-        key: "edge",
-        message: format!("`{edge}` is not host:port (e.g. edge.example.com:443)"),
-    })?;
-    let server_name = server_name.unwrap_or_else(|| host.to_owned());
-    Ok((edge, server_name))
 }
 
 /// The agent token: from [`TOKEN_ENV`] itself, or read from `token_file` (already resolved
@@ -557,17 +554,6 @@ fn duration(
         });
     }
     Ok(d)
-}
-
-/// The host part of `host:port` (brackets removed for IPv6), if the port is valid.
-fn edge_host(edge: &str) -> Option<&str> {
-    let (host, port) = edge.rsplit_once(':')?;
-    port.parse::<u16>().ok().filter(|p| *p != 0)?;
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    (!host.is_empty()).then_some(host)
 }
 
 /// A token file's content, trimmed.

@@ -37,6 +37,12 @@ impl Chain {
     /// an unusable directory is logged once and the chain kept in memory only; an unreadable or
     /// garbled file is logged and the chain starts over.
     pub fn open(state_dir: &Path) -> Chain {
+        Chain::open_slot(state_dir, 0)
+    }
+
+    /// [`Chain::open`] for one of the agent's connections: each keeps its own chain (each edge
+    /// sees one of them), in `instance` for the first and `instance-{slot}` for the others.
+    pub fn open_slot(state_dir: &Path, slot: usize) -> Chain {
         if let Err(e) = std::fs::create_dir_all(state_dir) {
             unusable(state_dir, &e);
             return Chain {
@@ -44,7 +50,10 @@ impl Chain {
                 previous: 0,
             };
         }
-        let file = state_dir.join(FILE);
+        let file = match slot {
+            0 => state_dir.join(FILE),
+            n => state_dir.join(format!("{FILE}-{n}")),
+        };
         let previous = match read(&file) {
             Ok(previous) => previous,
             Err(e) => {

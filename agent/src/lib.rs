@@ -30,6 +30,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod copy;
+pub mod edges;
 pub mod forward;
 pub mod identity;
 pub mod metrics;

@@ -15,7 +15,8 @@
 //! a fresh DNS resolution are used for every dial. The agent never gives up because the edge is
 //! unreachable; a refused token backs off to a minute and says so in the log.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use burrow_protocol::{GoAwayReason, RejectReason};
@@ -32,7 +33,7 @@ use crate::identity::Chain;
 use crate::metrics::Metrics;
 use crate::session::{Ended, Session, SessionError};
 use crate::status::{State, Status};
-use crate::{resume, tls};
+use crate::{resume, session, tls};
 
 /// Backoff after the edge refused the token: it will not change by itself soon.
 const REFUSED: Policy = Policy {
@@ -79,32 +80,89 @@ pub async fn run_with_clocks(
         shutdown.clone(),
     ));
 
-    let mut redial = Redial {
-        backoff: Backoff::new(config.reconnect.backoff),
-        refused: Backoff::new(REFUSED),
-        chain: Chain::open(&config.state_dir),
-        takeover: true,
-        config,
-        client,
-        status,
-        metrics,
-        resumes,
-        background,
-        shutdown,
-    };
-    let mut link = Link::Disconnected {
-        delay: Duration::ZERO,
-    };
-    while let Some(next) = redial.step(link).await {
-        link = next;
+    // One reconnect loop per connection the agent holds, each to a distinct edge; the status
+    // the agent shows merges theirs.
+    let slots = config.ha_connections.max(1);
+    let held: Held = Arc::new(Mutex::new(vec![None; slots]));
+    let mut slot_status = Vec::with_capacity(slots);
+    let mut loops = Vec::with_capacity(slots);
+    for slot in 0..slots {
+        let (tx, rx) = watch::channel(Status::default());
+        slot_status.push(rx);
+        let redial = Redial {
+            slot,
+            held: held.clone(),
+            rotate: slot,
+            backoff: Backoff::new(config.reconnect.backoff),
+            refused: Backoff::new(REFUSED),
+            chain: Chain::open_slot(&config.state_dir, slot),
+            takeover: slot == 0,
+            config: config.clone(),
+            client: client.clone(),
+            status: tx,
+            metrics: metrics.clone(),
+            resumes: resumes.clone(),
+            background: background.clone(),
+            shutdown: shutdown.clone(),
+        };
+        loops.push(redial.run());
     }
-    redial.status.send_modify(|s| {
+    merge_status(slot_status, &status, &background, &shutdown);
+    futures_util::future::join_all(loops).await;
+    status.send_modify(|s| {
         s.state = State::Draining;
         s.connected = false;
     });
-    redial.background.close();
-    redial.background.wait().await;
+    background.close();
+    background.wait().await;
     Ok(())
+}
+
+/// Which edge address each of the agent's connections holds (`None`: not connected), so each
+/// dials an edge the others do not hold.
+type Held = Arc<Mutex<Vec<Option<SocketAddr>>>>;
+
+/// Keeps `status` the merge of the connections' own statuses, until shutdown.
+fn merge_status(
+    slots: Vec<watch::Receiver<Status>>,
+    status: &watch::Sender<Status>,
+    background: &TaskTracker,
+    shutdown: &CancellationToken,
+) {
+    let all = Arc::new(slots);
+    for mine in all.iter() {
+        let (mut mine, all) = (mine.clone(), all.clone());
+        let (status, shutdown) = (status.clone(), shutdown.clone());
+        background.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    changed = mine.changed() => if changed.is_err() { return },
+                }
+                let slots: Vec<Status> = all.iter().map(|s| s.borrow().clone()).collect();
+                status.send_modify(|s| merge(s, &slots));
+            }
+        });
+    }
+}
+
+/// The agent's status from its connections': connected while any is, its streams and sessions
+/// added up; the rest from a connected one (else the first). `resumes` is the agent's own.
+fn merge(status: &mut Status, slots: &[Status]) {
+    let Some(first) = slots.first() else { return };
+    let live: Vec<&Status> = slots.iter().filter(|s| s.connected).collect();
+    let lead = live.first().copied().unwrap_or(first);
+    status.state = lead.state;
+    status.connected = lead.connected;
+    status.devbox_id = slots
+        .iter()
+        .find_map(|s| s.devbox_id.clone())
+        .or(status.devbox_id.take());
+    status.tunnel.clone_from(&lead.tunnel);
+    status.sessions = slots.iter().map(|s| s.sessions).sum();
+    status.streams = slots.iter().map(|s| s.streams).sum();
+    status.rtt = live.iter().filter_map(|s| s.rtt).min().or(lead.rtt);
+    status.last_error.clone_from(&lead.last_error);
 }
 
 /// Serves the metrics listener in `background`, if one is configured. A listener that cannot
@@ -166,6 +224,12 @@ enum Link {
 /// What the reconnect loop keeps from one dial to the next: the mechanism (how to dial, where to
 /// report) and the policy's state (the backoffs, whether to take over).
 struct Redial {
+    /// Which of the agent's connections this loop keeps (0: the first).
+    slot: usize,
+    /// The addresses every loop holds.
+    held: Held,
+    /// Where in the edges' addresses the next dial starts; moves on after a failure.
+    rotate: usize,
     config: Config,
     client: quinn::ClientConfig,
     status: watch::Sender<Status>,
@@ -184,6 +248,41 @@ struct Redial {
 }
 
 impl Redial {
+    /// Runs this connection's loop until shutdown.
+    async fn run(mut self) {
+        let mut link = Link::Disconnected {
+            delay: Duration::ZERO,
+        };
+        while let Some(next) = self.step(link).await {
+            link = next;
+        }
+    }
+
+    /// The address to dial: from `rotate` on, the first that no other connection holds.
+    fn pick(&self, addrs: &[SocketAddr]) -> Option<SocketAddr> {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let others: Vec<SocketAddr> = held
+            .iter()
+            .enumerate()
+            .filter(|(slot, _)| *slot != self.slot)
+            .filter_map(|(_, addr)| *addr)
+            .collect();
+        let n = addrs.len();
+        let start = self.rotate % n.max(1);
+        (0..n)
+            .map(|k| addrs[(start + k) % n])
+            .find(|a| !others.contains(a))
+            .or_else(|| addrs.get(start).copied())
+    }
+
+    /// Records the address this connection holds (`None`: none).
+    fn hold(&self, addr: Option<SocketAddr>) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = held.get_mut(self.slot) {
+            *slot = addr;
+        }
+    }
+
     /// Takes `link` one step; `None` once shutdown was asked for.
     async fn step(&mut self, link: Link) -> Option<Link> {
         match link {
@@ -219,21 +318,34 @@ impl Redial {
             }
         });
         let timeout = self.config.reconnect.dial_timeout;
-        let identity = self.chain.next(self.takeover);
-        let dial = tokio::time::timeout(
-            timeout,
-            Session::connect(&self.config, &self.client, identity),
-        );
+        // Only the first connection takes over another agent's session: a second one that
+        // lands on the edge the first holds is refused there and moves to another edge.
+        let identity = self.chain.next(self.takeover && self.slot == 0);
+        let dial = tokio::time::timeout(timeout, async {
+            let addrs = session::resolve(&self.config.edges).await?;
+            let addr = self.pick(&addrs).ok_or_else(|| {
+                SessionError::Resolve(self.config.edge.clone(), "no address".into())
+            })?;
+            Session::connect(&self.config, &self.client, identity, addr)
+                .await
+                .map(|session| (session, addr))
+        });
         let attempt = tokio::select! {
             () = self.shutdown.cancelled() => return None,
             r = dial => r.unwrap_or(Err(SessionError::Timeout(timeout))),
         };
         let delay = match attempt {
-            Ok(session) => {
+            Ok((session, addr)) => {
                 self.chain.accepted(identity.instance);
+                self.hold(Some(addr));
                 return Some(Link::Connected(Box::new(session)));
             }
-            Err(e) => self.dial_failed(e),
+            Err(e) => {
+                // The next dial starts at the next address: a dead edge is not tried first
+                // again while others may answer.
+                self.rotate = self.rotate.wrapping_add(1);
+                self.dial_failed(e)
+            }
         };
         Some(Link::Disconnected { delay })
     }
@@ -241,6 +353,14 @@ impl Redial {
     /// Reports a failed dial; returns how long to wait before the next.
     fn dial_failed(&mut self, e: SessionError) -> Duration {
         match e {
+            SessionError::Rejected(reject)
+                if reject.reason == RejectReason::Replaced && self.slot > 0 =>
+            {
+                info!("another connection of this agent holds that edge; trying another");
+                self.status
+                    .send_modify(|s| s.last_error = Some(reject.message.clone()));
+                self.backoff.next_delay()
+            }
             SessionError::Rejected(reject) if reject.reason == RejectReason::Replaced => {
                 self.metrics
                     .dial_failures
@@ -331,6 +451,10 @@ impl Redial {
     /// Reports a session that ended, however it ended; a session that stayed up long enough
     /// resets the backoff.
     fn disconnected(&mut self, ended: &Ended, started: Instant) {
+        self.hold(None);
+        // The next dial starts at the next edge: the one just lost may be gone for good (with
+        // one edge configured, it is the same one).
+        self.rotate = self.rotate.wrapping_add(1);
         self.status.send_modify(|s| s.connected = false);
         self.metrics.set_connection(None);
         let cause = match ended {
@@ -356,6 +480,11 @@ impl Redial {
         match ended {
             Ended::Shutdown => return None,
             Ended::GoAway(go_away) => match go_away.reason {
+                GoAwayReason::Replaced if self.slot > 0 => {
+                    // The first connection moved onto this edge: find another.
+                    info!(message = %go_away.message, "this edge took the agent's other connection; trying another");
+                    self.rotate = self.rotate.wrapping_add(1);
+                }
                 GoAwayReason::Replaced => {
                     warn!(message = %go_away.message, "replaced by another agent with this token; standing by");
                     self.takeover = false;

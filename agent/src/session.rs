@@ -108,18 +108,38 @@ pub struct Session {
     machine: AgentControl,
 }
 
+/// Every address of every configured edge, in order, each once: resolved afresh for each dial
+/// (a name may point elsewhere after a failover).
+pub async fn resolve(edges: &[String]) -> Result<Vec<SocketAddr>, SessionError> {
+    let mut addrs = Vec::new();
+    let mut last_error = None;
+    for edge in edges {
+        match tokio::net::lookup_host(edge).await {
+            Ok(found) => {
+                for addr in found {
+                    if !addrs.contains(&addr) {
+                        addrs.push(addr);
+                    }
+                }
+            }
+            Err(e) => last_error = Some(SessionError::Resolve(edge.clone(), e.to_string())),
+        }
+    }
+    match (addrs.is_empty(), last_error) {
+        (false, _) => Ok(addrs),
+        (true, Some(e)) => Err(e),
+        (true, None) => Err(SessionError::Resolve(edges.join(","), "no address".into())),
+    }
+}
+
 impl Session {
-    /// Resolves the edge, dials it from a fresh UDP socket, and exchanges hello and welcome.
+    /// Dials the edge at `addr` from a fresh UDP socket, and exchanges hello and welcome.
     pub async fn connect(
         config: &Config,
         client: &quinn::ClientConfig,
         identity: Identity,
+        addr: SocketAddr,
     ) -> Result<Session, SessionError> {
-        let addr = tokio::net::lookup_host(&config.edge)
-            .await
-            .map_err(|e| SessionError::Resolve(config.edge.clone(), e.to_string()))?
-            .next()
-            .ok_or_else(|| SessionError::Resolve(config.edge.clone(), "no address".into()))?;
         let endpoint = quinn::Endpoint::client(unspecified(addr)).map_err(SessionError::Socket)?;
         let conn = endpoint
             .connect_with(client.clone(), addr, &config.server_name)?

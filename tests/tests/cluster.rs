@@ -173,11 +173,24 @@ async fn metrics(edge: &TestEdge) -> String {
 
 /// The edges holding `devbox`'s agent, as `edge`'s admin API shows them.
 async fn holders(edge: &TestEdge, devbox: &str) -> serde_json::Value {
-    let (status, view) = edge
+    // Null until the edge has followed the devbox's creation (404).
+    let (_, view) = edge
         .admin("GET", &format!("/v1/devboxes/{devbox}"), None)
         .await;
-    assert_eq!(status, 200, "{view}");
     view["agent"]["edges"].clone()
+}
+
+/// [`holders`] as names.
+async fn held_by(edge: &TestEdge, devbox: &str) -> Vec<String> {
+    holders(edge, devbox)
+        .await
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|n| n.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// `node`'s entry in `edge`'s `GET /v1/cluster`.
@@ -481,5 +494,76 @@ async fn an_edge_of_another_cluster_cannot_forward_through_the_mesh() {
         service.seen.lock().expect("lock").requests.len(),
         0,
         "nothing reached the service"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_holds_two_edges_and_losing_one_fails_no_request() {
+    let pg = Postgres::start().await;
+    let mut edges = vec![
+        ("one", edge(&pg, "one").await),
+        ("two", edge(&pg, "two").await),
+        ("three", edge(&pg, "three").await),
+    ];
+    let devbox = edges[1].1.devbox(Some("open")).await;
+    let key = devbox.key.clone().expect("key");
+    let list = edges
+        .iter()
+        .map(|(_, e)| e.agents_addr().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let agent = TestAgent::start_with(&edges[1].1, &devbox, &[("edge", list.as_str())]).await;
+    until("the agent holds two edges", || async {
+        held_by(&edges[0].1, &devbox.id).await.len() == 2
+    })
+    .await;
+    assert_eq!(agent.status().sessions, 2, "two connections");
+    let before = held_by(&edges[0].1, &devbox.id).await;
+
+    // Requests keep coming through the other edges while one that holds the agent stops.
+    let lost = edges
+        .iter()
+        .position(|(name, _)| *name == before[0])
+        .expect("a holder");
+    let (lost_name, mut lost_edge) = edges.remove(lost);
+    let service = http_service("127.0.0.1:0").await;
+    let urls: Vec<String> = edges
+        .iter()
+        .map(|(_, e)| e.url(service.addr.port(), &key, "/steady"))
+        .collect();
+    for url in &urls {
+        until("every edge serves the tunnel", || async {
+            code(url, None).await == 200
+        })
+        .await;
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (urls, stop) = (urls.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut codes = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for url in &urls {
+                    codes.push(code(url, None).await);
+                }
+            }
+            codes
+        })
+    };
+    lost_edge.stop().await;
+    let took = until("the agent holds two live edges again", || async {
+        let now = held_by(&edges[0].1, &devbox.id).await;
+        now.len() == 2 && !now.contains(&lost_name.to_owned())
+    })
+    .await;
+    println!("edge {lost_name} stopped: the agent held two live edges again after {took:?}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let codes = load.await.expect("load task");
+    let failed: Vec<&u16> = codes.iter().filter(|c| **c != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        codes.len()
     );
 }
