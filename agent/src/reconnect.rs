@@ -140,7 +140,12 @@ fn merge_status(
                     changed = mine.changed() => if changed.is_err() { return },
                 }
                 let slots: Vec<Status> = all.iter().map(|s| s.borrow().clone()).collect();
-                status.send_modify(|s| merge(s, &slots));
+                // Once the agent drains, that is what it shows.
+                status.send_modify(|s| {
+                    if s.state != State::Draining {
+                        merge(s, &slots);
+                    }
+                });
             }
         });
     }
