@@ -23,6 +23,8 @@ use crate::config::CertFiles;
 /// File names in `state_dir`.
 pub const CA_CERT_FILE: &str = "agent-ca.pem";
 pub const CA_KEY_FILE: &str = "agent-ca.key";
+/// The generated agents' CA's name.
+const AGENTS_CA_NAME: &str = "burrow edge agents CA";
 
 /// A certificate problem, naming the file.
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +103,7 @@ pub fn generated_agent_identity(
     };
     // The CA certificate is derived from fixed parameters and the persisted key, so it is the
     // same trust anchor at every start.
-    let ca_params = ca_params();
+    let ca_params = ca_params(AGENTS_CA_NAME);
     let ca_cert = ca_params.self_signed(&ca_key)?;
     std::fs::write(&cert_path, ca_cert.pem()).map_err(|e| CertError::File {
         path: cert_path.clone(),
@@ -128,14 +130,16 @@ pub fn generated_agent_identity(
     Ok((identity, cert_path))
 }
 
-fn ca_params() -> CertificateParams {
+/// A CA over fixed parameters (so the same key always makes the same trust anchor), named
+/// `common_name`.
+pub(crate) fn ca_params(common_name: &str) -> CertificateParams {
     let mut params = CertificateParams::default();
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     params.distinguished_name = DistinguishedName::new();
     params
         .distinguished_name
-        .push(DnType::CommonName, "burrow edge agents CA");
+        .push(DnType::CommonName, common_name);
     params.not_before = rcgen::date_time_ymd(2024, 1, 1);
     params.not_after = rcgen::date_time_ymd(2124, 1, 1);
     params

@@ -7,17 +7,19 @@ use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair,
 };
 use rustls::RootCertStore;
 use rustls::pki_types::PrivateKeyDer;
 use rustls::server::WebPkiClientVerifier;
 
-use crate::certs::{CertError, provider};
+use crate::certs::{CertError, ca_params, provider};
 
 /// The name every edge's mesh certificate carries and every edge verifies.
 pub const MESH_NAME: &str = "mesh.burrow.invalid";
+/// The mesh CA's name: the same parameters over the cluster's key, so every edge derives the
+/// same CA.
+const MESH_CA_NAME: &str = "burrow cluster mesh CA";
 /// The mesh's ALPN protocol.
 pub const MESH_ALPN: &[u8] = b"burrow-mesh/1";
 
@@ -42,8 +44,8 @@ pub fn mesh_tls_with(trusted_key: &str, issuer_key: &str) -> Result<MeshTls, Cer
         what: "mesh",
         message: e.to_string(),
     };
-    let ca_cert = ca_params().self_signed(&KeyPair::from_pem(trusted_key)?)?;
-    let issuer = Issuer::new(ca_params(), KeyPair::from_pem(issuer_key)?);
+    let ca_cert = ca_params(MESH_CA_NAME).self_signed(&KeyPair::from_pem(trusted_key)?)?;
+    let issuer = Issuer::new(ca_params(MESH_CA_NAME), KeyPair::from_pem(issuer_key)?);
     let leaf_key = KeyPair::generate()?;
     let mut leaf = CertificateParams::new(vec![MESH_NAME.to_owned()])?;
     leaf.distinguished_name = DistinguishedName::new();
@@ -99,18 +101,4 @@ fn transport() -> quinn::TransportConfig {
         t.max_idle_timeout(Some(idle));
     }
     t
-}
-
-/// The mesh CA: fixed parameters over the cluster's key, so every edge derives the same one.
-fn ca_params() -> CertificateParams {
-    let mut params = CertificateParams::default();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    params.distinguished_name = DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "burrow cluster mesh CA");
-    params.not_before = rcgen::date_time_ymd(2024, 1, 1);
-    params.not_after = rcgen::date_time_ymd(2124, 1, 1);
-    params
 }
