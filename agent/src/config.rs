@@ -213,8 +213,12 @@ struct RawReconnect {
 ///   reset, so the agent notices within a second and dials again.
 /// - A pong missing for 3 s makes the path suspect: the agent moves to a fresh UDP socket (so
 ///   the connection migrates if the edge still has it) and probes again for 3 s; still nothing,
-///   and the connection is dropped and dialed anew. A dead path costs at most about
-///   interval + 2 x timeout (11 s) to notice, usually less.
+///   and the connection is dropped and dialed anew.
+/// - A nudge interval with nothing at all from the edge (not even the ACK of the nudge that
+///   opened it) brings the heartbeat forward: a dead path costs at most about
+///   2 x nudge_interval + 2 x timeout (8 s) to notice, instead of interval + 2 x timeout (11 s).
+///   With several edges, a shorter `heartbeat_timeout` replaces a dead edge's connection
+///   sooner (1 s: within 4 s); the other connection carries the devbox meanwhile.
 /// - QUIC's idle timeout (20 s) is the backstop.
 /// - The clocks are sampled every second; a resume (clocks diverging by more than 2 s, or a
 ///   tick more than 2 s late) triggers an immediate probe.

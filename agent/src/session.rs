@@ -224,6 +224,9 @@ struct Serving<'a> {
     control: mpsc::Receiver<Result<ControlMsg, WireError>>,
     machine: AgentControl,
     live: Liveness,
+    /// UDP datagrams received from the edge when the last nudge went out (`None`: it did not):
+    /// a nudge interval later, the same count means silence ([`Liveness::handle_silence`]).
+    heard_at_nudge: Option<u64>,
     limits: Arc<Limits>,
     slots: Arc<Semaphore>,
     credit: StreamCredit,
@@ -251,6 +254,7 @@ impl<'a> Serving<'a> {
             machine: session.machine,
             live: Liveness::new(now(), heartbeat)
                 .with_nudges(now(), config.liveness.nudge_interval),
+            heard_at_nudge: None,
             limits: Arc::new(Limits {
                 policy: config.policy.clone(),
                 connect_timeout: config.connect_timeout,
@@ -409,11 +413,22 @@ impl<'a> Serving<'a> {
                     return ControlFlow::Break(Ended::GoAway(go_away));
                 }
                 Output::Nudge => {
+                    // Nothing from the edge since the last nudge, not even its ACK: the
+                    // heartbeat goes now.
+                    let heard = self.conn.stats().udp_rx.datagrams;
+                    if self.heard_at_nudge == Some(heard) {
+                        debug!("nothing from the edge for a nudge interval; probing now");
+                        self.live.handle_silence(now());
+                    }
                     // One byte in a QUIC datagram: acknowledged by the edge, never sent again.
                     // An edge too old to take datagrams just gets no nudges.
-                    if let Err(e) = self.conn.send_datagram(Bytes::from_static(&[0])) {
-                        debug!(error = %e, "nudge not sent");
-                    }
+                    self.heard_at_nudge = match self.conn.send_datagram(Bytes::from_static(&[0])) {
+                        Ok(()) => Some(heard),
+                        Err(e) => {
+                            debug!(error = %e, "nudge not sent");
+                            None
+                        }
+                    };
                 }
             }
         }

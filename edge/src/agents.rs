@@ -209,6 +209,10 @@ struct Greeted {
     machine: EdgeControl,
 }
 
+/// How long an edge of a cluster waits for other edges' changes before it refuses a token it
+/// does not know (admin writes reach every edge within a second).
+const TOKEN_CATCH_UP: Duration = Duration::from_millis(1500);
+
 /// Completes the handshake and reads the hello, within [`HELLO_TIMEOUT`]. Anything but a hello
 /// first closes the connection as a protocol error.
 async fn greet(incoming: quinn::Incoming) -> Result<Greeted, SessionError> {
@@ -263,16 +267,29 @@ async fn admit(
         reject(conn, send, RejectReason::UnsupportedVersion, &message).await;
         return Err(SessionError::Refused("unsupported version"));
     }
-    let attached = registry.attach(hello.token.expose(), hello.takeover, |generation| {
-        AgentSession {
-            conn: conn.clone(),
-            since: SystemTime::now(),
-            generation,
-            control,
-            instance: hello.instance,
-            previous: hello.previous,
+    // A token this edge does not know yet may be a devbox just registered through another
+    // edge of the cluster: its change arrives within a second, so wait for it before refusing.
+    let catch_up = tokio::time::Instant::now() + TOKEN_CATCH_UP;
+    let attached = loop {
+        let attached = registry.attach(hello.token.expose(), hello.takeover, |generation| {
+            AgentSession {
+                conn: conn.clone(),
+                since: SystemTime::now(),
+                generation,
+                control: control.clone(),
+                instance: hello.instance,
+                previous: hello.previous,
+            }
+        });
+        let left = catch_up.saturating_duration_since(tokio::time::Instant::now());
+        if matches!(attached, Err(AttachError::BadToken))
+            && !left.is_zero()
+            && registry.catch_up(left).await
+        {
+            continue;
         }
-    });
+        break attached;
+    };
     match attached {
         Ok(attached) => Ok(attached),
         Err(AttachError::BadToken) => {

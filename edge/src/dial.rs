@@ -132,7 +132,7 @@ impl Dialer {
     pub async fn forwarded_conn(&self, devbox: &str) -> Option<(quinn::Connection, usize)> {
         let forwarding = self.forwarding.as_ref()?;
         for to in forwarding.view.remote_holders(devbox) {
-            if let Some(conn) = forwarding.mesh.existing(to).await {
+            if let Some(conn) = forwarding.mesh.existing(to) {
                 let id = self.forward_id(conn.stable_id(), devbox);
                 return Some((conn, id));
             }
@@ -357,8 +357,9 @@ impl Dialer {
     }
 
     /// Opens the stream through another edge that holds the devbox's agent: each in turn, until
-    /// one relays it (an edge whose presence was stale says so, and the next is tried).
-    /// `Ok(None)`: no other edge holds it now.
+    /// one relays it (an edge whose presence was stale says so, and the next is tried; one that
+    /// does not answer at once while another is left, dead or frozen, gives way to the next, and
+    /// edges that failed lately come last). `Ok(None)`: no other edge holds it now.
     async fn forward(
         &self,
         routed: &Routed,
@@ -368,9 +369,13 @@ impl Dialer {
             return Ok(None);
         };
         let devbox = &routed.route.devbox_id;
-        for to in forwarding.view.remote_holders(devbox) {
+        let owners = forwarding
+            .mesh
+            .order(forwarding.view.remote_holders(devbox));
+        for (i, &to) in owners.iter().enumerate() {
             let started = Instant::now();
-            match forwarding.mesh.open(to, devbox, header).await {
+            let more = i + 1 < owners.len();
+            match forwarding.mesh.open(to, devbox, header, more).await {
                 Ok(forwarded) => {
                     self.metrics.forwarded("opened", started.elapsed());
                     return Ok(Some(Opened {

@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use burrow_protocol::{RefuseReason, StreamAnswer, StreamHeader};
 use burrow_runtime::wire;
@@ -44,6 +44,13 @@ const NOT_HERE: u8 = 1;
 const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long the owner may take to say whether it relays, and the agent to answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long an owner may take to say whether it relays when another owner could be tried
+/// instead. It only opens a stream on its agent connection first (one round trip on a healthy
+/// mesh), so silence this long means the edge is dead or frozen, and the request moves on.
+const OWNER_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long an edge that failed (no answer in time, a dial or a connection that failed) is
+/// tried after the others. By then its heartbeat has stopped counting, or it answered again.
+const DOWN_FOR: Duration = Duration::from_secs(10);
 
 /// Why a forwarded stream was not opened.
 #[derive(Debug)]
@@ -61,8 +68,35 @@ pub enum NotForwarded {
 pub struct Mesh {
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
-    /// Connections to other edges, by mesh address.
-    conns: tokio::sync::Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    /// Connections to other edges, by mesh address; each slot is dialed by one request at a
+    /// time, and the others wait for that dial (other addresses are not held up).
+    conns:
+        std::sync::Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>>,
+    /// Edges that failed lately, and when: tried last ([`Mesh::order`]).
+    down: Arc<Down>,
+}
+
+/// Edges that failed lately.
+#[derive(Debug, Default)]
+struct Down(std::sync::Mutex<HashMap<SocketAddr, Instant>>);
+
+impl Down {
+    fn mark(&self, edge: SocketAddr) {
+        let mut down = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        down.retain(|_, since| since.elapsed() < DOWN_FOR);
+        down.insert(edge, Instant::now());
+    }
+
+    fn clear(&self, edge: SocketAddr) {
+        let mut down = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        down.remove(&edge);
+    }
+
+    fn is_down(&self, edge: SocketAddr) -> bool {
+        let down = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        down.get(&edge)
+            .is_some_and(|since| since.elapsed() < DOWN_FOR)
+    }
 }
 
 /// A stream to a devbox's agent through another edge, accepted by the agent.
@@ -83,7 +117,8 @@ impl Mesh {
         Ok(Mesh {
             endpoint,
             client: tls.client,
-            conns: tokio::sync::Mutex::new(HashMap::new()),
+            conns: std::sync::Mutex::default(),
+            down: Arc::default(),
         })
     }
 
@@ -121,15 +156,23 @@ impl Mesh {
         });
     }
 
+    /// `edges` in the order to try them: as given, but those that failed lately last.
+    pub fn order(&self, mut edges: Vec<SocketAddr>) -> Vec<SocketAddr> {
+        edges.sort_by_key(|e| self.down.is_down(*e));
+        edges
+    }
+
     /// Opens a stream to `devbox`'s agent through the edge at `to`, sends `header` and waits
-    /// for the agent's answer.
+    /// for the agent's answer. With `more` (another edge could be tried instead), the owner has
+    /// [`OWNER_TIMEOUT`] to say whether it relays; an edge that does not is marked down.
     pub async fn open(
         &self,
         to: SocketAddr,
         devbox: &str,
         header: &StreamHeader,
+        more: bool,
     ) -> Result<Forwarded, NotForwarded> {
-        let conn = self.connection(to).await?;
+        let conn = self.connection(to, more).await?;
         let failed = |e: &dyn std::fmt::Display| NotForwarded::Failed(e.to_string());
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| failed(&e))?;
         let id = devbox.as_bytes();
@@ -140,12 +183,24 @@ impl Mesh {
         wire::write_frame(&mut send, header.encoded())
             .await
             .map_err(|e| failed(&e))?;
-        let answer = async {
-            let mut status = [0u8; 1];
-            recv.read_exact(&mut status).await.map_err(|e| failed(&e))?;
-            if status[0] != RELAYING {
-                return Err(NotForwarded::NotHere);
+        let mut status = [0u8; 1];
+        let patience = if more { OWNER_TIMEOUT } else { ANSWER_TIMEOUT };
+        match tokio::time::timeout(patience, recv.read_exact(&mut status)).await {
+            Ok(Ok(())) => self.down.clear(to),
+            Ok(Err(e)) => return Err(failed(&e)),
+            Err(_) => {
+                self.down.mark(to);
+                let _ = send.reset(burrow_protocol::reset::EDGE_ABORT.into());
+                let _ = recv.stop(burrow_protocol::reset::EDGE_ABORT.into());
+                return Err(failed(&format_args!(
+                    "the edge did not answer within {patience:?}"
+                )));
             }
+        }
+        if status[0] != RELAYING {
+            return Err(NotForwarded::NotHere);
+        }
+        let answer = async {
             match wire::read_msg(&mut recv, StreamAnswer::decode).await {
                 Ok(Some(StreamAnswer::Accept)) => Ok(()),
                 Ok(Some(StreamAnswer::Refuse(reason))) => {
@@ -162,35 +217,75 @@ impl Mesh {
         }
     }
 
-    /// The live connection to the edge at `to`, if there is one (none is dialed).
-    pub async fn existing(&self, to: SocketAddr) -> Option<quinn::Connection> {
-        let conns = self.conns.lock().await;
-        conns
-            .get(&to)
+    /// The live connection to the edge at `to`, if there is one and the edge has not failed
+    /// lately (none is dialed).
+    pub fn existing(&self, to: SocketAddr) -> Option<quinn::Connection> {
+        if self.down.is_down(to) {
+            return None;
+        }
+        let slot = self.slot(to);
+        let conn = slot.try_lock().ok()?;
+        conn.as_ref()
             .filter(|c| c.close_reason().is_none())
             .cloned()
     }
 
-    /// The connection to the edge at `to`, dialed if there is none or it closed.
-    async fn connection(&self, to: SocketAddr) -> Result<quinn::Connection, NotForwarded> {
-        let mut conns = self.conns.lock().await;
-        if let Some(conn) = conns.get(&to).filter(|c| c.close_reason().is_none()) {
-            return Ok(conn.clone());
+    /// The slot of the connection to `to`.
+    fn slot(&self, to: SocketAddr) -> Arc<tokio::sync::Mutex<Option<quinn::Connection>>> {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.entry(to).or_default().clone()
+    }
+
+    /// The connection to the edge at `to`, dialed if there is none or it closed. A dial that
+    /// fails, or a connection that times out, marks the edge down. With `more` (another edge
+    /// could be tried instead), an edge marked down is not dialed, and a dial gets
+    /// [`OWNER_TIMEOUT`].
+    async fn connection(
+        &self,
+        to: SocketAddr,
+        more: bool,
+    ) -> Result<quinn::Connection, NotForwarded> {
+        let slot = self.slot(to);
+        let mut conn = slot.lock().await;
+        if let Some(live) = conn.as_ref().filter(|c| c.close_reason().is_none()) {
+            return Ok(live.clone());
+        }
+        let timed_out = |c: &quinn::Connection| {
+            matches!(c.close_reason(), Some(quinn::ConnectionError::TimedOut))
+        };
+        if conn.as_ref().is_some_and(timed_out) {
+            // Its watcher may not have run yet.
+            self.down.mark(to);
         }
         let failed = |e: &dyn std::fmt::Display| {
+            self.down.mark(to);
             NotForwarded::Failed(format!("cannot reach the edge at {to}: {e}"))
         };
+        if more && self.down.is_down(to) {
+            return Err(NotForwarded::Failed(format!(
+                "the edge at {to} failed lately; trying another first"
+            )));
+        }
+        let patience = if more { OWNER_TIMEOUT } else { DIAL_TIMEOUT };
         let connecting = self
             .endpoint
             .connect_with(self.client.clone(), to, tls::MESH_NAME)
             .map_err(|e| failed(&e))?;
-        let conn = tokio::time::timeout(DIAL_TIMEOUT, connecting)
+        let dialed = tokio::time::timeout(patience, connecting)
             .await
             .map_err(|_| failed(&"no answer in time"))?
             .map_err(|e| failed(&e))?;
         info!(edge = %to, "mesh connection up");
-        conns.insert(to, conn.clone());
-        Ok(conn)
+        let (watched, down) = (dialed.clone(), self.down.clone());
+        tokio::spawn(async move {
+            let reason = watched.closed().await;
+            if matches!(reason, quinn::ConnectionError::TimedOut) {
+                warn!(edge = %to, "mesh connection timed out; the edge is tried last for a while");
+                down.mark(to);
+            }
+        });
+        *conn = Some(dialed.clone());
+        Ok(dialed)
     }
 }
 

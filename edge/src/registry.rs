@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use burrow_protocol::{AuthMode, ControlMsg, TunnelState};
 
@@ -126,6 +126,10 @@ pub struct Registry {
     inner: RwLock<Inner>,
     writer: Mutex<()>,
     live: Live,
+    /// On an edge of a cluster: notified whenever changes read from the store were applied.
+    applied: tokio::sync::Notify,
+    /// Whether this edge follows a store other edges write ([`Registry::follows_others`]).
+    followed: std::sync::atomic::AtomicBool,
 }
 
 impl Registry {
@@ -148,6 +152,8 @@ impl Registry {
             inner: RwLock::new(inner),
             writer: Mutex::new(()),
             live: Live::default(),
+            applied: tokio::sync::Notify::new(),
+            followed: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -407,6 +413,24 @@ impl Registry {
         for (id, record) in changed {
             self.apply_one(&id, record);
         }
+        self.applied.notify_waiters();
+    }
+
+    /// Marks this registry as following a store other edges write ([`Registry::catch_up`]).
+    pub fn follows_others(&self) {
+        self.followed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Waits up to `within` for the next changes of other edges to be applied; `false` at once
+    /// on an edge that follows no shared store (nothing will come).
+    pub async fn catch_up(&self, within: Duration) -> bool {
+        if !self.followed.load(std::sync::atomic::Ordering::Relaxed) {
+            return false;
+        }
+        tokio::time::timeout(within, self.applied.notified())
+            .await
+            .is_ok()
     }
 
     /// [`Registry::apply`] for one devbox (the caller holds the writer lock).

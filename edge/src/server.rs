@@ -409,6 +409,7 @@ fn load_registry(
         taker.apply(&change);
         registry.apply(change);
     });
+    registry.follows_others();
     pg.follow(since, follower, shutdown.clone());
     mesh.serve(registry.clone(), tasks, shutdown.clone());
     Ok((registry, Some(Forwarding { mesh, view })))

@@ -48,6 +48,14 @@
 //! Idle, that costs one small packet each way per `every` (the nudge and its ACK); a ping
 //! would add the pong and the ACK of the pong.
 //!
+//! # Silence
+//!
+//! The shell also knows whether anything at all came from the peer since the last nudge (its
+//! acknowledgement would have): when nothing did, it calls [`Liveness::handle_silence`], and the
+//! heartbeat goes at once instead of at its slot, with its usual second chance. A peer that
+//! died is then noticed within two nudge intervals plus the heartbeat's two timeouts, instead
+//! of up to a whole heartbeat interval later; a live peer just gets an early ping.
+//!
 //! A machine built with [`Liveness::passive`] (the edge, which answers the agent's pings through
 //! the order machine) never pings and has no deadlines; it keeps the go-away notices. An edge
 //! that wants its own round trip measure builds a probing one instead and ignores
@@ -227,6 +235,23 @@ impl Liveness {
         };
         if !matches!(prober.state, State::Dead) {
             let ping = prober.send(now, Probe::Resume);
+            self.out.push_back(Output::Transmit(ping));
+        }
+    }
+
+    /// Nothing at all arrived from the peer during the last nudge interval, though a nudge
+    /// went out at its start (and a live peer acknowledges it within a round trip): the
+    /// heartbeat is due now instead of at its slot, with its usual second chance. A ping
+    /// already outstanding goes on; a passive or dead machine ignores it. A peer that died
+    /// is noticed a nudge interval or two after it died instead of up to a heartbeat
+    /// interval later.
+    pub fn handle_silence(&mut self, now: Instant) {
+        let Some(prober) = &mut self.prober else {
+            return;
+        };
+        if matches!(prober.state, State::Idle) {
+            prober.next_heartbeat = later(now, prober.heartbeat.interval);
+            let ping = prober.send(now, Probe::Heartbeat);
             self.out.push_back(Output::Transmit(ping));
         }
     }
@@ -517,6 +542,29 @@ mod tests {
         assert_eq!(drain(&mut m), [Output::Dead(Dead::Unanswered)]);
         assert_eq!(m.poll_timeout(), None, "nothing after dead");
         m.handle_timeout(t.at(20_000));
+        assert_eq!(drain(&mut m), []);
+    }
+
+    #[test]
+    fn silence_brings_the_heartbeat_forward_with_its_second_chance() {
+        let t = Clock::new();
+        let mut m = Liveness::new(t.at(0), HB).with_nudges(t.at(0), Duration::from_secs(1));
+        m.handle_timeout(t.at(0));
+        assert_eq!(drain(&mut m), [ping(1)]);
+        m.handle_pong(t.at(10), 1);
+        drain(&mut m);
+        // Silence while a heartbeat is not yet due: it goes now, and the schedule moves.
+        m.handle_silence(t.at(2000));
+        assert_eq!(drain(&mut m), [ping(2)]);
+        assert_eq!(m.poll_timeout(), Some(t.at(3000)), "the next nudge");
+        // More silence while that ping waits changes nothing.
+        m.handle_silence(t.at(2500));
+        assert_eq!(drain(&mut m), []);
+        m.handle_timeout(t.at(5000));
+        assert_eq!(drain(&mut m), [Output::Rebind, ping(3)]);
+        m.handle_timeout(t.at(8000));
+        assert_eq!(drain(&mut m), [Output::Dead(Dead::Unanswered)]);
+        m.handle_silence(t.at(9000));
         assert_eq!(drain(&mut m), []);
     }
 

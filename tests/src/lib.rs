@@ -23,10 +23,12 @@
 pub mod chromium;
 pub mod client;
 pub mod devservers;
+pub mod edge_process;
 pub mod logs;
 pub mod postgres;
 pub mod relay;
 pub mod services;
+pub mod sim;
 pub mod site;
 
 use std::collections::HashMap;
@@ -376,15 +378,23 @@ impl TestAgent {
         let mut all = edge.agent_flags(None);
         all.push(("state_dir", edge.agent_state_dir().display().to_string()));
         all.extend(flags.iter().map(|(k, v)| (*k, (*v).to_owned())));
+        Self::spawn_config(&all, &devbox.agent_token, env, clocks)
+    }
+
+    /// Starts an agent with the token `token` and exactly the settings `all` (no defaults
+    /// from an edge), without waiting for it to connect.
+    pub fn spawn_config(
+        all: &[(&'static str, String)],
+        token: &str,
+        env: &[(&str, &str)],
+        clocks: Option<std::sync::Arc<dyn burrow_agent::clock::Clocks>>,
+    ) -> TestAgent {
         let mut vars: HashMap<String, String> = env
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        vars.insert(
-            burrow_agent::config::TOKEN_ENV.to_owned(),
-            devbox.agent_token.clone(),
-        );
-        let config = burrow_agent::Config::load(None, &vars, &all).expect("agent config");
+        vars.insert(burrow_agent::config::TOKEN_ENV.to_owned(), token.to_owned());
+        let config = burrow_agent::Config::load(None, &vars, all).expect("agent config");
         let shutdown = CancellationToken::new();
         let agent = match clocks {
             Some(clocks) => Agent::spawn_with_clocks(config, clocks, shutdown.clone()),

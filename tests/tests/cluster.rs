@@ -484,7 +484,7 @@ async fn an_edge_of_another_cluster_cannot_forward_through_the_mesh() {
         mesh_tls_with(&cluster_ca, &stranger_ca).expect("tls"),
     ] {
         let stranger = Mesh::bind("127.0.0.1:0".parse().expect("addr"), tls).expect("bind");
-        match stranger.open(mesh_addr, &devbox.id, &header).await {
+        match stranger.open(mesh_addr, &devbox.id, &header, false).await {
             Err(NotForwarded::Failed(why)) => println!("refused: {why}"),
             Ok(_) => panic!("a stranger's mesh reached the agent"),
             Err(other) => panic!("expected a failed handshake, got {other:?}"),
@@ -566,4 +566,101 @@ async fn an_agent_holds_two_edges_and_losing_one_fails_no_request() {
         failed.len(),
         codes.len()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_registered_through_one_edge_is_taken_at_once_by_another() {
+    let pg = Postgres::start().await;
+    let one = edge(&pg, "one").await;
+    let two = edge(&pg, "two").await;
+    // The agent dials edge two the moment edge one answered the registration: edge two may not
+    // have read the change yet, and waits for it instead of refusing the token.
+    let devbox = one.devbox(Some("open")).await;
+    let started = Instant::now();
+    let agent = TestAgent::start(&two, &devbox).await;
+    println!(
+        "registered through one, connected to two after {:?}",
+        started.elapsed()
+    );
+    let status = agent.status();
+    assert_eq!(status.sessions, 1, "{status:?}");
+    assert_eq!(status.last_error, None, "the agent was refused first");
+    let text = metrics(&two).await;
+    assert!(
+        !text.contains("burrow_edge_agent_hellos_total{result=\"bad_token\"}"),
+        "edge two refused a token:\n{text}"
+    );
+    // A token no edge knows is still refused (after the wait).
+    let stranger = burrow_tests::Devbox {
+        agent_token: "bat_not-a-token-of-this-cluster".to_owned(),
+        ..devbox.clone()
+    };
+    let refused = TestAgent::spawn(&two, &stranger, &[]);
+    until("edge two refuses an unknown token", || async {
+        metrics(&two)
+            .await
+            .contains("burrow_edge_agent_hellos_total{result=\"bad_token\"} 1")
+    })
+    .await;
+    drop(refused);
+}
+
+/// The value of the metric line `name` (with its labels) in `edge`'s metrics, 0 if absent.
+async fn metric(edge: &TestEdge, name: &str) -> f64 {
+    metrics(edge)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_storm_on_a_fresh_edge_is_written_in_a_few_transactions() {
+    const AGENTS: usize = 500;
+    let pg = Postgres::start().await;
+    let one = edge(&pg, "one").await;
+    let two = edge(&pg, "two").await;
+    let mut tokens = Vec::with_capacity(AGENTS);
+    for _ in 0..AGENTS {
+        tokens.push(one.devbox(Some("open")).await.agent_token);
+    }
+    // A fresh edge, and every agent dials it at once (as after an edge restart).
+    let fresh = edge(&pg, "fresh").await;
+    let ca = one.state_dir.join("agent-ca.pem");
+    let mut agents =
+        burrow_tests::sim::SimAgents::new(&ca, &fresh.edge().server_name).expect("sim");
+    let started = Instant::now();
+    agents
+        .connect(fresh.agents_addr(), &tokens, AGENTS)
+        .await
+        .expect("every agent is welcomed");
+    let connected = started.elapsed();
+    assert_eq!(agents.live(), AGENTS);
+    for e in [&one, &two, &fresh] {
+        until("every edge counts the fresh edge's agents", || async {
+            node(e, "fresh").await["agents"] == AGENTS
+        })
+        .await;
+    }
+    let converged = started.elapsed();
+    let transactions = metric(&fresh, "burrow_edge_cluster_presence_writes_total").await;
+    let events = metric(&fresh, "burrow_edge_cluster_presence_events_total").await;
+    println!(
+        "{AGENTS} agents connected in {connected:?}; every edge agreed after {converged:?}; \
+         {events} presence events in {transactions} transactions"
+    );
+    assert_eq!(events as usize, AGENTS, "one event per connect");
+    // Batched: at least five connects a transaction on average, however long the storm took
+    // (the writer takes whatever arrived while its last transaction ran).
+    assert!(
+        transactions <= (AGENTS / 5) as f64,
+        "{AGENTS} connects took {transactions} transactions: not batched"
+    );
+    agents.close_all().await;
+    for e in [&one, &two] {
+        until("the agents' disconnects reach every edge", || async {
+            node(e, "fresh").await["agents"] == 0
+        })
+        .await;
+    }
 }

@@ -1,0 +1,362 @@
+//! A cluster under faults of whole processes: three real `burrow-edge serve` processes on a
+//! real PostgreSQL, an agent holding two of them, and steady requests through the edges that
+//! stay up while one edge is killed (kill -9), frozen (SIGSTOP), or PostgreSQL is killed and
+//! started again. What a user of a surviving edge sees is asserted: no request fails. The
+//! figures each test measures are printed (`-- --nocapture`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use burrow_tests::edge_process::EdgeProcess;
+use burrow_tests::postgres::Postgres;
+use burrow_tests::services::http_service;
+use burrow_tests::testkit::Signal;
+use burrow_tests::{DOMAIN, TestAgent, WAIT, curl};
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+
+/// A devbox with an open tunnel, registered through `edge`: its id, tunnel key and agent token.
+async fn devbox(edge: &EdgeProcess) -> (String, String, String) {
+    let body = json!({ "tunnel": { "auth_mode": "open" } });
+    let (status, json) = edge
+        .admin("POST", "/v1/devboxes", Some(body))
+        .await
+        .expect("admin API answers");
+    assert_eq!(status, 201, "{json}");
+    let text = |v: &Value| v.as_str().expect("a string").to_owned();
+    (
+        text(&json["id"]),
+        text(&json["tunnel"]["tunnel_key"]),
+        text(&json["agent_token"]),
+    )
+}
+
+/// An agent holding two of `edges` (all of them in its list). Its heartbeat timeout is 1 s, as
+/// the README suggests with several edges: a dead edge's connection is replaced sooner.
+fn agent(edges: &[&EdgeProcess], token: &str) -> TestAgent {
+    let list = edges
+        .iter()
+        .map(|e| e.agents_addr().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let state = tempfile::tempdir().expect("agent state").keep();
+    let flags = [
+        ("edge", list),
+        ("server_name", DOMAIN.to_owned()),
+        ("ca", edges[0].agent_ca().display().to_string()),
+        ("state_dir", state.display().to_string()),
+        ("liveness.heartbeat_timeout", "1s".to_owned()),
+    ];
+    TestAgent::spawn_config(&flags, token, &[], None)
+}
+
+/// The edges `edge` says hold `devbox`'s agent.
+async fn held_by(edge: &EdgeProcess, devbox: &str) -> Vec<String> {
+    let Some((200, view)) = edge
+        .admin("GET", &format!("/v1/devboxes/{devbox}"), None)
+        .await
+    else {
+        return Vec::new();
+    };
+    let edges = view["agent"]["edges"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    edges
+        .iter()
+        .filter_map(|e| e.as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Whether `edge` counts `node` as alive in `GET /v1/cluster`.
+async fn alive(edge: &EdgeProcess, node: &str) -> bool {
+    let Some((200, cluster)) = edge.admin("GET", "/v1/cluster", None).await else {
+        return false;
+    };
+    let nodes = cluster["nodes"].as_array().cloned().unwrap_or_default();
+    nodes
+        .iter()
+        .any(|n| n["node"] == node && n["alive"] == true)
+}
+
+/// Waits until `check` holds; how long it took. Panics after [`WAIT`].
+async fn until<F: Future<Output = bool>>(what: &str, check: impl Fn() -> F) -> Duration {
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < WAIT, "{what}: not within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    start.elapsed()
+}
+
+/// The status code of a GET of `url` (0: no HTTP answer at all).
+async fn code(url: &str) -> u16 {
+    curl(&["-o", "/dev/null", "--max-time", "20", url])
+        .await
+        .code
+}
+
+/// Requests, one after another, to each of `urls` in turn until stopped: when each was sent,
+/// its status code and how long it took.
+struct Load {
+    stop: Arc<AtomicBool>,
+    task: JoinHandle<Vec<(Instant, u16, Duration)>>,
+}
+
+impl Load {
+    fn start(urls: Vec<String>) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut sent = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                for url in &urls {
+                    let at = Instant::now();
+                    let code = code(url).await;
+                    sent.push((at, code, at.elapsed()));
+                }
+            }
+            sent
+        });
+        Load { stop, task }
+    }
+
+    /// Stops it; panics naming the requests that failed (and showing what `edges` logged).
+    /// Returns how many were sent and the slowest.
+    async fn stop_and_check(self, edges: &[EdgeProcess]) -> (usize, Duration) {
+        self.stop.store(true, Ordering::Relaxed);
+        let sent = self.task.await.expect("load task");
+        let failed: Vec<_> = sent.iter().filter(|(_, code, _)| *code != 200).collect();
+        if !failed.is_empty() || std::env::var_os("BURROW_TEST_EDGE_LOGS").is_some() {
+            for e in edges {
+                eprintln!("--- edge {}:\n{}", e.node, e.log());
+            }
+        }
+        assert!(
+            failed.is_empty(),
+            "{} of {} requests failed: {failed:?}",
+            failed.len(),
+            sent.len()
+        );
+        let slowest = sent.iter().map(|s| s.2).max().unwrap_or_default();
+        let slow: Vec<_> = sent
+            .iter()
+            .filter(|s| s.2 > Duration::from_secs(1))
+            .collect();
+        if !slow.is_empty() {
+            println!("requests slower than 1 s: {slow:?}");
+        }
+        (sent.len(), slowest)
+    }
+}
+
+/// Three edges, a devbox registered through the first, its agent on two of them, and a
+/// service answering in the devbox; every edge serves the tunnel.
+struct Cluster {
+    pg: Postgres,
+    edges: Vec<EdgeProcess>,
+    devbox: String,
+    key: String,
+    service_port: u16,
+    agent: TestAgent,
+    _service: burrow_tests::services::HttpService,
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let pg = Postgres::start().await;
+        let mut edges = Vec::new();
+        for node in ["one", "two", "three"] {
+            edges.push(EdgeProcess::start(&pg, node).await);
+        }
+        let (devbox, key, token) = devbox(&edges[0]).await;
+        let agent = agent(&edges.iter().collect::<Vec<_>>(), &token);
+        for e in &edges {
+            until("every edge knows the agent's two edges", || async {
+                held_by(e, &devbox).await.len() == 2
+            })
+            .await;
+        }
+        let service = http_service("127.0.0.1:0").await;
+        let cluster = Cluster {
+            pg,
+            edges,
+            devbox,
+            key,
+            service_port: service.addr.port(),
+            agent,
+            _service: service,
+        };
+        for e in &cluster.edges {
+            let url = cluster.url(e);
+            until("every edge serves the tunnel", || async {
+                code(&url).await == 200
+            })
+            .await;
+        }
+        cluster
+    }
+
+    fn url(&self, edge: &EdgeProcess) -> String {
+        edge.url(self.service_port, &self.key, "/steady")
+    }
+
+    /// The index of an edge that holds the agent.
+    async fn a_holder(&self) -> usize {
+        let held = held_by(&self.edges[0], &self.devbox).await;
+        self.edges
+            .iter()
+            .position(|e| held.contains(&e.node))
+            .expect("an edge holds the agent")
+    }
+
+    /// Requests through every edge but `except`.
+    fn load_around(&self, except: usize) -> Load {
+        let urls = (0..self.edges.len())
+            .filter(|i| *i != except)
+            .map(|i| self.url(&self.edges[i]))
+            .collect();
+        Load::start(urls)
+    }
+}
+
+/// When the agent establishes its next session (a connection replacing one it lost).
+fn next_session(agent: &TestAgent) -> JoinHandle<Instant> {
+    let mut status = agent.agent.status.clone();
+    tokio::spawn(async move {
+        let before = status.borrow().sessions;
+        status
+            .wait_for(|s| s.sessions > before)
+            .await
+            .expect("agent running");
+        Instant::now()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_an_edge_that_holds_the_agent_fails_no_request_through_the_others() {
+    let mut c = Cluster::start().await;
+    let lost = c.a_holder().await;
+    let load = c.load_around(lost);
+    let session = next_session(&c.agent);
+    let killed = Instant::now();
+    c.edges[lost].kill().await;
+    let lost_node = c.edges[lost].node.clone();
+    let survivor = (lost + 1) % c.edges.len();
+    let dropped = until("the others drop the killed edge", || async {
+        !alive(&c.edges[survivor], &lost_node).await
+    })
+    .await;
+    let replaced = until("the agent holds two live edges again", || async {
+        let held = held_by(&c.edges[survivor], &c.devbox).await;
+        held.len() == 2 && !held.contains(&lost_node)
+    })
+    .await;
+    let again = session.await.expect("status watch").duration_since(killed);
+    let (sent, slowest) = load.stop_and_check(&c.edges).await;
+    println!(
+        "edge {lost_node} killed: dropped from routing after {dropped:?}; the agent had two \
+         connections again after {again:?} (every edge knew after {replaced:?}); {sent} requests through \
+         the other edges, none failed, the slowest took {slowest:?}"
+    );
+    // Two nudge intervals of silence and two 1 s timeouts at most, then a dial; generous
+    // for a loaded machine.
+    assert!(
+        again < Duration::from_secs(8),
+        "the agent replaced the lost connection only after {again:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_edge_is_dropped_from_routing_and_requests_go_around_it() {
+    let mut c = Cluster::start().await;
+    let frozen = c.a_holder().await;
+    let frozen_node = c.edges[frozen].node.clone();
+    let load = c.load_around(frozen);
+    c.edges[frozen].signal(Signal::SIGSTOP);
+    let survivor = (frozen + 1) % c.edges.len();
+    let dropped = until("the others drop the frozen edge", || async {
+        !alive(&c.edges[survivor], &frozen_node).await
+    })
+    .await;
+    // Requests keep going around it for a while after it was dropped.
+    let after = Instant::now();
+    until("the agent holds two live edges", || async {
+        let held = held_by(&c.edges[survivor], &c.devbox).await;
+        held.len() == 2 && !held.contains(&frozen_node)
+    })
+    .await;
+    while after.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (sent, slowest) = load.stop_and_check(&c.edges).await;
+    println!(
+        "edge {frozen_node} frozen: dropped from routing after {dropped:?}; {sent} requests \
+         through the other edges, none failed, the slowest took {slowest:?}"
+    );
+    // Thawed, it heartbeats again and counts as alive.
+    c.edges[frozen].signal(Signal::SIGCONT);
+    until("the thawed edge is alive again", || async {
+        alive(&c.edges[survivor], &frozen_node).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_killed_and_back_routing_goes_on_writes_wait_and_presence_is_rewritten() {
+    let mut c = Cluster::start().await;
+    let holder = c.a_holder().await;
+    let holder_node = c.edges[holder].node.clone();
+    let load = c.load_around(holder);
+    c.pg.kill().await;
+
+    // Writes fail with a clear 503 on every edge while routing goes on from memory.
+    for e in &c.edges {
+        let (status, body) = e
+            .admin("POST", "/v1/devboxes", Some(json!({})))
+            .await
+            .expect("the admin API answers while PostgreSQL is away");
+        assert_eq!(status, 503, "{body}");
+        let error = body.to_string();
+        assert!(error.contains("PostgreSQL"), "{error}");
+    }
+    // Meanwhile an edge that holds the agent dies, and the agent moves to the third edge:
+    // presence the store has not seen, while the others still believe the dead edge alive.
+    let session = next_session(&c.agent);
+    let killed = Instant::now();
+    c.edges[holder].kill().await;
+    let moved = session.await.expect("status watch").duration_since(killed);
+
+    c.pg.start_again().await;
+    let back = Instant::now();
+    let survivor = (holder + 1) % c.edges.len();
+    let expected: Vec<String> = {
+        let mut nodes: Vec<String> = c
+            .edges
+            .iter()
+            .filter(|e| e.node != holder_node)
+            .map(|e| e.node.clone())
+            .collect();
+        nodes.sort();
+        nodes
+    };
+    until("presence is rewritten once PostgreSQL is back", || async {
+        let mut held = held_by(&c.edges[survivor], &c.devbox).await;
+        held.sort();
+        held == expected
+    })
+    .await;
+    let rewritten = back.elapsed();
+    let (status, body) = c.edges[survivor]
+        .admin("POST", "/v1/devboxes", Some(json!({})))
+        .await
+        .expect("admin API answers");
+    assert_eq!(status, 201, "writes work again: {body}");
+    let (sent, slowest) = load.stop_and_check(&c.edges).await;
+    println!(
+        "PostgreSQL killed: edge {holder_node} killed meanwhile, the agent held two edges again \
+         after {moved:?}; PostgreSQL back: presence agreed after {rewritten:?}; {sent} requests \
+         through the other edges, none failed, the slowest took {slowest:?}"
+    );
+}
