@@ -18,7 +18,7 @@ use burrow_protocol::machine::{AgentAction, AgentControl};
 use burrow_protocol::{
     ControlMsg, GoAway, GoAwayReason, Hello, RefuseReason, Reject, TunnelState, VERSION, Welcome,
 };
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -103,7 +103,7 @@ pub struct Session {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
     control_send: quinn::SendStream,
-    control: mpsc::Receiver<Result<ControlMsg, WireError>>,
+    control: wire::ControlRx,
     welcome: Welcome,
     machine: AgentControl,
 }
@@ -221,7 +221,7 @@ struct Serving<'a> {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
     control_send: quinn::SendStream,
-    control: mpsc::Receiver<Result<ControlMsg, WireError>>,
+    control: wire::ControlRx,
     machine: AgentControl,
     live: Liveness,
     /// UDP datagrams received from the edge when the last nudge went out (`None`: it did not):
@@ -286,7 +286,7 @@ impl<'a> Serving<'a> {
                     }
                     Err(e) => ControlFlow::Break(Ended::Lost(e.into())),
                 },
-                msg = self.control.recv() => self.on_control(msg).await,
+                msg = self.control.recv() => self.on_control(msg.map(|m| *m)).await,
                 changed = resumes.changed(), if resumes_open => {
                     match changed {
                         Ok(()) => self.live.handle_resume(now()),

@@ -87,10 +87,12 @@ pub async fn serve(
     // the next edge instead of waiting out a dial into this one.
     endpoint.set_server_config(None);
     for session in registry.sessions() {
-        let _ = session.control.try_send(ControlMsg::GoAway(GoAway {
-            reason: GoAwayReason::Shutdown,
-            message: "the edge is shutting down".into(),
-        }));
+        let _ = session
+            .control
+            .try_send(Box::new(ControlMsg::GoAway(GoAway {
+                reason: GoAwayReason::Shutdown,
+                message: "the edge is shutting down".into(),
+            })));
     }
     tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
@@ -253,7 +255,7 @@ async fn admit(
     greeted: &mut Greeted,
     registry: &Registry,
     metrics: &Metrics,
-    control: mpsc::Sender<ControlMsg>,
+    control: mpsc::Sender<Box<ControlMsg>>,
 ) -> Result<Attached, SessionError> {
     let Greeted {
         conn, send, hello, ..
@@ -324,12 +326,12 @@ fn replace(old: &AgentSession, hello: &Hello) {
         warn!(
             "a second agent with this devbox's token connected; the previous one is told to stand by"
         );
-        let _ = old.control.try_send(ControlMsg::GoAway(GoAway {
+        let _ = old.control.try_send(Box::new(ControlMsg::GoAway(GoAway {
             reason: GoAwayReason::Replaced,
             message: "another agent with this devbox's token connected (a cloned devbox?); \
                       this one stands by"
                 .into(),
-        }));
+        })));
     }
 }
 
@@ -339,9 +341,9 @@ struct Control {
     conn: quinn::Connection,
     send: quinn::SendStream,
     /// Messages read from the agent.
-    control: mpsc::Receiver<Result<ControlMsg, WireError>>,
+    control: wire::ControlRx,
     /// Messages for the agent, from the registry, the admin API and the listener.
-    outbox: mpsc::Receiver<ControlMsg>,
+    outbox: mpsc::Receiver<Box<ControlMsg>>,
     machine: EdgeControl,
     /// Passive: the edge answers the agent's pings and never pings itself; it keeps the
     /// go-aways, so the agent hears at most one from this connection.
@@ -360,16 +362,16 @@ impl Control {
                     // The listener sends the go-away; keep serving the control stream.
                     let next = tokio::time::timeout(Duration::from_secs(1), self.outbox.recv());
                     if let Ok(Some(msg)) = next.await {
-                        let _ = self.send_msg(msg).await;
+                        let _ = self.send_msg(*msg).await;
                     }
                     return Ok(());
                 }
                 msg = self.outbox.recv() => {
                     let Some(msg) = msg else { return Ok(()) };
-                    self.send_msg(msg).await?;
+                    self.send_msg(*msg).await?;
                 }
                 msg = self.control.recv() => {
-                    let Some(msg) = msg.transpose()? else { return Ok(()) };
+                    let Some(msg) = msg.map(|m| *m).transpose()? else { return Ok(()) };
                     self.on_message(msg).await?;
                 }
                 reason = self.conn.closed() => {

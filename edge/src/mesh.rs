@@ -276,16 +276,47 @@ impl Mesh {
             .map_err(|_| failed(&"no answer in time"))?
             .map_err(|e| failed(&e))?;
         info!(edge = %to, "mesh connection up");
-        let (watched, down) = (dialed.clone(), self.down.clone());
-        tokio::spawn(async move {
-            let reason = watched.closed().await;
-            if matches!(reason, quinn::ConnectionError::TimedOut) {
-                warn!(edge = %to, "mesh connection timed out; the edge is tried last for a while");
-                down.mark(to);
-            }
-        });
+        tokio::spawn(watch(dialed.clone(), to, self.down.clone()));
         *conn = Some(dialed.clone());
         Ok(dialed)
+    }
+}
+
+/// How often a mesh connection's traffic is sampled ([`watch`]).
+const SILENCE_SAMPLE: Duration = Duration::from_millis(100);
+/// Samples in a row with nothing received that make a connection dead: 700 ms, more than two
+/// keep-alive intervals of the peer (each side probes every 300 ms when idle, and each probe is
+/// acknowledged), under half of the idle timeout.
+const SILENT_SAMPLES: u32 = 7;
+
+/// Watches a mesh connection this edge dialed until it closes: one that times out, or that
+/// hears nothing for [`SILENT_SAMPLES`] samples, marks its edge down; a silent one is closed
+/// at once, so the requests waiting on it (a kept-alive connection to a service through a dead
+/// edge) fail now and go again to another holder where HTTP allows, instead of waiting out
+/// the idle timeout.
+async fn watch(conn: quinn::Connection, to: SocketAddr, down: Arc<Down>) {
+    let mut heard = conn.stats().udp_rx.datagrams;
+    let mut silent = 0;
+    loop {
+        tokio::select! {
+            reason = conn.closed() => {
+                if matches!(reason, quinn::ConnectionError::TimedOut) {
+                    warn!(edge = %to, "mesh connection timed out; the edge is tried last for a while");
+                    down.mark(to);
+                }
+                return;
+            }
+            () = tokio::time::sleep(SILENCE_SAMPLE) => {}
+        }
+        let now = conn.stats().udp_rx.datagrams;
+        silent = if now == heard { silent + 1 } else { 0 };
+        heard = now;
+        if silent >= SILENT_SAMPLES {
+            warn!(edge = %to, "nothing from the edge for 700 ms; closing the mesh connection, and the edge is tried last for a while");
+            down.mark(to);
+            conn.close(0u32.into(), b"silent");
+            return;
+        }
     }
 }
 

@@ -515,7 +515,7 @@ fn notify(entry: Option<&Entry>, msg: ControlMsg) {
     if let Some(session) = entry.and_then(|e| e.session.as_ref()) {
         // A full queue means the agent is not reading its control stream; it gets the state
         // again in the welcome of its next session.
-        let _ = session.control.try_send(msg);
+        let _ = session.control.try_send(Box::new(msg));
     }
 }
 

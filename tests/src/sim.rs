@@ -17,17 +17,35 @@ use futures_util::StreamExt;
 /// Agent connections held open, all on one endpoint.
 #[derive(Debug)]
 pub struct SimAgents {
+    dialer: Dialer,
+    held: Vec<SimAgent>,
+}
+
+/// Dials simulated agents (cheap to clone: one endpoint for all).
+#[derive(Debug, Clone)]
+pub struct Dialer {
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
     server_name: String,
-    held: Vec<Held>,
 }
 
 /// One simulated agent's connection and its control stream (dropping them would end it).
 #[derive(Debug)]
-struct Held {
+pub struct SimAgent {
     conn: quinn::Connection,
     _control: (quinn::SendStream, quinn::RecvStream),
+}
+
+impl SimAgent {
+    /// Closes the connection, as an agent that stops does.
+    pub fn close(self) {
+        self.conn.close(0u32.into(), b"simulated agent stopping");
+    }
+
+    /// Whether the connection is still up.
+    pub fn is_live(&self) -> bool {
+        self.conn.close_reason().is_none()
+    }
 }
 
 impl SimAgents {
@@ -50,12 +68,20 @@ impl SimAgents {
         transport.max_concurrent_uni_streams(0u32.into());
         client.transport_config(Arc::new(transport));
         let endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into())?;
-        Ok(SimAgents {
+        let dialer = Dialer {
             endpoint,
             client,
             server_name: server_name.to_owned(),
+        };
+        Ok(SimAgents {
+            dialer,
             held: Vec::new(),
         })
+    }
+
+    /// What dials them, for agents the caller keeps itself.
+    pub fn dialer(&self) -> Dialer {
+        self.dialer.clone()
     }
 
     /// Connects one agent per token to the edge at `edge`, at most `at_once` handshakes in
@@ -68,14 +94,12 @@ impl SimAgents {
         at_once: usize,
     ) -> anyhow::Result<()> {
         let dials = tokens.iter().enumerate().map(|(i, token)| {
-            let (endpoint, client) = (self.endpoint.clone(), self.client.clone());
-            let name = self.server_name.clone();
-            let token = token.clone();
+            let dialer = self.dialer.clone();
             async move {
                 let mut tries = 0;
                 loop {
                     tries += 1;
-                    match dial(&endpoint, client.clone(), edge, &name, token.clone()).await {
+                    match dialer.dial(edge, token).await {
                         Ok(held) => return Ok(held),
                         Err(e) if tries >= 3 => {
                             return Err(e.context(format!("simulated agent {i}, {tries} dials")));
@@ -94,10 +118,7 @@ impl SimAgents {
 
     /// How many are connected now.
     pub fn live(&self) -> usize {
-        self.held
-            .iter()
-            .filter(|h| h.conn.close_reason().is_none())
-            .count()
+        self.held.iter().filter(|h| h.is_live()).count()
     }
 
     /// Closes every connection (as an agent that stops does), 64 at a time a few milliseconds
@@ -114,32 +135,31 @@ impl SimAgents {
     }
 }
 
-/// One agent: handshake, hello, welcome.
-async fn dial(
-    endpoint: &quinn::Endpoint,
-    client: quinn::ClientConfig,
-    edge: SocketAddr,
-    server_name: &str,
-    token: String,
-) -> anyhow::Result<Held> {
-    let conn = endpoint.connect_with(client, edge, server_name)?.await?;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let hello = Hello {
-        min_version: VERSION,
-        max_version: VERSION,
-        token: AgentToken::new(token),
-        agent: "burrow-sim/0".to_owned(),
-        instance: fastrand::u64(1..),
-        takeover: true,
-        previous: 0,
-    };
-    wire::write_frame(&mut send, ControlMsg::Hello(hello).encoded()).await?;
-    match wire::read_msg(&mut recv, ControlMsg::decode).await? {
-        Some(ControlMsg::Welcome(_)) => Ok(Held {
-            conn,
-            _control: (send, recv),
-        }),
-        Some(ControlMsg::Reject(reject)) => bail!("refused: {}", reject.message),
-        other => bail!("the edge answered the hello with {other:?}"),
+impl Dialer {
+    /// One agent for `token` at the edge `edge`: handshake, hello, welcome.
+    pub async fn dial(&self, edge: SocketAddr, token: &str) -> anyhow::Result<SimAgent> {
+        let connecting =
+            self.endpoint
+                .connect_with(self.client.clone(), edge, &self.server_name)?;
+        let conn = connecting.await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let hello = Hello {
+            min_version: VERSION,
+            max_version: VERSION,
+            token: AgentToken::new(token),
+            agent: "burrow-sim/0".to_owned(),
+            instance: fastrand::u64(1..),
+            takeover: true,
+            previous: 0,
+        };
+        wire::write_frame(&mut send, ControlMsg::Hello(hello).encoded()).await?;
+        match wire::read_msg(&mut recv, ControlMsg::decode).await? {
+            Some(ControlMsg::Welcome(_)) => Ok(SimAgent {
+                conn,
+                _control: (send, recv),
+            }),
+            Some(ControlMsg::Reject(reject)) => bail!("refused: {}", reject.message),
+            other => bail!("the edge answered the hello with {other:?}"),
+        }
     }
 }

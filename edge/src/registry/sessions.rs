@@ -24,7 +24,7 @@ pub struct AgentSession {
     /// Distinguishes this session from earlier ones of the same devbox.
     pub generation: u64,
     /// Messages for the agent's control stream.
-    pub control: mpsc::Sender<ControlMsg>,
+    pub control: mpsc::Sender<Box<ControlMsg>>,
     /// The random instance id of the agent's connection (from its hello).
     pub instance: u64,
     /// The instance of the agent's previous accepted connection (from its hello); 0 if none.
@@ -34,10 +34,10 @@ pub struct AgentSession {
 impl AgentSession {
     /// Ends the session for good: the agent is told why and its connection closed.
     pub fn revoke(&self, why: &str) {
-        let _ = self.control.try_send(ControlMsg::GoAway(GoAway {
+        let _ = self.control.try_send(Box::new(ControlMsg::GoAway(GoAway {
             reason: GoAwayReason::Revoked,
             message: why.into(),
-        }));
+        })));
         self.conn.close(close::REVOKED.into(), why.as_bytes());
     }
 

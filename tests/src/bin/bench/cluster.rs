@@ -33,17 +33,19 @@ pub struct Shape {
 }
 
 /// One edge of the benchmark's cluster.
-struct Edge {
-    proc: Proc,
-    http: u16,
-    agents: u16,
-    admin: u16,
-    state: std::path::PathBuf,
+pub struct Edge {
+    pub proc: Proc,
+    pub http: u16,
+    pub agents: u16,
+    pub admin: u16,
+    pub metrics: u16,
+    pub state: std::path::PathBuf,
 }
 
 /// Starts the edge `node` of the cluster on `pg`.
-async fn edge(bin_dir: &Path, dir: &Path, pg: &Postgres, node: &str) -> Result<Edge> {
-    let (http, agents, admin, mesh) = (
+pub async fn edge(bin_dir: &Path, dir: &Path, pg: &Postgres, node: &str) -> Result<Edge> {
+    let (http, agents, admin, mesh, metrics) = (
+        reserved_port()?,
         reserved_port()?,
         reserved_port()?,
         reserved_port()?,
@@ -54,12 +56,21 @@ async fn edge(bin_dir: &Path, dir: &Path, pg: &Postgres, node: &str) -> Result<E
     let state = dir.join("state");
     let mut toml = edge_toml(&state, http, agents, admin);
     toml.push_str(&format!(
-        "[cluster]\nstore = \"{}\"\nnode = \"{node}\"\nmesh_listen = \"127.0.0.1:{mesh}\"\n",
+        "[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n\
+         [cluster]\nstore = \"{}\"\nnode = \"{node}\"\nmesh_listen = \"127.0.0.1:{mesh}\"\n",
         pg.url()
     ));
     let conf = dir.join("edge.toml");
     std::fs::write(&conf, toml)?;
-    let mut cmd = Command::new(bin_dir.join("burrow-edge"));
+    // BENCH_EDGE_WRAPPER (heaptrack, say) runs the edges under another program.
+    let mut cmd = match std::env::var_os("BENCH_EDGE_WRAPPER") {
+        Some(wrapper) => {
+            let mut cmd = Command::new(wrapper);
+            cmd.arg(bin_dir.join("burrow-edge"));
+            cmd
+        }
+        None => Command::new(bin_dir.join("burrow-edge")),
+    };
     cmd.arg("serve").arg("--config").arg(&conf);
     let proc = Proc::spawn(node, "edge", quiet(&mut cmd), &dir)?;
     accepting(http, Duration::from_secs(20))
@@ -70,6 +81,7 @@ async fn edge(bin_dir: &Path, dir: &Path, pg: &Postgres, node: &str) -> Result<E
         http,
         agents,
         admin,
+        metrics,
         state,
     })
 }

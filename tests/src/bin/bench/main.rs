@@ -24,6 +24,8 @@ mod burrow;
 mod chart;
 mod cluster;
 mod driver;
+mod failover;
+mod fleet;
 mod load;
 mod origin;
 mod peers;
@@ -112,6 +114,22 @@ enum Cmd {
         /// Rounds (the two paths take turns; the median round is shown)
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// Which parts to run: hop (the forwarding hop), fleet (idle agents and presence lag),
+        /// failover (an edge killed under agents holding two edges)
+        #[arg(long, value_delimiter = ',', default_value = "hop,fleet,failover")]
+        parts: Vec<String>,
+        /// Devboxes, each with a real agent process (failover)
+        #[arg(long, default_value_t = 10)]
+        failover_devboxes: usize,
+        /// Simulated idle agents on one edge (fleet)
+        #[arg(long, default_value_t = 10_000)]
+        idle_agents: usize,
+        /// Agent connects (and disconnects) a second while churning (fleet)
+        #[arg(long, default_value_t = 1_000)]
+        churn_rate: u32,
+        /// Seconds of churn (fleet)
+        #[arg(long, default_value_t = 10)]
+        churn_seconds: u64,
     },
 }
 
@@ -147,14 +165,28 @@ fn main() -> ExitCode {
                     seconds,
                     conns,
                     rounds,
+                    parts,
+                    idle_agents,
+                    churn_rate,
+                    churn_seconds,
+                    failover_devboxes,
                 }) => {
-                    let shape = cluster::Shape {
+                    let hop = parts.iter().any(|p| p == "hop").then_some(cluster::Shape {
                         rate,
                         seconds,
                         conns,
                         rounds: rounds.max(1),
-                    };
-                    cluster_bench(cli.bin_dir.clone(), shape).await
+                    });
+                    let fleet = parts.iter().any(|p| p == "fleet").then_some(fleet::Shape {
+                        idle: idle_agents,
+                        rate: churn_rate,
+                        seconds: churn_seconds.max(1),
+                    });
+                    let failover = parts
+                        .iter()
+                        .any(|p| p == "failover")
+                        .then_some(failover_devboxes.max(1));
+                    cluster_bench(cli.bin_dir.clone(), hop, fleet, failover).await
                 }
                 _ => bench(cli).await,
             }
@@ -196,7 +228,12 @@ async fn start_origin(exe: &Path, work: &Path) -> Result<(Proc, SocketAddr)> {
 }
 
 /// `bench cluster`.
-async fn cluster_bench(bin_dir: Option<PathBuf>, shape: cluster::Shape) -> Result<()> {
+async fn cluster_bench(
+    bin_dir: Option<PathBuf>,
+    hop: Option<cluster::Shape>,
+    fleet: Option<fleet::Shape>,
+    failover: Option<usize>,
+) -> Result<()> {
     let exe = std::env::current_exe().context("this program's path")?;
     let bin_dir = match bin_dir {
         Some(d) => d,
@@ -206,7 +243,20 @@ async fn cluster_bench(bin_dir: Option<PathBuf>, shape: cluster::Shape) -> Resul
         .prefix("burrow-bench-cluster-")
         .tempdir()?;
     let (origin, origin_addr) = start_origin(&exe, work.path()).await?;
-    let result = cluster::run(&bin_dir, work.path(), origin_addr, shape).await;
+    let result = async {
+        if let Some(shape) = hop {
+            cluster::run(&bin_dir, work.path(), origin_addr, shape).await?;
+        }
+        if let Some(shape) = fleet {
+            fleet::run(&bin_dir, &work.path().join("fleet"), shape).await?;
+        }
+        if let Some(devboxes) = failover {
+            let dir = work.path().join("failover");
+            failover::run(&bin_dir, &dir, origin_addr, devboxes).await?;
+        }
+        Ok(())
+    }
+    .await;
     origin.stop().await;
     result
 }

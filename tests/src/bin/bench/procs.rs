@@ -73,6 +73,16 @@ impl Proc {
         }
     }
 
+    /// Its pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// kill -9, and reaped.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
     /// SIGTERM, up to 3 s to exit, then SIGKILL.
     pub async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
