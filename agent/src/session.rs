@@ -217,7 +217,7 @@ impl Session {
 
 /// A session while it serves: the connection, the control stream with its two machines (the
 /// message order and liveness), and the data streams it runs.
-struct Serving<'a> {
+struct Serving {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
     control_send: quinn::SendStream,
@@ -227,20 +227,27 @@ struct Serving<'a> {
     /// UDP datagrams received from the edge when the last nudge went out (`None`: it did not):
     /// a nudge interval later, the same count means silence ([`Liveness::handle_silence`]).
     heard_at_nudge: Option<u64>,
+    streams: Streams,
+}
+
+/// What running the edge's data streams takes; owned, so a connection the edge is moving the
+/// agent off can go on taking streams after the session loop ended ([`Serving::end`]).
+struct Streams {
+    conn: quinn::Connection,
     limits: Arc<Limits>,
     slots: Arc<Semaphore>,
     credit: StreamCredit,
     tasks: TaskTracker,
-    status: &'a watch::Sender<Status>,
-    metrics: &'a Arc<Metrics>,
+    status: watch::Sender<Status>,
+    metrics: Arc<Metrics>,
 }
 
-impl<'a> Serving<'a> {
+impl Serving {
     fn new(
         session: Session,
         config: &Config,
-        status: &'a watch::Sender<Status>,
-        metrics: &'a Arc<Metrics>,
+        status: &watch::Sender<Status>,
+        metrics: &Arc<Metrics>,
     ) -> Self {
         let heartbeat = Heartbeat {
             interval: config.liveness.heartbeat_interval,
@@ -248,22 +255,25 @@ impl<'a> Serving<'a> {
         };
         Serving {
             endpoint: session.endpoint,
-            conn: session.conn,
+            conn: session.conn.clone(),
             control_send: session.control_send,
             control: session.control,
             machine: session.machine,
             live: Liveness::new(now(), heartbeat)
                 .with_nudges(now(), config.liveness.nudge_interval),
             heard_at_nudge: None,
-            limits: Arc::new(Limits {
-                policy: config.policy.clone(),
-                connect_timeout: config.connect_timeout,
-            }),
-            slots: Arc::new(Semaphore::new(config.max_streams)),
-            credit: StreamCredit::new(config.max_streams),
-            tasks: TaskTracker::new(),
-            status,
-            metrics,
+            streams: Streams {
+                conn: session.conn.clone(),
+                limits: Arc::new(Limits {
+                    policy: config.policy.clone(),
+                    connect_timeout: config.connect_timeout,
+                }),
+                slots: Arc::new(Semaphore::new(config.max_streams)),
+                credit: StreamCredit::new(config.max_streams),
+                tasks: TaskTracker::new(),
+                status: status.clone(),
+                metrics: metrics.clone(),
+            },
         }
     }
 
@@ -281,7 +291,7 @@ impl<'a> Serving<'a> {
                 () = shutdown.cancelled() => ControlFlow::Break(Ended::Shutdown),
                 accepted = self.conn.accept_bi() => match accepted {
                     Ok((send, recv)) => {
-                        self.spawn_stream(send, recv);
+                        self.streams.spawn(send, recv);
                         ControlFlow::Continue(())
                     }
                     Err(e) => ControlFlow::Break(Ended::Lost(e.into())),
@@ -306,41 +316,6 @@ impl<'a> Serving<'a> {
                 return ended;
             }
         }
-    }
-
-    /// Serves one data stream the edge opened, in a task of its own.
-    fn spawn_stream(&mut self, send: quinn::SendStream, recv: quinn::RecvStream) {
-        let slots = self.slots.clone();
-        let limits = self.limits.clone();
-        let span = info_span!("stream", stream_id = %send.id());
-        let status = self.status.clone();
-        let metrics = self.metrics.clone();
-        let mut open = 0;
-        status.send_modify(|s| {
-            s.streams += 1;
-            open = s.streams;
-        });
-        if let Some(credit) = self.credit.raise(open) {
-            debug!(open, credit, "more stream credit for the edge");
-            self.conn.set_max_concurrent_bi_streams(credit.into());
-        }
-        metrics.streams_open.inc();
-        self.tasks.spawn(
-            async move {
-                let permit = forward::slot(slots).await;
-                let refuse = permit.is_none().then_some(RefuseReason::TooManyStreams);
-                let started = Instant::now();
-                let answered = |port, answer| metrics.answered(port, answer);
-                match forward::serve(send, recv, &limits, refuse, answered).await {
-                    Ok((port, outcome)) => metrics.ended(port, outcome, started.elapsed()),
-                    Err(e) => debug!(error = %e, "stream ended early"),
-                }
-                metrics.streams_open.dec();
-                status.send_modify(|s| s.streams = s.streams.saturating_sub(1));
-                drop(permit);
-            }
-            .instrument(span),
-        );
     }
 
     /// Takes what the control stream brought: a message, its end, or a read error.
@@ -376,7 +351,7 @@ impl<'a> Serving<'a> {
                     }
                     None => info!("tunnel disabled"),
                 }
-                self.status.send_modify(|s| s.tunnel = update);
+                self.streams.status.send_modify(|s| s.tunnel = update);
             }
             Ok(AgentAction::PeerGoingAway(go_away)) => self.live.handle_go_away(go_away),
             Ok(AgentAction::Nothing | AgentAction::Welcomed(_) | AgentAction::Rejected(_)) => {}
@@ -405,8 +380,8 @@ impl<'a> Serving<'a> {
                         let rtt_ms = rtt.as_millis() as u64;
                         info!(rtt_ms, "the connection answered the probe");
                     }
-                    self.status.send_modify(|s| s.rtt = Some(rtt));
-                    self.metrics.pong(rtt);
+                    self.streams.status.send_modify(|s| s.rtt = Some(rtt));
+                    self.streams.metrics.pong(rtt);
                 }
                 Output::Dead(why) => return ControlFlow::Break(Ended::Dead(why.as_str())),
                 Output::PeerGoingAway(go_away) => {
@@ -452,9 +427,9 @@ impl<'a> Serving<'a> {
     /// Closes the session the way it ended. The liveness machine is no longer driven: no
     /// heartbeat goes out while streams drain.
     async fn end(mut self, ended: Ended, grace: Duration, drains: &TaskTracker) -> Ended {
-        self.tasks.close();
         match &ended {
             Ended::Shutdown => {
+                self.streams.tasks.close();
                 // Tell the edge first, so new requests wait for another agent session (or
                 // fail fast) instead of landing here; then let running streams finish.
                 self.live.start_drain(GoAway {
@@ -462,12 +437,10 @@ impl<'a> Serving<'a> {
                     message: "the agent is shutting down".into(),
                 });
                 let _ = self.drive().await;
-                if tokio::time::timeout(grace, self.tasks.wait())
-                    .await
-                    .is_err()
-                {
+                let tasks = &self.streams.tasks;
+                if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
                     warn!(
-                        streams = self.tasks.len(),
+                        streams = tasks.len(),
                         "drain grace over; closing running streams"
                     );
                 }
@@ -475,17 +448,43 @@ impl<'a> Serving<'a> {
                     .close(close::SHUTDOWN.into(), b"agent shutting down");
                 self.endpoint.wait_idle().await;
             }
-            Ended::GoAway(_) => {
-                // The edge keeps serving running streams on this connection; finish them in
-                // the background while the reconnect loop dials again.
+            Ended::GoAway(go_away) => {
+                // The edge is moving this agent off (it drains or stops) or replaced it. While
+                // it moves, make before break: this connection goes on taking the streams the
+                // edge still opens until the reconnect loop's next connection is up (or the
+                // grace is over), then finishes the running ones and closes.
+                let moving = !matches!(
+                    go_away.reason,
+                    GoAwayReason::Replaced | GoAwayReason::Revoked
+                );
                 let Serving {
                     endpoint,
                     conn,
-                    tasks,
+                    mut streams,
                     ..
                 } = self;
+                let mut next = streams.status.subscribe();
+                let before = next.borrow().sessions;
                 drains.spawn(async move {
-                    let _ = tokio::time::timeout(grace, tasks.wait()).await;
+                    let deadline = tokio::time::Instant::now() + grace;
+                    if moving {
+                        let next_up = tokio::time::timeout_at(
+                            deadline,
+                            next.wait_for(|s| s.sessions > before),
+                        );
+                        tokio::pin!(next_up);
+                        loop {
+                            tokio::select! {
+                                _ = &mut next_up => break,
+                                accepted = conn.accept_bi() => match accepted {
+                                    Ok((send, recv)) => streams.spawn(send, recv),
+                                    Err(_) => break,
+                                },
+                            }
+                        }
+                    }
+                    streams.tasks.close();
+                    let _ = tokio::time::timeout_at(deadline, streams.tasks.wait()).await;
                     conn.close(close::SHUTDOWN.into(), b"drained");
                     endpoint.wait_idle().await;
                 });
@@ -494,6 +493,43 @@ impl<'a> Serving<'a> {
             Ended::Lost(_) => {}
         }
         ended
+    }
+}
+
+impl Streams {
+    /// Serves one data stream the edge opened, in a task of its own.
+    fn spawn(&mut self, send: quinn::SendStream, recv: quinn::RecvStream) {
+        let slots = self.slots.clone();
+        let limits = self.limits.clone();
+        let span = info_span!("stream", stream_id = %send.id());
+        let status = self.status.clone();
+        let metrics = self.metrics.clone();
+        let mut open = 0;
+        status.send_modify(|s| {
+            s.streams += 1;
+            open = s.streams;
+        });
+        if let Some(credit) = self.credit.raise(open) {
+            debug!(open, credit, "more stream credit for the edge");
+            self.conn.set_max_concurrent_bi_streams(credit.into());
+        }
+        metrics.streams_open.inc();
+        self.tasks.spawn(
+            async move {
+                let permit = forward::slot(slots).await;
+                let refuse = permit.is_none().then_some(RefuseReason::TooManyStreams);
+                let started = Instant::now();
+                let answered = |port, answer| metrics.answered(port, answer);
+                match forward::serve(send, recv, &limits, refuse, answered).await {
+                    Ok((port, outcome)) => metrics.ended(port, outcome, started.elapsed()),
+                    Err(e) => debug!(error = %e, "stream ended early"),
+                }
+                metrics.streams_open.dec();
+                status.send_modify(|s| s.streams = s.streams.saturating_sub(1));
+                drop(permit);
+            }
+            .instrument(span),
+        );
     }
 }
 

@@ -127,12 +127,15 @@ impl Mesh {
         self.endpoint.local_addr()
     }
 
-    /// Relays the streams other edges open, until `shutdown`.
+    /// Relays the streams other edges open. From `shutdown` on, no new mesh connection is
+    /// taken, but those open go on relaying while this edge's agents move to other edges (they
+    /// were told to go away): until none is left here, or `drain_grace` is over.
     pub fn serve(
         self: &Arc<Self>,
         registry: Arc<Registry>,
         tasks: &TaskTracker,
         shutdown: CancellationToken,
+        drain_grace: Duration,
     ) {
         let endpoint = self.endpoint.clone();
         let inner = tasks.clone();
@@ -144,13 +147,16 @@ impl Mesh {
                 };
                 let Some(incoming) = incoming else { break };
                 let registry = registry.clone();
-                let shutdown = shutdown.clone();
                 inner.spawn(async move {
                     match incoming.await {
-                        Ok(conn) => serve_edge(conn, registry, shutdown).await,
+                        Ok(conn) => serve_edge(conn, registry).await,
                         Err(e) => debug!(error = %e, "a mesh connection failed its handshake"),
                     }
                 });
+            }
+            let deadline = tokio::time::Instant::now() + drain_grace;
+            while !registry.live_sessions().is_empty() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             endpoint.close(0u32.into(), b"edge stopping");
         });
@@ -320,19 +326,17 @@ async fn watch(conn: quinn::Connection, to: SocketAddr, down: Arc<Down>) {
     }
 }
 
-/// Relays every stream another edge opens on `conn`.
-async fn serve_edge(conn: quinn::Connection, registry: Arc<Registry>, shutdown: CancellationToken) {
+/// Relays every stream another edge opens on `conn`, until it closes (the mesh endpoint
+/// closes it once this edge has drained).
+async fn serve_edge(conn: quinn::Connection, registry: Arc<Registry>) {
     debug!(edge = %conn.remote_address(), "mesh connection accepted");
     loop {
-        let (send, recv) = tokio::select! {
-            accepted = conn.accept_bi() => match accepted {
-                Ok(streams) => streams,
-                Err(e) => {
-                    debug!(error = %e, "mesh connection ended");
-                    return;
-                }
-            },
-            () = shutdown.cancelled() => return,
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(streams) => streams,
+            Err(e) => {
+                debug!(error = %e, "mesh connection ended");
+                return;
+            }
         };
         let registry = registry.clone();
         tokio::spawn(relay(send, recv, registry));

@@ -411,7 +411,12 @@ fn load_registry(
     });
     registry.follows_others();
     pg.follow(since, follower, shutdown.clone());
-    mesh.serve(registry.clone(), tasks, shutdown.clone());
+    mesh.serve(
+        registry.clone(),
+        tasks,
+        shutdown.clone(),
+        config.drain_grace,
+    );
     Ok((registry, Some(Forwarding { mesh, view })))
 }
 

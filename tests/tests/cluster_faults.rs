@@ -360,3 +360,71 @@ async fn postgres_killed_and_back_routing_goes_on_writes_wait_and_presence_is_re
          through the other edges, none failed, the slowest took {slowest:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_edge_stop_moves_a_single_connection_agent_without_a_failed_request() {
+    let pg = Postgres::start().await;
+    let mut edges = Vec::new();
+    for node in ["one", "two", "three"] {
+        edges.push(EdgeProcess::start(&pg, node).await);
+    }
+    let (devbox, key, token) = devbox(&edges[0]).await;
+    // One connection only: nothing else carries the devbox while it moves.
+    let list = edges
+        .iter()
+        .map(|e| e.agents_addr().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let state = tempfile::tempdir().expect("agent state").keep();
+    let flags = [
+        ("edge", list),
+        ("server_name", DOMAIN.to_owned()),
+        ("ca", edges[0].agent_ca().display().to_string()),
+        ("state_dir", state.display().to_string()),
+        ("ha_connections", "1".to_owned()),
+    ];
+    let agent = TestAgent::spawn_config(&flags, &token, &[], None);
+    for e in &edges {
+        until("every edge knows the agent's edge", || async {
+            held_by(e, &devbox).await.len() == 1
+        })
+        .await;
+    }
+    let holder_node = held_by(&edges[0], &devbox).await.remove(0);
+    let holder = edges
+        .iter()
+        .position(|e| e.node == holder_node)
+        .expect("a holder");
+    let service = http_service("127.0.0.1:0").await;
+    let urls: Vec<String> = (0..edges.len())
+        .filter(|i| *i != holder)
+        .map(|i| edges[i].url(service.addr.port(), &key, "/steady"))
+        .collect();
+    for url in &urls {
+        until("every edge serves the tunnel", || async {
+            code(url).await == 200
+        })
+        .await;
+    }
+    let load = Load::start(urls);
+    let session = next_session(&agent);
+    let stopping = Instant::now();
+    edges[holder].signal(Signal::SIGTERM);
+    let moved = session
+        .await
+        .expect("status watch")
+        .duration_since(stopping);
+    let survivor = (holder + 1) % edges.len();
+    until("the others see the agent on another edge", || async {
+        let held = held_by(&edges[survivor], &devbox).await;
+        held.len() == 1 && held[0] != holder_node
+    })
+    .await;
+    let (sent, slowest) = load.stop_and_check(&edges).await;
+    println!(
+        "edge {holder_node} stopped (SIGTERM): the agent's new connection was up after \
+         {moved:?}; {sent} requests through the other edges, none failed, the slowest took \
+         {slowest:?}"
+    );
+    drop(agent);
+}
