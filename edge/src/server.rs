@@ -167,11 +167,8 @@ impl Edge {
             ));
         };
         if let Some(listener) = listeners.http {
-            serve(
-                listener,
-                None,
-                public_handler(&proxy, &metrics, Scheme::Http),
-            );
+            let handler = public_handler(&proxy, &metrics, Scheme::Http);
+            serve(listener, None, handler);
         }
         if let Some((listener, tls)) = listeners.https {
             let handler = public_handler(&proxy, &metrics, Scheme::Https);

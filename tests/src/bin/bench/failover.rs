@@ -29,29 +29,7 @@ pub async fn run(bin_dir: &Path, work: &Path, origin: SocketAddr, devboxes: usiz
         edges.push(edge(bin_dir, work, &pg, node).await?);
     }
     let registered = register(&edges[0], devboxes).await?;
-    let list = edges
-        .iter()
-        .map(|e| format!("127.0.0.1:{}", e.agents))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut agents = Vec::new();
-    for (i, d) in registered.iter().enumerate() {
-        let mut cmd = Command::new(bin_dir.join("burrow-agent"));
-        cmd.args(["--edge", &list])
-            .args(["--server-name", "localhost"])
-            .arg("--ca")
-            .arg(edges[0].state.join("agent-ca.pem"))
-            .arg("--state-dir")
-            .arg(work.join(format!("agent-{i}")))
-            .env("BURROW_AGENT_TOKEN", &d.token)
-            .env("BURROW_LIVENESS_HEARTBEAT_TIMEOUT", "1s");
-        agents.push(Proc::spawn(
-            "agent",
-            &format!("agent-{i}"),
-            quiet(&mut cmd),
-            work,
-        )?);
-    }
+    let agents = start_agents(bin_dir, work, &edges, &registered)?;
     // Every agent on two edges, as the third edge sees it.
     let ids: Vec<String> = registered.iter().map(|d| d.id.clone()).collect();
     wait(
@@ -128,6 +106,39 @@ pub async fn run(bin_dir: &Path, work: &Path, origin: SocketAddr, devboxes: usiz
         e.proc.stop().await;
     }
     Ok(())
+}
+
+/// One real agent process per devbox, each listing every edge.
+fn start_agents(
+    bin_dir: &Path,
+    work: &Path,
+    edges: &[Edge],
+    devboxes: &[crate::fleet::Devbox],
+) -> Result<Vec<Proc>> {
+    let list = edges
+        .iter()
+        .map(|e| format!("127.0.0.1:{}", e.agents))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut agents = Vec::new();
+    for (i, d) in devboxes.iter().enumerate() {
+        let mut cmd = Command::new(bin_dir.join("burrow-agent"));
+        cmd.args(["--edge", &list])
+            .args(["--server-name", "localhost"])
+            .arg("--ca")
+            .arg(edges[0].state.join("agent-ca.pem"))
+            .arg("--state-dir")
+            .arg(work.join(format!("agent-{i}")))
+            .env("BURROW_AGENT_TOKEN", &d.token)
+            .env("BURROW_LIVENESS_HEARTBEAT_TIMEOUT", "1s");
+        agents.push(Proc::spawn(
+            "agent",
+            &format!("agent-{i}"),
+            quiet(&mut cmd),
+            work,
+        )?);
+    }
+    Ok(agents)
 }
 
 /// Requests `GET /` through `target`, one after another, until one sent after `killed` is
