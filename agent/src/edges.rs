@@ -47,6 +47,11 @@ pub fn edge(
     Ok((edges, server_name))
 }
 
+/// Whether `edge` is a `host:port` the agent can dial.
+pub fn is_host_port(edge: &str) -> bool {
+    edge_host(edge).is_some()
+}
+
 /// The host part of `host:port` (brackets removed for IPv6), if the port is valid.
 fn edge_host(edge: &str) -> Option<&str> {
     let (host, port) = edge.rsplit_once(':')?;

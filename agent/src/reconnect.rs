@@ -84,6 +84,7 @@ pub async fn run_with_clocks(
     // the agent shows merges theirs.
     let slots = config.ha_connections.max(1);
     let held: Held = Arc::new(Mutex::new(vec![None; slots]));
+    let learned = session::Learned::default();
     let mut slot_status = Vec::with_capacity(slots);
     let mut loops = Vec::with_capacity(slots);
     for slot in 0..slots {
@@ -92,6 +93,7 @@ pub async fn run_with_clocks(
         let redial = Redial {
             slot,
             held: held.clone(),
+            learned: learned.clone(),
             rotate: slot,
             backoff: Backoff::new(config.reconnect.backoff),
             refused: Backoff::new(REFUSED),
@@ -233,6 +235,8 @@ struct Redial {
     slot: usize,
     /// The addresses every loop holds.
     held: Held,
+    /// The other edges the edges told of, dialed after the configured ones.
+    learned: session::Learned,
     /// Where in the edges' addresses the next dial starts; moves on after a failure.
     rotate: usize,
     config: Config,
@@ -326,8 +330,16 @@ impl Redial {
         // Only the first connection takes over another agent's session: a second one that
         // lands on the edge the first holds is refused there and moves to another edge.
         let identity = self.chain.next(self.takeover && self.slot == 0);
+        let mut names = self.config.edges.clone();
+        names.extend(
+            self.learned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .cloned(),
+        );
         let dial = tokio::time::timeout(timeout, async {
-            let addrs = session::resolve(&self.config.edges).await?;
+            let addrs = session::resolve(&names).await?;
             let addr = self.pick(&addrs).ok_or_else(|| {
                 SessionError::Resolve(self.config.edge.clone(), "no address".into())
             })?;
@@ -340,7 +352,8 @@ impl Redial {
             r = dial => r.unwrap_or(Err(SessionError::Timeout(timeout))),
         };
         let delay = match attempt {
-            Ok((session, addr)) => {
+            Ok((mut session, addr)) => {
+                session.learn_into(self.learned.clone());
                 self.chain.accepted(identity.instance);
                 self.hold(Some(addr));
                 return Some(Link::Connected(Box::new(session)));

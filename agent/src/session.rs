@@ -106,7 +106,13 @@ pub struct Session {
     control: wire::ControlRx,
     welcome: Welcome,
     machine: AgentControl,
+    /// Where the other edges the edge tells of go ([`Session::learn_into`]).
+    learned: Option<Learned>,
 }
+
+/// The other edges of the cluster, as the edges told of them (`host:port` each): the agent
+/// dials them too, after the configured ones. Shared by the agent's connections.
+pub type Learned = Arc<std::sync::Mutex<Vec<String>>>;
 
 /// Every address of every configured edge, in order, each once: resolved afresh for each dial
 /// (a name may point elsewhere after a failover).
@@ -154,6 +160,7 @@ impl Session {
             instance: identity.instance,
             takeover: identity.takeover,
             previous: identity.previous,
+            wants: burrow_protocol::control::WANTS_EDGES,
         };
         let mut machine = AgentControl::new(&hello);
         wire::write_frame(&mut control_send, ControlMsg::Hello(hello).encoded()).await?;
@@ -169,6 +176,7 @@ impl Session {
                 control: wire::spawn_control_reader(control_recv),
                 welcome,
                 machine,
+                learned: None,
             }),
             Ok(AgentAction::Rejected(reject)) => Err(SessionError::Rejected(reject)),
             Ok(_) => Err(SessionError::Protocol(
@@ -180,6 +188,11 @@ impl Session {
                 Err(SessionError::Protocol(what))
             }
         }
+    }
+
+    /// The other edges this session's edge tells of go to `learned`.
+    pub fn learn_into(&mut self, learned: Learned) {
+        self.learned = Some(learned);
     }
 
     /// The devbox this agent serves.
@@ -228,6 +241,7 @@ struct Serving {
     /// a nudge interval later, the same count means silence ([`Liveness::handle_silence`]).
     heard_at_nudge: Option<u64>,
     streams: Streams,
+    learned: Option<Learned>,
 }
 
 /// What running the edge's data streams takes; owned, so a connection the edge is moving the
@@ -262,6 +276,7 @@ impl Serving {
             live: Liveness::new(now(), heartbeat)
                 .with_nudges(now(), config.liveness.nudge_interval),
             heard_at_nudge: None,
+            learned: session.learned,
             streams: Streams {
                 conn: session.conn.clone(),
                 limits: Arc::new(Limits {
@@ -354,6 +369,7 @@ impl Serving {
                 self.streams.status.send_modify(|s| s.tunnel = update);
             }
             Ok(AgentAction::PeerGoingAway(go_away)) => self.live.handle_go_away(go_away),
+            Ok(AgentAction::Edges(edges)) => self.learn(edges),
             Ok(AgentAction::Nothing | AgentAction::Welcomed(_) | AgentAction::Rejected(_)) => {}
             Err(violation) => {
                 let what = violation.to_string();
@@ -362,6 +378,20 @@ impl Serving {
             }
         }
         ControlFlow::Continue(())
+    }
+
+    /// Keeps the other edges the edge told of (each `host:port`; anything else is dropped).
+    fn learn(&mut self, edges: Vec<String>) {
+        let Some(learned) = &self.learned else { return };
+        let edges: Vec<String> = edges
+            .into_iter()
+            .filter(|e| crate::edges::is_host_port(e))
+            .collect();
+        let mut known = learned.lock().unwrap_or_else(|p| p.into_inner());
+        if *known != edges {
+            info!(edges = ?edges, "the edge told of the cluster's other edges");
+            *known = edges;
+        }
     }
 
     /// Carries out what the liveness machine asks, in order; breaks when the session ends.

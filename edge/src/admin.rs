@@ -11,7 +11,7 @@
 //! | `POST /v1/devboxes/{id}/rotate-agent-token` | 200 `{"id", "agent_token"}` |
 //! | `DELETE /v1/devboxes/{id}/tunnel` | 204 |
 //! | `DELETE /v1/devboxes/{id}` | 204 |
-//! | `GET /v1/cluster` | 200 `{"node", "nodes": [{"node", "mesh_addr", "last_seen_ms", "agents", "alive"}]}` (404 on a single edge) |
+//! | `GET /v1/cluster` | 200 `{"node", "nodes": [{"node", "mesh_addr", "agents_addr", "last_seen_ms", "agents", "alive"}]}` (404 on a single edge) |
 //!
 //! On an edge of a cluster the devbox view's `agent` also has `edges`: the live edges holding
 //! a connection of its agent.
@@ -383,6 +383,7 @@ impl Admin {
                 json!({
                     "node": e.node,
                     "mesh_addr": e.mesh_addr,
+                    "agents_addr": e.agents_addr,
                     "last_seen_ms": u64::try_from(e.last_seen.as_millis()).unwrap_or(u64::MAX),
                     "agents": e.agents,
                     "alive": e.alive,

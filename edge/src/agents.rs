@@ -11,6 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use burrow_protocol::control::WANTS_EDGES;
 use burrow_protocol::liveness::{Liveness, Output};
 use burrow_protocol::machine::{EdgeAction, EdgeControl};
 use burrow_protocol::{
@@ -43,6 +44,7 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     handshakes: Handshakes,
     drain_grace: Duration,
+    advertised: Option<Advertised>,
     shutdown: CancellationToken,
 ) {
     let tasks = TaskTracker::new();
@@ -74,9 +76,11 @@ pub async fn serve(
         let registry = registry.clone();
         let metrics = metrics.clone();
         let shutdown = shutdown.clone();
+        let advertised = advertised.clone();
         tasks.spawn(
             async move {
-                if let Err(e) = session(incoming, place, registry, metrics, shutdown).await {
+                let served = session(incoming, place, registry, metrics, advertised, shutdown);
+                if let Err(e) = served.await {
                     debug!(error = %e, "agent session ended");
                 }
             }
@@ -143,6 +147,7 @@ async fn session(
     place: Place,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
+    advertised: Option<Advertised>,
     shutdown: CancellationToken,
 ) -> Result<(), SessionError> {
     let mut greeted = greet(incoming).await?;
@@ -185,11 +190,13 @@ async fn session(
         registry: registry.clone(),
         devbox_id,
         generation,
+        edges: advertised.filter(|_| hello.wants & WANTS_EDGES != 0),
     };
     let result = async {
         wire::write_frame(&mut control.send, welcome.encoded()).await?;
         let remote = control.conn.remote_address();
         info!(agent = %hello.agent, %remote, "agent connected");
+        control.send_edges().await?;
         control.serve(&shutdown).await
     }
     .instrument(span.clone())
@@ -351,9 +358,41 @@ struct Control {
     registry: Arc<Registry>,
     devbox_id: String,
     generation: u64,
+    /// The other edges, for an agent that takes them ([`WANTS_EDGES`]).
+    edges: Option<Advertised>,
 }
 
+/// The other live edges of a cluster, as agents are told of them (`cluster.agents_addr` each):
+/// updated as edges come and go.
+pub type Advertised = tokio::sync::watch::Receiver<Arc<Vec<String>>>;
+
 impl Control {
+    /// Tells the agent the other edges (when it takes them and there are any), and marks them
+    /// seen.
+    async fn send_edges(&mut self) -> Result<(), SessionError> {
+        let Some(edges) = self.edges.as_mut() else {
+            return Ok(());
+        };
+        let list = edges.borrow_and_update().clone();
+        if list.is_empty() {
+            return Ok(());
+        }
+        self.send_msg(ControlMsg::Edges(list.to_vec())).await
+    }
+
+    /// Resolves when the other edges changed; never without them.
+    async fn edges_changed(edges: &mut Option<Advertised>) {
+        match edges {
+            Some(rx) => {
+                if rx.changed().await.is_err() {
+                    *edges = None;
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    }
+
     /// Serves the control stream until it ends, the connection closes, or shutdown.
     async fn serve(&mut self, shutdown: &CancellationToken) -> Result<(), SessionError> {
         loop {
@@ -374,6 +413,7 @@ impl Control {
                     let Some(msg) = msg.map(|m| *m).transpose()? else { return Ok(()) };
                     self.on_message(msg).await?;
                 }
+                () = Self::edges_changed(&mut self.edges) => self.send_edges().await?,
                 reason = self.conn.closed() => {
                     debug!(%reason, "connection closed");
                     return Ok(());

@@ -114,6 +114,10 @@ pub struct ServeArgs {
     /// `cluster.mesh_addr`) [env: BURROW_CLUSTER_MESH_ADDR]
     #[arg(long, value_name = "ADDR:PORT")]
     cluster_mesh_addr: Option<String>,
+    /// Where agents reach this edge directly, told to agents of the other edges so they find
+    /// it; default: not told (key `cluster.agents_addr`) [env: BURROW_CLUSTER_AGENTS_ADDR]
+    #[arg(long, value_name = "HOST:PORT")]
+    cluster_agents_addr: Option<String>,
     /// Request line and headers in bytes; 431 past it, default 32768 (key `limits.max_head_bytes`) [env: BURROW_LIMITS_MAX_HEAD_BYTES]
     #[arg(long = "limits-max-head-bytes", value_name = "N")]
     limits_max_head_bytes: Option<String>,
@@ -180,6 +184,7 @@ impl ServeArgs {
             ("cluster.node", &self.cluster_node),
             ("cluster.mesh_listen", &self.cluster_mesh_listen),
             ("cluster.mesh_addr", &self.cluster_mesh_addr),
+            ("cluster.agents_addr", &self.cluster_agents_addr),
             ("limits.max_head_bytes", &self.limits_max_head_bytes),
             ("limits.max_headers", &self.limits_max_headers),
             ("limits.head_timeout", &self.limits_head_timeout),

@@ -96,6 +96,8 @@ pub struct ClusterView {
     change_lag: Histogram,
     /// Woken whenever presence or the edges change: a request waiting for an agent looks again.
     changed: Notify,
+    /// Where agents reach the other live edges (`cluster.agents_addr`), for agents that take it.
+    advertised: tokio::sync::watch::Sender<Arc<Vec<String>>>,
     inner: RwLock<ViewInner>,
 }
 
@@ -121,6 +123,8 @@ pub struct EdgeView {
     pub alive: bool,
     /// Where other edges forward requests to it.
     pub mesh_addr: Option<String>,
+    /// Where agents reach it, if it says (`cluster.agents_addr`).
+    pub agents_addr: Option<String>,
 }
 
 impl ClusterView {
@@ -150,6 +154,7 @@ impl ClusterView {
             edges_gauge,
             change_lag,
             changed: Notify::new(),
+            advertised: tokio::sync::watch::Sender::new(Arc::default()),
             inner: RwLock::new(ViewInner::default()),
         }
     }
@@ -201,10 +206,30 @@ impl ClusterView {
                 self.edges_gauge
                     .with_label_values(&["dead"])
                     .set(count(edges.len() - alive));
+                let mut others: Vec<String> = edges
+                    .iter()
+                    .filter(|e| e.last_seen < EDGE_DEAD_AFTER && e.node != self.node)
+                    .filter_map(|e| e.agents_addr.clone())
+                    .collect();
+                others.sort();
+                others.dedup();
+                self.advertised.send_if_modified(|current| {
+                    let changed = **current != others;
+                    if changed {
+                        *current = Arc::new(others);
+                    }
+                    changed
+                });
             }
         }
         drop(inner);
         self.changed.notify_waiters();
+    }
+
+    /// Where agents reach the other live edges, kept current: what edges tell agents that
+    /// take it ([`burrow_protocol::ControlMsg::Edges`]).
+    pub fn advertised(&self) -> tokio::sync::watch::Receiver<Arc<Vec<String>>> {
+        self.advertised.subscribe()
     }
 
     /// Every edge the store knows, with how long ago it heartbeat.
@@ -222,6 +247,7 @@ impl ClusterView {
                     agents: e.agents,
                     alive: last_seen < EDGE_DEAD_AFTER,
                     mesh_addr: e.mesh_addr.clone(),
+                    agents_addr: e.agents_addr.clone(),
                 }
             })
             .collect()

@@ -58,6 +58,7 @@ pub const SETTINGS: &[Setting] = settings! {
     "cluster.node" => "BURROW_CLUSTER_NODE",
     "cluster.mesh_listen" => "BURROW_CLUSTER_MESH_LISTEN",
     "cluster.mesh_addr" => "BURROW_CLUSTER_MESH_ADDR",
+    "cluster.agents_addr" => "BURROW_CLUSTER_AGENTS_ADDR",
 };
 
 #[derive(Debug, Deserialize)]
@@ -89,6 +90,7 @@ struct RawCluster {
     node: Option<String>,
     mesh_listen: Option<String>,
     mesh_addr: Option<String>,
+    agents_addr: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -216,6 +218,9 @@ pub struct Config {
     pub mesh_listen: SocketAddr,
     /// The address other edges dial; `None`: `mesh_listen`'s.
     pub mesh_addr: Option<SocketAddr>,
+    /// Where agents reach this edge directly (`host:port`), told to the agents of the other
+    /// edges; `None`: not told.
+    pub cluster_agents_addr: Option<String>,
 }
 
 /// `agents.pool_max_idle_total` by default: the agent's default `forward.max_streams` and the
@@ -312,6 +317,11 @@ impl Config {
                 .cluster
                 .mesh_addr
                 .map(|a| addr("cluster.mesh_addr", &a))
+                .transpose()?,
+            cluster_agents_addr: raw
+                .cluster
+                .agents_addr
+                .map(|a| host_port("cluster.agents_addr", &a))
                 .transpose()?,
             cluster_store: raw
                 .cluster
@@ -483,6 +493,23 @@ fn limits(raw: RawLimits) -> Result<Limits, ConfigError> {
         }
     }
     Ok(limits)
+}
+
+/// A `host:port` agents can dial (a name or an address; the port not 0), for `key`.
+fn host_port(key: &'static str, value: &str) -> Result<String, ConfigError> {
+    let value = value.trim();
+    let valid = value.rsplit_once(':').is_some_and(|(host, port)| {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
+    });
+    if valid {
+        Ok(value.to_owned())
+    } else {
+        Err(ConfigError::Invalid {
+            key,
+            message: format!("`{value}` is not host:port (e.g. edge-1.example.com:443)"),
+        })
+    }
 }
 
 fn addr(key: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {

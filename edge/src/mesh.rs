@@ -74,6 +74,8 @@ pub struct Mesh {
         std::sync::Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>>,
     /// Edges that failed lately, and when: tried last ([`Mesh::order`]).
     down: Arc<Down>,
+    /// Open mesh connections, by direction: `out` (this edge dialed), `in` (another did).
+    open: prometheus::IntGaugeVec,
 }
 
 /// Edges that failed lately.
@@ -114,12 +116,27 @@ impl Mesh {
     /// Binds the mesh's UDP socket on `listen`.
     pub fn bind(listen: SocketAddr, tls: tls::MeshTls) -> std::io::Result<Mesh> {
         let endpoint = quinn::Endpoint::server(tls.server, listen)?;
+        let open = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new(
+                "burrow_edge_mesh_connections",
+                "Open QUIC connections with other edges of the cluster, by direction (out: this \
+                 edge dialed; in: another edge did)",
+            ),
+            &["direction"],
+        )
+        .expect("valid metric");
         Ok(Mesh {
             endpoint,
             client: tls.client,
             conns: std::sync::Mutex::default(),
             down: Arc::default(),
+            open,
         })
+    }
+
+    /// The mesh's metrics, to register with the edge's.
+    pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![Box::new(self.open.clone())]
     }
 
     /// The address it listens on.
@@ -139,6 +156,7 @@ impl Mesh {
     ) {
         let endpoint = self.endpoint.clone();
         let inner = tasks.clone();
+        let open_in = self.open.with_label_values(&["in"]);
         tasks.spawn(async move {
             loop {
                 let incoming = tokio::select! {
@@ -147,9 +165,14 @@ impl Mesh {
                 };
                 let Some(incoming) = incoming else { break };
                 let registry = registry.clone();
+                let open = open_in.clone();
                 inner.spawn(async move {
                     match incoming.await {
-                        Ok(conn) => serve_edge(conn, registry).await,
+                        Ok(conn) => {
+                            open.inc();
+                            serve_edge(conn, registry).await;
+                            open.dec();
+                        }
                         Err(e) => debug!(error = %e, "a mesh connection failed its handshake"),
                     }
                 });
@@ -282,7 +305,13 @@ impl Mesh {
             .map_err(|_| failed(&"no answer in time"))?
             .map_err(|e| failed(&e))?;
         info!(edge = %to, "mesh connection up");
-        tokio::spawn(watch(dialed.clone(), to, self.down.clone()));
+        let open = self.open.with_label_values(&["out"]);
+        open.inc();
+        let watched = watch(dialed.clone(), to, self.down.clone());
+        tokio::spawn(async move {
+            watched.await;
+            open.dec();
+        });
         *conn = Some(dialed.clone());
         Ok(dialed)
     }

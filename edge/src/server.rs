@@ -131,6 +131,9 @@ impl Edge {
                 config.limits.agent_handshakes_per_source,
             ),
             config.drain_grace,
+            cluster
+                .as_ref()
+                .map(|forwarding| forwarding.view.advertised()),
             shutdown.clone(),
         ));
         let proxy = Arc::new(Proxy::new(
@@ -390,6 +393,7 @@ fn load_registry(
     let registry = Registry::load(pg.clone(), urls)?;
     let view = Arc::new(ClusterView::new(&config.cluster_node));
     metrics.register(view.collectors());
+    metrics.register(mesh.collectors());
     let sessions = Arc::downgrade(&registry);
     let live = move || {
         sessions
@@ -399,8 +403,11 @@ fn load_registry(
     };
     let stats = view.stats.clone();
     let node = &config.cluster_node;
-    let mesh_addr = Some(mesh_addr.to_string());
-    registry.report_presence(pg.join(node, mesh_addr, live, stats, shutdown.clone()));
+    let addrs = store::EdgeAddrs {
+        mesh: Some(mesh_addr.to_string()),
+        agents: config.cluster_agents_addr.clone(),
+    };
+    registry.report_presence(pg.join(node, addrs, live, stats, shutdown.clone()));
     let taker = view.clone();
     let follower = store::through(Arc::downgrade(&registry), move |registry, change| {
         taker.apply(&change);

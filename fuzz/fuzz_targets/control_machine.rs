@@ -230,7 +230,7 @@ impl Checked {
             (Phase::Handshake, ControlMsg::Hello(_)) => !agent,
             (Phase::Handshake, _) => false,
             (_, ControlMsg::Ping { .. } | ControlMsg::Pong { .. }) => true,
-            (_, ControlMsg::TunnelUpdate(_)) => agent,
+            (_, ControlMsg::TunnelUpdate(_) | ControlMsg::Edges(_)) => agent,
             (_, ControlMsg::GoAway(_)) => !self.peer_went_away,
             (_, _) => false,
         }

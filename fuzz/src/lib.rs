@@ -77,6 +77,8 @@ pub enum Msg {
         takeover: bool,
         /// The instance of the agent's last accepted connection.
         previous: u64,
+        /// What the agent takes beyond the first release's messages.
+        wants: u64,
     },
     /// [`ControlMsg::Welcome`].
     Welcome {
@@ -113,6 +115,8 @@ pub enum Msg {
         /// Detail.
         message: Text,
     },
+    /// [`ControlMsg::Edges`].
+    Edges(Vec<Text>),
 }
 
 const REJECT_REASONS: [RejectReason; 4] = [
@@ -167,6 +171,7 @@ impl Msg {
                 instance,
                 takeover,
                 previous,
+                wants,
             } => ControlMsg::Hello(Hello {
                 min_version: *min_version,
                 max_version: *max_version,
@@ -175,6 +180,7 @@ impl Msg {
                 instance: *instance,
                 takeover: *takeover,
                 previous: *previous,
+                wants: *wants,
             }),
             Msg::Welcome {
                 version,
@@ -198,6 +204,7 @@ impl Msg {
                 reason: pick(GO_AWAY_REASONS, *reason),
                 message: message.0.clone(),
             }),
+            Msg::Edges(edges) => ControlMsg::Edges(edges.iter().map(|e| e.0.clone()).collect()),
         }
     }
 }
@@ -308,6 +315,13 @@ pub fn expected_control(msg: &ControlMsg) -> ControlMsg {
             reason: g.reason,
             message: s(&g.message),
         }),
+        ControlMsg::Edges(edges) => ControlMsg::Edges(
+            edges
+                .iter()
+                .take(burrow_protocol::control::MAX_EDGES)
+                .map(|e| s(e))
+                .collect(),
+        ),
         other => other.clone(),
     }
 }

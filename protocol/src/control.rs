@@ -6,13 +6,14 @@
 //!
 //! | type | message | body |
 //! | --- | --- | --- |
-//! | 0x01 | Hello | min_version u16, max_version u16, token str(512), agent str, instance u64, takeover u8 (0/1), previous u64 (optional) |
+//! | 0x01 | Hello | min_version u16, max_version u16, token str(512), agent str, instance u64, takeover u8 (0/1), previous u64 (optional), wants u64 (optional) |
 //! | 0x02 | Welcome | version u16, devbox_id str, tunnel Option\<TunnelState\> |
 //! | 0x03 | Reject | reason u8, message str |
 //! | 0x04 | Ping | seq u64 |
 //! | 0x05 | Pong | seq u64 |
 //! | 0x06 | TunnelUpdate | Option\<TunnelState\> |
 //! | 0x07 | GoAway | reason u8, message str |
+//! | 0x08 | Edges | count u16 (at most 64), then that many str (`host:port`) |
 //!
 //! A `TunnelState` is key str, auth_mode u8 (1 open, 2 authenticated), url_template str. Reason
 //! codes start at 1; a code this build does not know is invalid.
@@ -20,7 +21,9 @@
 //! The hello's `previous` was added after the first release, as an optional trailing field: it
 //! is always written, and a hello that ends after `takeover` (an older agent's) decodes with
 //! `previous` 0, so a new edge accepts old agents. An edge older than the field refuses a hello
-//! that carries it (trailing bytes): upgrade the edges before the agents.
+//! that carries it (trailing bytes): upgrade the edges before the agents. `wants` came later
+//! still, the same way (an agent that leaves it out gets no `Edges`), and so did `Edges`,
+//! which an edge sends only to an agent whose hello wants it.
 
 use bytes::{Bytes, BytesMut};
 
@@ -37,6 +40,7 @@ const PING: u8 = 0x04;
 const PONG: u8 = 0x05;
 const TUNNEL_UPDATE: u8 = 0x06;
 const GO_AWAY: u8 = 0x07;
+const EDGES: u8 = 0x08;
 
 /// The agent's first message on the control stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,7 +69,16 @@ pub struct Hello {
     /// only the first of the two to connect continues the chain; the other's `previous` is
     /// then stale, and it is seen as a clone. Optional on the wire (see the module docs).
     pub previous: u64,
+    /// What the agent takes beyond the first release's messages, a bit set: [`WANTS_EDGES`].
+    /// Optional on the wire, after `previous` (absent: 0).
+    pub wants: u64,
 }
+
+/// [`Hello::wants`]: the agent takes [`ControlMsg::Edges`], the other edges of the cluster.
+pub const WANTS_EDGES: u64 = 1;
+
+/// The most addresses one [`ControlMsg::Edges`] carries.
+pub const MAX_EDGES: usize = 64;
 
 impl Hello {
     /// A hello that speaks exactly this build's [`VERSION`].
@@ -78,6 +91,7 @@ impl Hello {
             instance: 0,
             takeover: true,
             previous: 0,
+            wants: WANTS_EDGES,
         }
     }
 
@@ -167,11 +181,15 @@ pub enum ControlMsg {
     TunnelUpdate(Option<TunnelState>),
     /// Either way: the sender is closing the connection gracefully.
     GoAway(GoAway),
+    /// Edge to agent, to an agent whose hello wants it ([`WANTS_EDGES`]): where agents reach
+    /// the other live edges of the cluster (`host:port` each, at most [`MAX_EDGES`]); sent after
+    /// the welcome and again whenever the set changes.
+    Edges(Vec<String>),
 }
 
 impl ControlMsg {
     /// A short name for logs: `"hello"`, `"welcome"`, `"reject"`, `"ping"`, `"pong"`,
-    /// `"tunnel_update"`, `"go_away"`.
+    /// `"tunnel_update"`, `"go_away"`, `"edges"`.
     pub fn name(&self) -> &'static str {
         match self {
             Self::Hello(_) => "hello",
@@ -181,6 +199,7 @@ impl ControlMsg {
             Self::Pong { .. } => "pong",
             Self::TunnelUpdate(_) => "tunnel_update",
             Self::GoAway(_) => "go_away",
+            Self::Edges(_) => "edges",
         }
     }
 
@@ -196,6 +215,7 @@ impl ControlMsg {
                 w.put_u64(h.instance);
                 w.put_u8(u8::from(h.takeover));
                 w.put_u64(h.previous);
+                w.put_u64(h.wants);
             }),
             Self::Welcome(m) => write_frame(buf, WELCOME, |w| {
                 w.put_u16(m.version);
@@ -214,6 +234,13 @@ impl ControlMsg {
             Self::GoAway(m) => write_frame(buf, GO_AWAY, |w| {
                 w.put_u8(go_away_code(m.reason));
                 w.put_str(&m.message, MAX_STR_LEN);
+            }),
+            Self::Edges(edges) => write_frame(buf, EDGES, |w| {
+                let edges = &edges[..edges.len().min(MAX_EDGES)];
+                w.put_u16(u16::try_from(edges.len()).unwrap_or(0));
+                for edge in edges {
+                    w.put_str(edge, MAX_STR_LEN);
+                }
             }),
         }
     }
@@ -235,6 +262,7 @@ impl ControlMsg {
                     },
                     // Absent in an older agent's hello.
                     previous: if r.is_empty() { 0 } else { r.get_u64()? },
+                    wants: if r.is_empty() { 0 } else { r.get_u64()? },
                 }),
                 WELCOME => Self::Welcome(Welcome {
                     version: r.get_u16()?,
@@ -252,6 +280,19 @@ impl ControlMsg {
                     reason: go_away_reason(r.get_u8()?)?,
                     message: r.get_str(MAX_STR_LEN)?,
                 }),
+                EDGES => {
+                    let n = usize::from(r.get_u16()?);
+                    if n > MAX_EDGES {
+                        return Err(DecodeError::Invalid(
+                            "more edges than an Edges message takes",
+                        ));
+                    }
+                    let mut edges = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        edges.push(r.get_str(MAX_STR_LEN)?);
+                    }
+                    Self::Edges(edges)
+                }
                 other => return Err(DecodeError::UnexpectedType(other)),
             })
         })
@@ -345,8 +386,8 @@ mod tests {
         let bytes = ControlMsg::from(hello.clone()).encoded();
         assert_eq!(
             &bytes[..],
-            b"\x01\x00\x1f\x00\x01\x00\x01\x00\x03t0k\x00\x03a/1\x00\x00\x00\x00\x00\x00\x00\x00\x01\
-              \x00\x00\x00\x00\x00\x00\x00\x00"
+            b"\x01\x00\x27\x00\x01\x00\x01\x00\x03t0k\x00\x03a/1\x00\x00\x00\x00\x00\x00\x00\x00\x01\
+              \x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x01"
         );
         assert_eq!(decode(&bytes), Ok(ControlMsg::Hello(hello)));
     }
@@ -360,10 +401,46 @@ mod tests {
         };
         let bytes = ControlMsg::from(hello.clone()).encoded();
         assert_eq!(
-            &bytes[bytes.len() - 9..],
+            &bytes[bytes.len() - 17..bytes.len() - 8],
             b"\x01\x01\x02\x03\x04\x05\x06\x07\x08"
         );
         assert_eq!(decode(&bytes), Ok(ControlMsg::Hello(hello)));
+    }
+
+    #[test]
+    fn a_hello_without_wants_decodes_with_wants_0() {
+        let hello = Hello {
+            wants: 0,
+            ..Hello::new(AgentToken::new("t"), "a")
+        };
+        let mut bytes = ControlMsg::from(hello.clone()).encoded().to_vec();
+        bytes.truncate(bytes.len() - 8);
+        bytes[2] -= 8;
+        assert_eq!(decode(&bytes), Ok(ControlMsg::Hello(hello)));
+    }
+
+    #[test]
+    fn edges_round_trip_and_a_list_too_long_is_invalid() {
+        let edges = ControlMsg::Edges(vec!["edge-2.internal:443".into(), "[::1]:7443".into()]);
+        let bytes = edges.encoded();
+        assert_eq!(&bytes[..5], b"\x08\x00\x23\x00\x02");
+        assert_eq!(decode(&bytes), Ok(edges));
+        assert_eq!(
+            decode(&ControlMsg::Edges(Vec::new()).encoded()),
+            Ok(ControlMsg::Edges(Vec::new()))
+        );
+        // More than MAX_EDGES are cut when sent, and refused when received.
+        let many: Vec<String> = (0..70).map(|i| format!("e{i}:1")).collect();
+        let Ok(ControlMsg::Edges(sent)) = decode(&ControlMsg::Edges(many).encoded()) else {
+            panic!("a cut list decodes");
+        };
+        assert_eq!(sent.len(), MAX_EDGES);
+        assert_eq!(
+            decode(b"\x08\x00\x02\x00\x41"),
+            Err(DecodeError::Invalid(
+                "more edges than an Edges message takes"
+            ))
+        );
     }
 
     #[test]

@@ -70,6 +70,8 @@ pub enum AgentAction {
     TunnelChanged(Option<TunnelState>),
     /// The edge is going away: open no new streams, let running ones drain, dial again.
     PeerGoingAway(GoAway),
+    /// The other edges of the cluster, where this agent may connect too.
+    Edges(Vec<String>),
 }
 
 /// What the edge does with a message from an agent.
@@ -138,6 +140,7 @@ impl AgentControl {
                 ControlMsg::Ping { seq } => Ok(AgentAction::Reply(ControlMsg::Pong { seq })),
                 ControlMsg::Pong { seq } => Ok(AgentAction::Pong { seq }),
                 ControlMsg::TunnelUpdate(tunnel) => Ok(AgentAction::TunnelChanged(tunnel)),
+                ControlMsg::Edges(edges) => Ok(AgentAction::Edges(edges)),
                 ControlMsg::GoAway(go_away) => {
                     self.core.peer_goes_away(got, "after the edge's go-away")?;
                     Ok(AgentAction::PeerGoingAway(go_away))
@@ -207,9 +210,10 @@ impl EdgeControl {
                     Ok(EdgeAction::PeerGoingAway(go_away))
                 }
                 ControlMsg::Hello(_) => Err(self.core.fail(got, "after the handshake")),
-                ControlMsg::Welcome(_) | ControlMsg::Reject(_) | ControlMsg::TunnelUpdate(_) => {
-                    Err(self.core.fail(got, "from an agent"))
-                }
+                ControlMsg::Welcome(_)
+                | ControlMsg::Reject(_)
+                | ControlMsg::TunnelUpdate(_)
+                | ControlMsg::Edges(_) => Err(self.core.fail(got, "from an agent")),
             },
         }
     }
@@ -331,6 +335,7 @@ fn name(msg: &ControlMsg) -> &'static str {
         ControlMsg::Pong { .. } => "Pong",
         ControlMsg::TunnelUpdate(_) => "TunnelUpdate",
         ControlMsg::GoAway(_) => "GoAway",
+        ControlMsg::Edges(_) => "Edges",
     }
 }
 

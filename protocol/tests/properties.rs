@@ -88,12 +88,12 @@ fn decodes_safely<M: Codec>(input: &[u8]) -> Result<(), TestCaseError> {
 /// A hello frame whose `previous` is 0 in the layout before that field: 8 bytes shorter. `None`
 /// for any other frame.
 fn older_hello(frame: &[u8]) -> Option<Vec<u8>> {
-    let (kept, previous) = frame.split_at_checked(frame.len().checked_sub(8)?)?;
-    if frame.first() != Some(&0x01) || previous != [0; 8] {
+    let (kept, trailing) = frame.split_at_checked(frame.len().checked_sub(16)?)?;
+    if frame.first() != Some(&0x01) || trailing != [0; 16] {
         return None;
     }
     let mut older = kept.to_vec();
-    let len = u16::from_be_bytes([*older.get(1)?, *older.get(2)?]).checked_sub(8)?;
+    let len = u16::from_be_bytes([*older.get(1)?, *older.get(2)?]).checked_sub(16)?;
     older[1..3].copy_from_slice(&len.to_be_bytes());
     Some(older)
 }
@@ -131,19 +131,23 @@ fn control_msg() -> impl Strategy<Value = ControlMsg> {
             text(),
             any::<u64>(),
             any::<bool>(),
+            any::<u64>(),
             any::<u64>()
         )
-            .prop_map(|(min, max, token, agent, instance, takeover, previous)| {
-                ControlMsg::Hello(Hello {
-                    min_version: min,
-                    max_version: max,
-                    token: AgentToken::new(token),
-                    agent,
-                    instance,
-                    takeover,
-                    previous,
-                })
-            }),
+            .prop_map(
+                |(min, max, token, agent, instance, takeover, previous, wants)| {
+                    ControlMsg::Hello(Hello {
+                        min_version: min,
+                        max_version: max,
+                        token: AgentToken::new(token),
+                        agent,
+                        instance,
+                        takeover,
+                        previous,
+                        wants,
+                    })
+                }
+            ),
         (any::<u16>(), text(), proptest::option::of(tunnel())).prop_map(|(v, id, tunnel)| {
             ControlMsg::Welcome(Welcome {
                 version: v,
@@ -218,7 +222,7 @@ proptest! {
     #[test]
     fn older_hellos_decode_with_previous_0(msg in control_msg()) {
         if let ControlMsg::Hello(hello) = msg {
-            let hello = ControlMsg::Hello(Hello { previous: 0, ..hello });
+            let hello = ControlMsg::Hello(Hello { previous: 0, wants: 0, ..hello });
             let older = older_hello(&hello.bytes()).expect("a hello frame");
             prop_assert_eq!(ControlMsg::dec(&mut Bytes::from(older.clone())), Ok(hello));
             decodes_safely::<ControlMsg>(&older)?;

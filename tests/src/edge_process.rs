@@ -1,6 +1,7 @@
 //! A cluster edge as the real `burrow-edge serve` process, for tests whose fault is the process
 //! itself: kill -9, SIGSTOP, a restart on the same ports and state. Every listener is on a
-//! reserved loopback port, kept across restarts; its log goes to `edge.log` in its directory.
+//! reserved loopback port, kept across restarts, and the edge tells agents of the other edges
+//! its agents address (`cluster.agents_addr`); its log goes to `edge.log` in its directory.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -79,7 +80,8 @@ impl EdgeProcess {
         }
         cmd.env("BURROW_CLUSTER_STORE", &self.store)
             .env("BURROW_CLUSTER_NODE", &self.node)
-            .env("BURROW_CLUSTER_MESH_LISTEN", self.mesh.addr().to_string());
+            .env("BURROW_CLUSTER_MESH_LISTEN", self.mesh.addr().to_string())
+            .env("BURROW_CLUSTER_AGENTS_ADDR", self.agents.addr().to_string());
         self.child = Some(AsyncChildGuard::spawn(&mut cmd));
         let start = tokio::time::Instant::now();
         loop {

@@ -151,6 +151,7 @@ impl Dialer {
             instance: fastrand::u64(1..),
             takeover: true,
             previous: 0,
+            wants: 0,
         };
         wire::write_frame(&mut send, ControlMsg::Hello(hello).encoded()).await?;
         match wire::read_msg(&mut recv, ControlMsg::decode).await? {

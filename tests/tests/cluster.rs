@@ -446,6 +446,16 @@ async fn a_request_to_any_edge_reaches_the_agent_through_the_edge_that_holds_it(
         reused >= 2.0,
         "kept-alive connections through the hop were not reused:\n{text}"
     );
+    // One mesh connection carried it all: dialed by edge one, accepted by edge two.
+    assert!(
+        text.contains("burrow_edge_mesh_connections{direction=\"out\"} 1"),
+        "{text}"
+    );
+    let owner = metrics(&two).await;
+    assert!(
+        owner.contains("burrow_edge_mesh_connections{direction=\"in\"} 1"),
+        "{owner}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

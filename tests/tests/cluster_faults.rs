@@ -428,3 +428,56 @@ async fn a_graceful_edge_stop_moves_a_single_connection_agent_without_a_failed_r
     );
     drop(agent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_given_one_edge_learns_the_others_and_outlives_it() {
+    let pg = Postgres::start().await;
+    let mut edges = Vec::new();
+    for node in ["one", "two", "three"] {
+        edges.push(EdgeProcess::start(&pg, node).await);
+    }
+    let (devbox, key, token) = devbox(&edges[0]).await;
+    // Only edge one is configured; the edges tell the agent where the others are.
+    let state = tempfile::tempdir().expect("agent state").keep();
+    let flags = [
+        ("edge", edges[0].agents_addr().to_string()),
+        ("server_name", DOMAIN.to_owned()),
+        ("ca", edges[0].agent_ca().display().to_string()),
+        ("state_dir", state.display().to_string()),
+        ("ha_connections", "2".to_owned()),
+        ("liveness.heartbeat_timeout", "1s".to_owned()),
+    ];
+    let _agent = TestAgent::spawn_config(&flags, &token, &[], None);
+    let learned = until("the agent holds edge one and a learned edge", || async {
+        let held = held_by(&edges[1], &devbox).await;
+        held.len() == 2 && held.contains(&"one".to_owned())
+    })
+    .await;
+    let (_, cluster) = edges[1]
+        .admin("GET", "/v1/cluster", None)
+        .await
+        .expect("admin API answers");
+    let told = cluster["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .all(|n| n["agents_addr"].is_string());
+    assert!(told, "every edge shows where agents reach it: {cluster}");
+
+    // The one configured edge dies: the agent holds two edges it only learned of.
+    let service = http_service("127.0.0.1:0").await;
+    edges[0].kill().await;
+    let replaced = until("the agent holds two learned edges", || async {
+        let held = held_by(&edges[1], &devbox).await;
+        held.len() == 2 && !held.contains(&"one".to_owned())
+    })
+    .await;
+    for e in &edges[1..] {
+        let url = e.url(service.addr.port(), &key, "/");
+        assert_eq!(code(&url).await, 200, "through edge {}", e.node);
+    }
+    println!(
+        "given edge one only: held a learned edge after {learned:?}; edge one killed, two \
+         learned edges held after {replaced:?}"
+    );
+}

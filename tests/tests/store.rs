@@ -233,7 +233,13 @@ async fn presence_is_written_in_batches_and_a_late_disconnect_removes_nothing_ne
     .await;
     let stats = Arc::new(PresenceStats::default());
     let stop = tokio_util::sync::CancellationToken::new();
-    let events = store.join("edge-a", None, Vec::new, stats.clone(), stop.clone());
+    let events = store.join(
+        "edge-a",
+        Default::default(),
+        Vec::new,
+        stats.clone(),
+        stop.clone(),
+    );
 
     // A connect storm: every agent at once.
     for i in 1..=storm {

@@ -67,6 +67,8 @@ pub struct EdgeRow {
     pub agents: u64,
     /// Where other edges forward requests to it.
     pub mesh_addr: Option<String>,
+    /// Where agents reach it (`cluster.agents_addr`).
+    pub agents_addr: Option<String>,
 }
 
 /// Who takes the changes: `false` once it is gone (the follower stops).
@@ -301,7 +303,7 @@ async fn edges(client: &tokio_postgres::Client) -> PgResult<Vec<EdgeRow>> {
     let rows = client
         .query(
             "SELECT node, (extract(epoch FROM now() - last_seen) * 1000)::bigint, agents,
-                    mesh_addr
+                    mesh_addr, agents_addr
              FROM edges ORDER BY node",
             &[],
         )
@@ -315,6 +317,7 @@ async fn edges(client: &tokio_postgres::Client) -> PgResult<Vec<EdgeRow>> {
             last_seen: Duration::from_millis(u64::try_from(ago).unwrap_or(0)),
             agents: u64::try_from(agents).unwrap_or(0),
             mesh_addr: r.try_get(3)?,
+            agents_addr: r.try_get(4)?,
         });
     }
     Ok(edges)

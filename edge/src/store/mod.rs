@@ -17,7 +17,7 @@ mod sqlite;
 
 pub use follow::{Apply, Change, EdgeRow, through};
 pub use postgres::{Postgres, StoreUrl};
-pub use presence::{EDGE_DEAD_AFTER, PresenceEvent, PresenceStats};
+pub use presence::{EDGE_DEAD_AFTER, EdgeAddrs, PresenceEvent, PresenceStats};
 pub use sqlite::Sqlite;
 
 /// The store's operations; both engines keep the same contract (`tests/tests/store.rs` runs

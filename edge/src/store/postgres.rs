@@ -85,6 +85,9 @@ CREATE TABLE edges (
     "
 ALTER TABLE edges ADD COLUMN mesh_addr TEXT;
 ",
+    "
+ALTER TABLE edges ADD COLUMN agents_addr TEXT;
+",
 ];
 
 /// Every column of a devbox, in the order [`row`] reads them.

@@ -86,7 +86,7 @@ impl Postgres {
     pub fn join(
         &self,
         node: &str,
-        mesh_addr: Option<String>,
+        addrs: EdgeAddrs,
         sessions: impl Sessions,
         stats: Arc<PresenceStats>,
         stop: CancellationToken,
@@ -95,7 +95,7 @@ impl Postgres {
         let writer = Writer {
             shared: self.shared(),
             node: node.to_owned(),
-            mesh_addr,
+            addrs,
             sessions: Box::new(sessions),
             stats,
         };
@@ -110,10 +110,19 @@ impl Postgres {
     }
 }
 
+/// Where other edges and agents reach an edge, as it heartbeats them.
+#[derive(Debug, Clone, Default)]
+pub struct EdgeAddrs {
+    /// `cluster.mesh_addr`.
+    pub mesh: Option<String>,
+    /// `cluster.agents_addr`.
+    pub agents: Option<String>,
+}
+
 struct Writer {
     shared: Arc<Shared>,
     node: String,
-    mesh_addr: Option<String>,
+    addrs: EdgeAddrs,
     sessions: Box<dyn Sessions>,
     stats: Arc<PresenceStats>,
 }
@@ -175,17 +184,17 @@ impl Writer {
 
     async fn heartbeat(&self) -> Result<(), StoreError> {
         let node = self.node.clone();
-        let mesh = self.mesh_addr.clone();
+        let (mesh, agents_addr) = (self.addrs.mesh.clone(), self.addrs.agents.clone());
         let agents = i64::try_from(self.sessions.live().len()).unwrap_or(i64::MAX);
         self.shared
             .with(move |c| {
                 Box::pin(async move {
                     c.execute(
-                        "INSERT INTO edges (node, last_seen, agents, mesh_addr)
-                         VALUES ($1, now(), $2, $3)
+                        "INSERT INTO edges (node, last_seen, agents, mesh_addr, agents_addr)
+                         VALUES ($1, now(), $2, $3, $4)
                          ON CONFLICT (node) DO UPDATE
-                         SET last_seen = now(), agents = $2, mesh_addr = $3",
-                        &[&node, &agents, &mesh],
+                         SET last_seen = now(), agents = $2, mesh_addr = $3, agents_addr = $4",
+                        &[&node, &agents, &mesh, &agents_addr],
                     )
                     .await
                     .map(drop)
