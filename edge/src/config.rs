@@ -318,23 +318,18 @@ impl Config {
                 .mesh_addr
                 .map(|a| addr("cluster.mesh_addr", &a))
                 .transpose()?,
-            cluster_agents_addr: raw
-                .cluster
-                .agents_addr
-                .map(|a| host_port("cluster.agents_addr", &a))
-                .transpose()?,
-            cluster_store: raw
-                .cluster
-                .store
-                .map(|url| {
-                    url.parse().map_err(|message| ConfigError::Invalid {
-                        key: "cluster.store",
-                        message,
-                    })
-                })
-                .transpose()?,
+            cluster_agents_addr: raw.cluster.agents_addr.map(host_port).transpose()?,
+            cluster_store: raw.cluster.store.map(store_url).transpose()?,
         })
     }
+}
+
+/// `cluster.store`, checked.
+fn store_url(url: String) -> Result<StoreUrl, ConfigError> {
+    url.parse().map_err(|message| ConfigError::Invalid {
+        key: "cluster.store",
+        message,
+    })
 }
 
 /// `cluster.node`: 1-63 letters, digits, `-`, `_` or `.`; by default the host name.
@@ -495,8 +490,9 @@ fn limits(raw: RawLimits) -> Result<Limits, ConfigError> {
     Ok(limits)
 }
 
-/// A `host:port` agents can dial (a name or an address; the port not 0), for `key`.
-fn host_port(key: &'static str, value: &str) -> Result<String, ConfigError> {
+/// `cluster.agents_addr`: a `host:port` agents can dial (a name or an address; the port not
+/// 0).
+fn host_port(value: String) -> Result<String, ConfigError> {
     let value = value.trim();
     let valid = value.rsplit_once(':').is_some_and(|(host, port)| {
         let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -506,7 +502,7 @@ fn host_port(key: &'static str, value: &str) -> Result<String, ConfigError> {
         Ok(value.to_owned())
     } else {
         Err(ConfigError::Invalid {
-            key,
+            key: "cluster.agents_addr",
             message: format!("`{value}` is not host:port (e.g. edge-1.example.com:443)"),
         })
     }
@@ -558,6 +554,24 @@ mod tests {
             text,
         };
         Config::load(Some(file), &HashMap::new(), &[])
+    }
+
+    #[test]
+    fn cluster_agents_addr_is_host_port() {
+        let ok =
+            load("domain = \"t.example.com\"\nstate_dir = \"/tmp/x\"\n[public]\nhttp = \"127.0.0.1:80\"\n[cluster]\nagents_addr = \"edge-1.example.com:443\"")
+                .expect("a host:port loads");
+        assert_eq!(
+            ok.cluster_agents_addr.as_deref(),
+            Some("edge-1.example.com:443")
+        );
+        for bad in ["edge-1.example.com", "edge-1:0", ":443"] {
+            let text = format!(
+                "domain = \"t.example.com\"\nstate_dir = \"/tmp/x\"\n[public]\nhttp = \"127.0.0.1:80\"\n[cluster]\nagents_addr = \"{bad}\""
+            );
+            let err = load(&text).expect_err(bad).to_string();
+            assert!(err.contains("cluster.agents_addr"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -122,18 +122,17 @@ impl Edge {
         let endpoint = agents_endpoint(&config, certs::agents_server_config(identity)?)?;
         let agents_addr = endpoint.local_addr().unwrap_or(config.agents_listen);
         let admin_addr = local(&listeners.admin).unwrap_or(config.admin_listen);
+        let limits = &config.limits;
+        let handshakes =
+            Handshakes::new(limits.agent_handshakes, limits.agent_handshakes_per_source);
+        let advertised = cluster.as_ref().map(|c| c.view.advertised());
         tasks.spawn(agents::serve(
             endpoint.clone(),
             registry.clone(),
             metrics.clone(),
-            Handshakes::new(
-                config.limits.agent_handshakes,
-                config.limits.agent_handshakes_per_source,
-            ),
+            handshakes,
             config.drain_grace,
-            cluster
-                .as_ref()
-                .map(|forwarding| forwarding.view.advertised()),
+            advertised,
             shutdown.clone(),
         ));
         let proxy = Arc::new(Proxy::new(
