@@ -1,8 +1,8 @@
 //! Feeds raw bytes to `ControlMsg::decode` the way a control-stream reader would: frame after
 //! frame until an error. No input may panic; an error must leave the buffer untouched; whatever
-//! decodes must re-encode to exactly the bytes it came from (a hello in the older layout, without
-//! its trailing `previous`, re-encodes with `previous` 0 appended) and decode again to the same
-//! value.
+//! decodes must re-encode to exactly the bytes it came from (a hello in an older layout, without
+//! its trailing `wants`, or `previous` and `wants`, re-encodes with them 0) and decode again to
+//! the same value.
 
 #![no_main]
 
@@ -22,10 +22,11 @@ fuzz_target!(|data: &[u8]| {
         let encoded = msg.encoded();
         let decoded = before.slice(..consumed);
         if encoded != decoded {
-            assert_eq!(
-                older_hello(&encoded).as_deref(),
-                Some(&decoded[..]),
-                "re-encoding gives the same bytes, or adds a hello's `previous` 0"
+            assert!(
+                older_hellos(&encoded)
+                    .iter()
+                    .any(|older| older[..] == decoded[..]),
+                "re-encoding gives the same bytes, or adds a hello's `wants` (and `previous`) 0"
             );
         }
         let mut again = encoded.clone();
@@ -38,15 +39,24 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
-/// A hello frame whose `previous` is 0 in the layout before that field: 8 bytes shorter. `None`
-/// for any other frame.
-fn older_hello(frame: &[u8]) -> Option<Vec<u8>> {
-    let (kept, previous) = frame.split_at_checked(frame.len().checked_sub(8)?)?;
-    if frame.first() != Some(&0x01) || previous != [0; 8] {
+/// A hello frame in the older layouts its trailing zeros allow: without `wants` (8 bytes
+/// shorter) and without `previous` and `wants` (16). Empty for any other frame.
+fn older_hellos(frame: &[u8]) -> Vec<Vec<u8>> {
+    [8, 16]
+        .into_iter()
+        .filter_map(|cut| older_hello(frame, cut))
+        .collect()
+}
+
+/// `frame` without its last `cut` bytes, if it is a hello and they are all 0.
+fn older_hello(frame: &[u8], cut: usize) -> Option<Vec<u8>> {
+    let (kept, trailing) = frame.split_at_checked(frame.len().checked_sub(cut)?)?;
+    if frame.first() != Some(&0x01) || trailing.iter().any(|b| *b != 0) {
         return None;
     }
     let mut older = kept.to_vec();
-    let len = u16::from_be_bytes([*older.get(1)?, *older.get(2)?]).checked_sub(8)?;
+    let len = u16::from_be_bytes([*older.get(1)?, *older.get(2)?])
+        .checked_sub(u16::try_from(cut).ok()?)?;
     older[1..3].copy_from_slice(&len.to_be_bytes());
     Some(older)
 }

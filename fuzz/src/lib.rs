@@ -319,7 +319,7 @@ pub fn expected_control(msg: &ControlMsg) -> ControlMsg {
             edges
                 .iter()
                 .take(burrow_protocol::control::MAX_EDGES)
-                .map(|e| s(e))
+                .map(|e| cut(e, burrow_protocol::control::MAX_EDGE_ADDR_LEN))
                 .collect(),
         ),
         other => other.clone(),

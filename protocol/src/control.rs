@@ -13,7 +13,7 @@
 //! | 0x05 | Pong | seq u64 |
 //! | 0x06 | TunnelUpdate | Option\<TunnelState\> |
 //! | 0x07 | GoAway | reason u8, message str |
-//! | 0x08 | Edges | count u16 (at most 64), then that many str (`host:port`) |
+//! | 0x08 | Edges | count u16 (at most 60), then that many str(260) (`host:port`) |
 //!
 //! A `TunnelState` is key str, auth_mode u8 (1 open, 2 authenticated), url_template str. Reason
 //! codes start at 1; a code this build does not know is invalid.
@@ -78,7 +78,14 @@ pub struct Hello {
 pub const WANTS_EDGES: u64 = 1;
 
 /// The most addresses one [`ControlMsg::Edges`] carries.
-pub const MAX_EDGES: usize = 64;
+pub const MAX_EDGES: usize = 60;
+
+/// The longest address in a [`ControlMsg::Edges`] (a DNS name is at most 253 bytes, then
+/// `:port`); longer ones are cut.
+pub const MAX_EDGE_ADDR_LEN: usize = 260;
+
+// A full `Edges` fits in one frame.
+const _: () = assert!(2 + MAX_EDGES * (2 + MAX_EDGE_ADDR_LEN) <= crate::frame::MAX_BODY);
 
 impl Hello {
     /// A hello that speaks exactly this build's [`VERSION`].
@@ -182,7 +189,8 @@ pub enum ControlMsg {
     /// Either way: the sender is closing the connection gracefully.
     GoAway(GoAway),
     /// Edge to agent, to an agent whose hello wants it ([`WANTS_EDGES`]): where agents reach
-    /// the other live edges of the cluster (`host:port` each, at most [`MAX_EDGES`]); sent after
+    /// the other live edges of the cluster (`host:port` each, at most [`MAX_EDGES`] of at most
+    /// [`MAX_EDGE_ADDR_LEN`] bytes: a full list fits one frame); sent after
     /// the welcome and again whenever the set changes.
     Edges(Vec<String>),
 }
@@ -239,7 +247,7 @@ impl ControlMsg {
                 let edges = &edges[..edges.len().min(MAX_EDGES)];
                 w.put_u16(u16::try_from(edges.len()).unwrap_or(0));
                 for edge in edges {
-                    w.put_str(edge, MAX_STR_LEN);
+                    w.put_str(edge, MAX_EDGE_ADDR_LEN);
                 }
             }),
         }
@@ -289,7 +297,7 @@ impl ControlMsg {
                     }
                     let mut edges = Vec::with_capacity(n);
                     for _ in 0..n {
-                        edges.push(r.get_str(MAX_STR_LEN)?);
+                        edges.push(r.get_str(MAX_EDGE_ADDR_LEN)?);
                     }
                     Self::Edges(edges)
                 }
@@ -429,12 +437,16 @@ mod tests {
             decode(&ControlMsg::Edges(Vec::new()).encoded()),
             Ok(ControlMsg::Edges(Vec::new()))
         );
-        // More than MAX_EDGES are cut when sent, and refused when received.
-        let many: Vec<String> = (0..70).map(|i| format!("e{i}:1")).collect();
+        // More than MAX_EDGES, or longer than MAX_EDGE_ADDR_LEN, are cut when sent (the
+        // largest list still fits a frame), and a longer list is refused when received.
+        let many: Vec<String> = (0..70)
+            .map(|i| format!("{}{i}:1", "e".repeat(300)))
+            .collect();
         let Ok(ControlMsg::Edges(sent)) = decode(&ControlMsg::Edges(many).encoded()) else {
             panic!("a cut list decodes");
         };
         assert_eq!(sent.len(), MAX_EDGES);
+        assert!(sent.iter().all(|e| e.len() == MAX_EDGE_ADDR_LEN));
         assert_eq!(
             decode(b"\x08\x00\x02\x00\x41"),
             Err(DecodeError::Invalid(

@@ -677,3 +677,104 @@ async fn a_connect_storm_on_a_fresh_edge_is_written_in_a_few_transactions() {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_devbox_on_two_of_three_edges_is_reachable_through_each_by_every_protocol() {
+    use burrow_client::connect::{Connector, Target};
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let pg = Postgres::start().await;
+    let edges = [
+        edge(&pg, "one").await,
+        edge(&pg, "two").await,
+        edge(&pg, "three").await,
+    ];
+    // Registered through edge one; the agent holds edges two and three.
+    let devbox = edges[0].devbox(Some("authenticated")).await;
+    let key = devbox.key.clone().expect("key");
+    let token = devbox.auth_token.clone().expect("token");
+    let auth = format!("Authorization: Bearer {token}");
+    let list = format!("{},{}", edges[1].agents_addr(), edges[2].agents_addr());
+    let _agent = TestAgent::start_with(&edges[1], &devbox, &[("edge", list.as_str())]).await;
+    for e in &edges {
+        until("every edge sees the agent on two and three", || async {
+            let mut held = held_by(e, &devbox.id).await;
+            held.sort();
+            held == ["three", "two"]
+        })
+        .await;
+    }
+    let service = http_service("127.0.0.1:0").await;
+    let ws_service = burrow_tests::services::ws_echo().await;
+    let echo = tcp_echo().await;
+    for (name, e) in ["one", "two", "three"].iter().zip(&edges) {
+        // HTTP and SSE.
+        let url = e.url(service.addr.port(), &key, "/via");
+        assert_eq!(
+            code(&url, None).await,
+            401,
+            "the token is checked at {name}"
+        );
+        assert_eq!(code(&url, Some(&token)).await, 200, "HTTP through {name}");
+        let sse = curl(&["-N", "-H", &auth, &e.url(service.addr.port(), &key, "/sse")]).await;
+        assert!(
+            sse.body.ends_with("id: 4\ndata: event 4\n\n"),
+            "SSE through {name}: {sse:?}"
+        );
+
+        // WebSocket.
+        let host = format!("{}-{key}.{}", ws_service.port(), e.domain);
+        let mut request = format!("ws://{host}:{}/", e.http().port())
+            .into_client_request()
+            .expect("request");
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("header"),
+        );
+        let tcp = tokio::net::TcpStream::connect(e.http())
+            .await
+            .expect("connect");
+        let (mut ws, _) = tokio_tungstenite::client_async(request, tcp)
+            .await
+            .unwrap_or_else(|err| panic!("WebSocket through {name}: {err}"));
+        ws.send(Message::text(*name)).await.expect("send");
+        let echoed = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("an echo in time")
+            .expect("open")
+            .expect("a message");
+        assert_eq!(echoed, Message::text(*name), "WebSocket through {name}");
+
+        // Raw TCP, as `burrow connect` opens it.
+        let target: Target = format!(
+            "http://{}-{key}.{}:{}",
+            echo.port(),
+            e.domain,
+            e.http().port()
+        )
+        .parse()
+        .expect("target");
+        let connector = Connector::new(
+            target,
+            Some(token.clone()),
+            None,
+            Some(e.http().to_string()),
+        )
+        .expect("connector");
+        let mut raw = connector
+            .open()
+            .await
+            .unwrap_or_else(|err| panic!("raw TCP through {name}: {err}"));
+        let sent = format!("through {name}").into_bytes();
+        raw.write_all(&sent).await.expect("write");
+        let mut back = vec![0u8; sent.len()];
+        tokio::time::timeout(WAIT, raw.read_exact(&mut back))
+            .await
+            .expect("the echo in time")
+            .expect("read");
+        assert_eq!(back, sent, "raw TCP through {name}");
+    }
+}
