@@ -49,6 +49,20 @@ pub use client::{Curl, Reply, curl, request};
 /// The tunnel domain of test edges (another with [`EdgeBuilder::domain`]).
 pub const DOMAIN: &str = "tunnel.localhost";
 
+/// Polls `check` every 10 ms until it holds (for state another process or task reaches, such
+/// as presence read from PostgreSQL); how long it took. Panics naming `what` after [`WAIT`].
+pub async fn until<F: std::future::Future<Output = bool>>(
+    what: &str,
+    check: impl Fn() -> F,
+) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < WAIT, "{what}: not within {WAIT:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    start.elapsed()
+}
+
 /// Sends test logs to the test's captured output (`RUST_LOG` selects), and keeps the edge's
 /// for [`logs::edge_log`].
 pub fn init_tracing() {

@@ -1,12 +1,11 @@
 //! Several edges on one PostgreSQL store (`[cluster] store`): what one edge is told, every edge
 //! knows. A real PostgreSQL server, real edges and a real agent on loopback.
 
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use burrow_tests::postgres::{self, Postgres};
 use burrow_tests::services::http_service;
-use burrow_tests::{TestAgent, TestEdge, WAIT, curl, request};
+use burrow_tests::{TestAgent, TestEdge, WAIT, curl, request, until};
 use serde_json::json;
 
 /// How soon an admin change on one edge must show on another.
@@ -21,16 +20,6 @@ async fn edge(pg: &Postgres, node: &str) -> TestEdge {
         ))
         .start()
         .await
-}
-
-/// Waits until `check` holds; how long it took. Panics after [`WAIT`].
-async fn until<F: Future<Output = bool>>(what: &str, check: impl Fn() -> F) -> Duration {
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < WAIT, "{what}: not within {WAIT:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    start.elapsed()
 }
 
 /// The status code `url` answers with (and `token` as the bearer token, if given).

@@ -12,7 +12,7 @@ use burrow_tests::edge_process::EdgeProcess;
 use burrow_tests::postgres::Postgres;
 use burrow_tests::services::http_service;
 use burrow_tests::testkit::Signal;
-use burrow_tests::{DOMAIN, TestAgent, WAIT, curl};
+use burrow_tests::{DOMAIN, TestAgent, curl, until};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
@@ -32,22 +32,24 @@ async fn devbox(edge: &EdgeProcess) -> (String, String, String) {
     )
 }
 
-/// An agent holding two of `edges` (all of them in its list). Its heartbeat timeout is 1 s, as
-/// the README suggests with several edges: a dead edge's connection is replaced sooner.
-fn agent(edges: &[&EdgeProcess], token: &str) -> TestAgent {
+/// An agent given `edges` (holding two of them by default), with `extra` settings on top. Its
+/// heartbeat timeout is 1 s, as the README suggests with several edges: a dead edge's
+/// connection is replaced sooner.
+fn agent(edges: &[&EdgeProcess], token: &str, extra: &[(&'static str, &str)]) -> TestAgent {
     let list = edges
         .iter()
         .map(|e| e.agents_addr().to_string())
         .collect::<Vec<_>>()
         .join(",");
     let state = tempfile::tempdir().expect("agent state").keep();
-    let flags = [
+    let mut flags = vec![
         ("edge", list),
         ("server_name", DOMAIN.to_owned()),
         ("ca", edges[0].agent_ca().display().to_string()),
         ("state_dir", state.display().to_string()),
         ("liveness.heartbeat_timeout", "1s".to_owned()),
     ];
+    flags.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
     TestAgent::spawn_config(&flags, token, &[], None)
 }
 
@@ -78,16 +80,6 @@ async fn alive(edge: &EdgeProcess, node: &str) -> bool {
     nodes
         .iter()
         .any(|n| n["node"] == node && n["alive"] == true)
-}
-
-/// Waits until `check` holds; how long it took. Panics after [`WAIT`].
-async fn until<F: Future<Output = bool>>(what: &str, check: impl Fn() -> F) -> Duration {
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < WAIT, "{what}: not within {WAIT:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    start.elapsed()
 }
 
 /// The status code of a GET of `url` (0: no HTTP answer at all).
@@ -171,7 +163,7 @@ impl Cluster {
             edges.push(EdgeProcess::start(&pg, node).await);
         }
         let (devbox, key, token) = devbox(&edges[0]).await;
-        let agent = agent(&edges.iter().collect::<Vec<_>>(), &token);
+        let agent = agent(&edges.iter().collect::<Vec<_>>(), &token, &[]);
         for e in &edges {
             until("every edge knows the agent's two edges", || async {
                 held_by(e, &devbox).await.len() == 2
@@ -370,20 +362,8 @@ async fn a_graceful_edge_stop_moves_a_single_connection_agent_without_a_failed_r
     }
     let (devbox, key, token) = devbox(&edges[0]).await;
     // One connection only: nothing else carries the devbox while it moves.
-    let list = edges
-        .iter()
-        .map(|e| e.agents_addr().to_string())
-        .collect::<Vec<_>>()
-        .join(",");
-    let state = tempfile::tempdir().expect("agent state").keep();
-    let flags = [
-        ("edge", list),
-        ("server_name", DOMAIN.to_owned()),
-        ("ca", edges[0].agent_ca().display().to_string()),
-        ("state_dir", state.display().to_string()),
-        ("ha_connections", "1".to_owned()),
-    ];
-    let agent = TestAgent::spawn_config(&flags, &token, &[], None);
+    let all: Vec<&EdgeProcess> = edges.iter().collect();
+    let agent = agent(&all, &token, &[("ha_connections", "1")]);
     for e in &edges {
         until("every edge knows the agent's edge", || async {
             held_by(e, &devbox).await.len() == 1
@@ -438,16 +418,7 @@ async fn an_agent_given_one_edge_learns_the_others_and_outlives_it() {
     }
     let (devbox, key, token) = devbox(&edges[0]).await;
     // Only edge one is configured; the edges tell the agent where the others are.
-    let state = tempfile::tempdir().expect("agent state").keep();
-    let flags = [
-        ("edge", edges[0].agents_addr().to_string()),
-        ("server_name", DOMAIN.to_owned()),
-        ("ca", edges[0].agent_ca().display().to_string()),
-        ("state_dir", state.display().to_string()),
-        ("ha_connections", "2".to_owned()),
-        ("liveness.heartbeat_timeout", "1s".to_owned()),
-    ];
-    let _agent = TestAgent::spawn_config(&flags, &token, &[], None);
+    let _agent = agent(&[&edges[0]], &token, &[("ha_connections", "2")]);
     let learned = until("the agent holds edge one and a learned edge", || async {
         let held = held_by(&edges[1], &devbox).await;
         held.len() == 2 && held.contains(&"one".to_owned())

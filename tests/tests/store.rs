@@ -153,7 +153,7 @@ async fn postgres_migrates_once_and_refuses_a_newer_schema() {
         start.join().expect("thread").expect("connects");
     }
     let versions = postgres::psql(server.port, "SELECT count(*) FROM burrow_migrations").await;
-    assert_eq!(versions, "3", "each migration applied once");
+    assert_eq!(versions, "4", "each migration applied once");
 
     postgres::psql(
         server.port,
