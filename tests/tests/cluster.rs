@@ -254,6 +254,23 @@ async fn every_edge_knows_which_edge_holds_an_agent_and_drops_a_stopped_edge() {
     assert_eq!(status, 404, "{body}");
 }
 
+/// A raw TCP connection to `port` of the tunnel `key` through `edge`, as `burrow connect`
+/// opens it, with the tunnel's `token`.
+async fn raw_through(
+    edge: &TestEdge,
+    port: u16,
+    key: &str,
+    token: &str,
+) -> anyhow::Result<impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> {
+    use burrow_client::connect::{Connector, Target};
+    let target: Target = format!("http://{port}-{key}.{}:{}", edge.domain, edge.http().port())
+        .parse()
+        .expect("target");
+    let via = Some(edge.http().to_string());
+    let connector = Connector::new(target, Some(token.to_owned()), None, via).expect("connector");
+    Ok(connector.open().await?)
+}
+
 /// A TCP echo service on loopback.
 async fn tcp_echo() -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -273,7 +290,6 @@ async fn tcp_echo() -> std::net::SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_to_any_edge_reaches_the_agent_through_the_edge_that_holds_it() {
-    use burrow_client::connect::{Connector, Target};
     use futures_util::{SinkExt, StreamExt};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_tungstenite::tungstenite::Message;
@@ -380,22 +396,9 @@ async fn a_request_to_any_edge_reaches_the_agent_through_the_edge_that_holds_it(
 
     // Raw TCP (`burrow connect`'s library), 256 KiB each way.
     let echo = tcp_echo().await;
-    let target: Target = format!(
-        "http://{}-{key}.{}:{}",
-        echo.port(),
-        one.domain,
-        one.http().port()
-    )
-    .parse()
-    .expect("target");
-    let connector = Connector::new(
-        target,
-        Some(token.clone()),
-        None,
-        Some(one.http().to_string()),
-    )
-    .expect("connector");
-    let mut raw = connector.open().await.expect("raw TCP through edge one");
+    let mut raw = raw_through(&one, echo.port(), &key, &token)
+        .await
+        .expect("raw TCP through edge one");
     let sent: Vec<u8> = (0..256 * 1024u64)
         .map(burrow_tests::services::pattern)
         .collect();
@@ -669,7 +672,6 @@ async fn a_connect_storm_on_a_fresh_edge_is_written_in_a_few_transactions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_devbox_on_two_of_three_edges_is_reachable_through_each_by_every_protocol() {
-    use burrow_client::connect::{Connector, Target};
     use futures_util::{SinkExt, StreamExt};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_tungstenite::tungstenite::Message;
@@ -738,23 +740,7 @@ async fn a_devbox_on_two_of_three_edges_is_reachable_through_each_by_every_proto
         assert_eq!(echoed, Message::text(*name), "WebSocket through {name}");
 
         // Raw TCP, as `burrow connect` opens it.
-        let target: Target = format!(
-            "http://{}-{key}.{}:{}",
-            echo.port(),
-            e.domain,
-            e.http().port()
-        )
-        .parse()
-        .expect("target");
-        let connector = Connector::new(
-            target,
-            Some(token.clone()),
-            None,
-            Some(e.http().to_string()),
-        )
-        .expect("connector");
-        let mut raw = connector
-            .open()
+        let mut raw = raw_through(e, echo.port(), &key, &token)
             .await
             .unwrap_or_else(|err| panic!("raw TCP through {name}: {err}"));
         let sent = format!("through {name}").into_bytes();

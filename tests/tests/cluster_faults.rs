@@ -32,6 +32,15 @@ async fn devbox(edge: &EdgeProcess) -> (String, String, String) {
     )
 }
 
+/// Edges `one`, `two` and `three` of the cluster on `pg`, as processes.
+async fn three_edges(pg: &Postgres) -> Vec<EdgeProcess> {
+    let mut edges = Vec::new();
+    for node in ["one", "two", "three"] {
+        edges.push(EdgeProcess::start(pg, node).await);
+    }
+    edges
+}
+
 /// An agent given `edges` (holding two of them by default), with `extra` settings on top. Its
 /// heartbeat timeout is 1 s, as the README suggests with several edges: a dead edge's
 /// connection is replaced sooner.
@@ -158,10 +167,7 @@ struct Cluster {
 impl Cluster {
     async fn start() -> Cluster {
         let pg = Postgres::start().await;
-        let mut edges = Vec::new();
-        for node in ["one", "two", "three"] {
-            edges.push(EdgeProcess::start(&pg, node).await);
-        }
+        let edges = three_edges(&pg).await;
         let (devbox, key, token) = devbox(&edges[0]).await;
         let agent = agent(&edges.iter().collect::<Vec<_>>(), &token, &[]);
         for e in &edges {
@@ -356,10 +362,7 @@ async fn postgres_killed_and_back_routing_goes_on_writes_wait_and_presence_is_re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_edge_stop_moves_a_single_connection_agent_without_a_failed_request() {
     let pg = Postgres::start().await;
-    let mut edges = Vec::new();
-    for node in ["one", "two", "three"] {
-        edges.push(EdgeProcess::start(&pg, node).await);
-    }
+    let mut edges = three_edges(&pg).await;
     let (devbox, key, token) = devbox(&edges[0]).await;
     // One connection only: nothing else carries the devbox while it moves.
     let all: Vec<&EdgeProcess> = edges.iter().collect();
@@ -412,10 +415,7 @@ async fn a_graceful_edge_stop_moves_a_single_connection_agent_without_a_failed_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_given_one_edge_learns_the_others_and_outlives_it() {
     let pg = Postgres::start().await;
-    let mut edges = Vec::new();
-    for node in ["one", "two", "three"] {
-        edges.push(EdgeProcess::start(&pg, node).await);
-    }
+    let mut edges = three_edges(&pg).await;
     let (devbox, key, token) = devbox(&edges[0]).await;
     // Only edge one is configured; the edges tell the agent where the others are.
     let _agent = agent(&[&edges[0]], &token, &[("ha_connections", "2")]);
