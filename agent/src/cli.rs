@@ -69,6 +69,11 @@ pub struct Cli {
     /// BURROW_FORWARD_DENY_PORTS]
     #[arg(long, value_name = "PORTS")]
     pub deny_ports: Option<String>,
+    /// Ports whose services speak HTTP/2 only (h2c, such as a gRPC server), comma-separated:
+    /// the edge speaks HTTP/2 to them for every request (key `forward.http2_ports`) [env:
+    /// BURROW_FORWARD_HTTP2_PORTS]
+    #[arg(long, value_name = "PORTS")]
+    pub http2_ports: Option<String>,
     /// Streams in flight at once; more are refused, default 1024 (key `forward.max_streams`)
     /// [env: BURROW_FORWARD_MAX_STREAMS]
     #[arg(long, value_name = "N")]
@@ -156,6 +161,7 @@ impl Cli {
             ("state_dir", &self.state_dir),
             ("forward.allow_ports", &self.allow_ports),
             ("forward.deny_ports", &self.deny_ports),
+            ("forward.http2_ports", &self.http2_ports),
             ("forward.max_streams", &self.max_streams),
             ("forward.connect_timeout", &self.connect_timeout),
             ("metrics.listen", &self.metrics_listen),

@@ -56,6 +56,11 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Ports,
     },
     Setting {
+        key: "forward.http2_ports",
+        env: "BURROW_FORWARD_HTTP2_PORTS",
+        kind: Kind::Ports,
+    },
+    Setting {
         key: "forward.max_streams",
         env: "BURROW_FORWARD_MAX_STREAMS",
         kind: Kind::Int,
@@ -256,6 +261,8 @@ struct RawForward {
     allow_ports: Vec<u16>,
     #[serde(default)]
     deny_ports: Vec<u16>,
+    #[serde(default)]
+    http2_ports: Vec<u16>,
     max_streams: Option<i64>,
     connect_timeout: Option<String>,
 }
@@ -346,11 +353,7 @@ impl Config {
         let (token, token_file) = token(env, raw.token_file.map(relative))?;
         let state_dir = relative(state_dir(raw.state_dir, env)?);
         let metrics_listen = metrics_listen(raw.metrics.listen)?;
-        let policy = policy(
-            raw.forward.allow_ports,
-            raw.forward.deny_ports,
-            metrics_listen,
-        )?;
+        let policy = policy(&raw.forward, metrics_listen)?;
         let liveness = liveness(raw.liveness)?;
         let log = burrow_runtime::logging::LogSettings::parse(raw.log.level, raw.log.format, env)?;
         Ok(Config {
@@ -450,15 +453,14 @@ fn metrics_listen(listen: Option<String>) -> Result<Option<SocketAddr>, ConfigEr
 }
 
 /// Which ports may be forwarded: `forward.allow_ports` less `forward.deny_ports`, and never
-/// the metrics listener's port.
+/// the metrics listener's port; and which speak HTTP/2 only (`forward.http2_ports`).
 fn policy(
-    allow: Vec<u16>,
-    deny: Vec<u16>,
+    forward: &RawForward,
     metrics_listen: Option<SocketAddr>,
 ) -> Result<PortPolicy, ConfigError> {
-    let ports = |key: &'static str, list: Vec<u16>| -> Result<Vec<Port>, ConfigError> {
-        list.into_iter()
-            .map(|p| {
+    let ports = |key: &'static str, list: &[u16]| -> Result<Vec<Port>, ConfigError> {
+        list.iter()
+            .map(|&p| {
                 Port::new(p).ok_or_else(|| ConfigError::Invalid {
                     key,
                     message: "0 is not a port (1-65535)".into(),
@@ -466,11 +468,13 @@ fn policy(
             })
             .collect()
     };
-    let mut deny = ports("forward.deny_ports", deny)?;
+    let mut deny = ports("forward.deny_ports", &forward.deny_ports)?;
     if let Some(port) = metrics_listen.and_then(|a| Port::new(a.port())) {
         deny.push(port);
     }
-    Ok(PortPolicy::new(ports("forward.allow_ports", allow)?, deny))
+    let allow = ports("forward.allow_ports", &forward.allow_ports)?;
+    let http2 = ports("forward.http2_ports", &forward.http2_ports)?;
+    Ok(PortPolicy::new(allow, deny).with_http2(http2))
 }
 
 /// The reconnect settings.

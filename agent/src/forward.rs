@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use burrow_protocol::{Port, RefuseReason, StreamAnswer, StreamHeader, VERSION, reset};
+use burrow_protocol::{Port, RefuseReason, StreamAnswer, StreamHeader, StreamKind, VERSION, reset};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info};
@@ -110,7 +110,15 @@ pub async fn serve(
             return Ok((port, Outcome::Refused(reason)));
         }
     };
-    wire::write_frame(&mut send, StreamAnswer::Accept.encoded()).await?;
+    // A port marked HTTP/2-only is said so on an HTTP stream: the edge speaks HTTP/2 on it
+    // (an HTTP/1.1 stream it opened for a plain request becomes one), and knows for later.
+    let http = matches!(header.kind, StreamKind::Http | StreamKind::Http2);
+    let answer = if http && limits.policy.http2_only(port) {
+        StreamAnswer::AcceptHttp2
+    } else {
+        StreamAnswer::Accept
+    };
+    wire::write_frame(&mut send, answer.encoded()).await?;
     debug!(%port, client = ?header.client, "stream accepted");
 
     let copied = tokio::select! {

@@ -8,7 +8,8 @@ use std::sync::{Arc, RwLock};
 
 use burrow_protocol::Port;
 
-/// An allow list (empty: every port) and a deny list; deny wins.
+/// An allow list (empty: every port) and a deny list, deny winning; and the ports whose
+/// services speak HTTP/2 only (h2c), for which the edge is told to speak HTTP/2.
 #[derive(Debug, Clone)]
 pub struct PortPolicy {
     lists: Arc<RwLock<Lists>>,
@@ -26,6 +27,7 @@ impl Default for PortPolicy {
 struct Lists {
     allow: BTreeSet<Port>,
     deny: BTreeSet<Port>,
+    http2: BTreeSet<Port>,
 }
 
 impl PortPolicy {
@@ -38,6 +40,7 @@ impl PortPolicy {
             lists: Arc::new(RwLock::new(Lists {
                 allow: allow.into_iter().collect(),
                 deny: deny.into_iter().collect(),
+                http2: BTreeSet::new(),
             })),
             changes: Arc::new(tokio::sync::watch::Sender::new(0)),
         }
@@ -47,6 +50,22 @@ impl PortPolicy {
     pub fn allows(&self, port: Port) -> bool {
         let lists = self.lists.read().unwrap_or_else(|p| p.into_inner());
         !lists.deny.contains(&port) && (lists.allow.is_empty() || lists.allow.contains(&port))
+    }
+
+    /// Marks `ports` as HTTP/2-only (`forward.http2_ports`).
+    pub fn with_http2(self, ports: impl IntoIterator<Item = Port>) -> Self {
+        self.lists
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .http2
+            .extend(ports);
+        self
+    }
+
+    /// Whether the service on `port` is marked HTTP/2-only.
+    pub fn http2_only(&self, port: Port) -> bool {
+        let lists = self.lists.read().unwrap_or_else(|p| p.into_inner());
+        lists.http2.contains(&port)
     }
 
     /// Adds a port to the deny list (the agent's own listeners).

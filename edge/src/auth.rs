@@ -73,7 +73,7 @@ impl Access {
         let key = routed.target.key.as_str();
         let refuse = |detail: &str| {
             self.metrics.auth_failures.inc();
-            pages::error(StatusCode::UNAUTHORIZED, detail, routed.html)
+            pages::error(StatusCode::UNAUTHORIZED, detail, routed.form)
         };
         // No token hash means the tunnel cannot be opened at all.
         let Some(hash) = routed.route.auth_token else {

@@ -55,6 +55,9 @@ pub struct Opened {
     /// Through another edge (`conn_id` is then the pool's id for the mesh connection and the
     /// devbox).
     pub forwarded: bool,
+    /// The agent answered that the port speaks only HTTP/2 ([`StreamAnswer::AcceptHttp2`]):
+    /// HTTP/2 is spoken on it whatever kind it was opened as.
+    pub http2_only: bool,
 }
 
 /// Why a stream could not be opened: the answer's status and explanation.
@@ -151,7 +154,7 @@ impl Dialer {
                 NoStream::Refused(r) => (refusal(r.reason, port), Some(r)),
             };
             NotOpened {
-                answer: pages::error(status, &detail, routed.html),
+                answer: pages::error(status, &detail, routed.form),
                 refusal,
             }
         })
@@ -199,7 +202,8 @@ impl Dialer {
             if let Some(c) = conn.filter(|c| Some(c.stable_id()) != failed) {
                 let key = &routed.target.key;
                 let attempt = self.attempt(&c, key, attaches, header.clone()).await;
-                match self.settle(attempt, &c, waiting_since) {
+                let http2 = header.kind == StreamKind::Http2;
+                match self.settle(attempt, &c, waiting_since, http2) {
                     ControlFlow::Break(answer) => return answer,
                     ControlFlow::Continue(()) => {
                         failed = Some(c.stable_id());
@@ -251,12 +255,13 @@ impl Dialer {
         attempt: Attempt,
         c: &quinn::Connection,
         waiting_since: Option<Instant>,
+        http2: bool,
     ) -> ControlFlow<Result<Opened, NoStream>> {
         let failed = |status, message: &str| {
             ControlFlow::Break(Err(NoStream::Failed((status, message.to_owned()))))
         };
         match attempt {
-            Attempt::Accepted(send, recv) => {
+            Attempt::Accepted(send, recv, http2_only) => {
                 self.waited(waiting_since, "served");
                 ControlFlow::Break(Ok(Opened {
                     send,
@@ -264,6 +269,7 @@ impl Dialer {
                     conn_id: c.stable_id(),
                     conn: c.clone(),
                     forwarded: false,
+                    http2_only,
                 }))
             }
             Attempt::Refused(reason) => {
@@ -277,6 +283,14 @@ impl Dialer {
             Attempt::Failed(e) if connection_lost(&e) => {
                 debug!(error = %e, "agent connection failed under a request; waiting for the next");
                 ControlFlow::Continue(())
+            }
+            Attempt::Failed(e) if http2 => {
+                debug!(error = %e, "HTTP/2 data stream failed");
+                failed(
+                    StatusCode::BAD_GATEWAY,
+                    "the stream to the devbox's agent failed; HTTP/2 to the devbox's services \
+                     (gRPC) needs a burrow-agent of this edge's release or newer",
+                )
             }
             Attempt::Failed(e) => {
                 debug!(error = %e, "data stream failed");
@@ -324,7 +338,7 @@ impl Dialer {
             }
         };
         match answer {
-            Ok(Ok(Ok(()))) => Attempt::Accepted(send, recv),
+            Ok(Ok(Ok(http2_only))) => Attempt::Accepted(send, recv, http2_only),
             Ok(Ok(Err(reason))) => Attempt::Refused(reason),
             Ok(Err(e)) => Attempt::Failed(e),
             Err(_) => Attempt::TimedOut,
@@ -384,6 +398,7 @@ impl Dialer {
                         conn_id: self.forward_id(forwarded.conn.stable_id(), devbox),
                         conn: forwarded.conn,
                         forwarded: true,
+                        http2_only: forwarded.http2_only,
                     }));
                 }
                 Err(NotForwarded::Refused(reason, mesh_id)) => {
@@ -417,8 +432,9 @@ impl Dialer {
 
 /// How one try to open a data stream on one agent connection ended.
 enum Attempt {
-    /// The agent accepted: toward the service, from the service.
-    Accepted(quinn::SendStream, quinn::RecvStream),
+    /// The agent accepted: toward the service, from the service, and whether it said the
+    /// port speaks only HTTP/2.
+    Accepted(quinn::SendStream, quinn::RecvStream, bool),
     /// The agent refused, with its reason.
     Refused(RefuseReason),
     /// The connection closed, or another took over, before the answer: try the newest.
@@ -429,15 +445,17 @@ enum Attempt {
     TimedOut,
 }
 
-/// Writes the stream header and reads the agent's answer: `Ok(Ok(()))` accepted.
+/// Writes the stream header and reads the agent's answer: `Ok(Ok(http2_only))` accepted, the
+/// port marked HTTP/2-only or not.
 async fn exchange(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     header: StreamHeader,
-) -> Result<Result<(), RefuseReason>, wire::WireError> {
+) -> Result<Result<bool, RefuseReason>, wire::WireError> {
     wire::write_frame(send, header.encoded()).await?;
     match wire::read_msg(recv, StreamAnswer::decode).await? {
-        Some(StreamAnswer::Accept) => Ok(Ok(())),
+        Some(StreamAnswer::Accept) => Ok(Ok(false)),
+        Some(StreamAnswer::AcceptHttp2) => Ok(Ok(true)),
         Some(StreamAnswer::Refuse(reason)) => Ok(Err(reason)),
         None => Err(wire::WireError::Truncated),
     }

@@ -1,5 +1,6 @@
-//! The forward step: a request as an HTTP/1.1 exchange with the service, over a data stream to
-//! the devbox's agent, a kept-alive one from the [`Pool`] when there is one. The request goes
+//! The forward step: a request as an HTTP exchange with the service, over a data stream to the
+//! devbox's agent: HTTP/1.1 on a kept-alive stream from the [`Pool`] when there is one, or
+//! HTTP/2 on the port's shared connection ([`http2`]) for gRPC and HTTP/2-only services. The request goes
 //! as the service should see it (`outbound_request`); the response streams back as it comes,
 //! and its connection returns to the pool once the client has the whole body.
 //!
@@ -20,8 +21,9 @@ use tracing::{debug, warn};
 use crate::body::{Body, ToService};
 use crate::dial::{Dialer, Opened, Refusal};
 use crate::headers;
+use crate::http2::{self, Http2Conns};
 use crate::metrics::{CountedBody, GaugeGuard, Metrics};
-use crate::pages::{self, Answer};
+use crate::pages::{self, Answer, Form};
 use crate::pool::{Back, Pool, Returning, Sender};
 use crate::route::{Routed, Scheme};
 use crate::throttle::InFlight;
@@ -29,11 +31,13 @@ use crate::throttle::InFlight;
 /// The request as it goes to the service, its body counted.
 type Outbound = Request<CountedBody<ToService>>;
 
-/// The forward step: streams to agents, the pool of kept-alive connections, the metrics.
+/// The forward step: streams to agents, the pool of kept-alive connections, the shared HTTP/2
+/// connections, the metrics.
 #[derive(Debug)]
 pub struct Forward {
     dial: Arc<Dialer>,
     pool: Arc<Pool>,
+    http2: Arc<Http2Conns>,
     metrics: Arc<Metrics>,
 }
 
@@ -42,17 +46,43 @@ pub struct Forward {
 pub struct Answered {
     /// The response head and its streaming body.
     pub response: Response<Incoming>,
-    sender: Sender,
+    /// The HTTP/1.1 connection it came on, for the pool; `None` over HTTP/2, whose connection
+    /// stays shared by other requests.
+    sender: Option<Sender>,
     /// The pool's id of the agent connection (or of the mesh connection and devbox).
     conn_id: usize,
 }
 
+/// The agent connection a kept connection to a service would ride: the devbox's own on this
+/// edge, or a mesh connection to the edge that holds it.
+struct Via {
+    conn: quinn::Connection,
+    /// The pool's id for it.
+    conn_id: usize,
+    forwarded: bool,
+}
+
+/// A kept connection to a service.
+enum Kept {
+    /// An idle HTTP/1.1 connection from the pool, this request's alone.
+    Http1(Sender),
+    /// A shared HTTP/2 connection.
+    Http2(http2::Sender),
+}
+
 impl Forward {
-    /// Forwards over streams `dial` opens, reusing the connections `pool` keeps.
-    pub fn new(dial: Arc<Dialer>, pool: Arc<Pool>, metrics: Arc<Metrics>) -> Forward {
+    /// Forwards over streams `dial` opens, reusing the HTTP/1.1 connections `pool` keeps and
+    /// the HTTP/2 connections `http2` keeps.
+    pub fn new(
+        dial: Arc<Dialer>,
+        pool: Arc<Pool>,
+        http2: Arc<Http2Conns>,
+        metrics: Arc<Metrics>,
+    ) -> Forward {
         Forward {
             dial,
             pool,
+            http2,
             metrics,
         }
     }
@@ -70,16 +100,20 @@ impl Forward {
             return Err(pages::error(
                 StatusCode::BAD_GATEWAY,
                 "the service sent an unexpected 101",
-                routed.html,
+                routed.form,
             ));
         }
         Ok(self.deliver(answered, routed.target.port, slot))
     }
 
-    /// Sends the request to the service and waits for its response head. A kept-alive
-    /// connection is tried first for a request HTTP lets the edge send again (not for an
-    /// `upgrade`, which takes the connection over, nor a POST); a request it could not even
-    /// start goes on a fresh stream.
+    /// Sends the request to the service and waits for its response head.
+    ///
+    /// Which protocol: HTTP/2 for gRPC (`content-type: application/grpc*`, not gRPC-Web) and
+    /// for every request to a port the agent marks HTTP/2-only, on the port's shared HTTP/2
+    /// connection when it has one; HTTP/1.1 for the rest, on a kept-alive connection for a
+    /// request HTTP lets the edge send again (not for an `upgrade`, which takes the connection
+    /// over, nor a POST). A request no kept connection took goes on a fresh stream, where the
+    /// agent's answer may still turn it to HTTP/2.
     pub async fn send(
         &self,
         req: Request<Incoming>,
@@ -99,29 +133,41 @@ impl Forward {
             routed.scheme,
             upgrade,
         );
-        let outbound = outbound.map(|body| {
+        let mut outbound = outbound.map(|body| {
             self.metrics
                 .count_body(Either::Left(body), "from_client", ())
         });
+        let grpc = routed.form == Form::Grpc { web: false };
+        if upgrade {
+            return self.send_fresh(outbound, routed, Want::Upgrade).await;
+        }
         // A request HTTP does not let the edge send again (a POST, a body) goes on a fresh
-        // stream, whose body waits for the agent's accept: on a kept-alive stream of an agent
-        // that has just died it would be sent into the void, and the edge could not tell
-        // whether the service saw it (the soak met this: a POST sent right after `kill -9`,
-        // answered 502 once the restarted agent took over).
-        let outbound = if upgrade || !Replay::allowed(&outbound) {
-            outbound
-        } else {
-            match self.send_pooled(outbound, routed).await? {
-                Ok(answered) => return Ok(answered),
-                Err(outbound) => outbound,
+        // HTTP/1.1 stream, whose body waits for the agent's accept: on a kept-alive stream of
+        // an agent that has just died it would be sent into the void, and the edge could not
+        // tell whether the service saw it (the soak met this: a POST sent right after
+        // `kill -9`, answered 502 once the restarted agent took over). HTTP/2 is shared by
+        // design, and its requests go on the open connection.
+        if let Some(via) = self.via(routed).await {
+            let key = (via.conn_id, port.get());
+            let kept = match self.http2.get(key, grpc) {
+                Some(sender) => Some(Kept::Http2(sender)),
+                None if grpc || !Replay::allowed(&outbound) => None,
+                None => self.pool.checkout(key).map(Kept::Http1),
+            };
+            if let Some(kept) = kept {
+                match self.send_kept(kept, outbound, routed, &via).await? {
+                    Ok(answered) => return Ok(answered),
+                    Err(back) => outbound = back,
+                }
             }
-        };
-        self.send_fresh(outbound, routed).await
+        }
+        let want = if grpc { Want::Http2 } else { Want::Http1 };
+        self.send_fresh(outbound, routed, want).await
     }
 
     /// The service's response as the client gets it: hop-by-hop headers gone, the body counted
-    /// (and an open SSE stream), the devbox's `slot` held and the connection given back to the
-    /// pool when the body is done, keeping the slot while it waits there.
+    /// (and an open SSE stream), the devbox's `slot` held until the body is done; an HTTP/1.1
+    /// connection then goes back to the pool, keeping the slot while it waits there.
     pub fn deliver(&self, answered: Answered, port: Port, slot: InFlight) -> Response<Body> {
         let Answered {
             mut response,
@@ -136,68 +182,96 @@ impl Forward {
             .is_some_and(|v| v.starts_with("text/event-stream"));
         let guard = sse.then(|| GaugeGuard::new(&self.metrics.sse_open));
         let (slot, counted) = slot.into_parts();
-        let back = Back {
-            pool: self.pool.clone(),
-            key: (conn_id, port.get()),
-            sender,
-            slot,
+        let (back, slot) = match sender {
+            Some(sender) => {
+                let back = Back {
+                    pool: self.pool.clone(),
+                    key: (conn_id, port.get()),
+                    sender,
+                    slot,
+                };
+                (Some(back), None)
+            }
+            None => (None, Some(slot)),
         };
         response.map(|body| {
+            let guards = (guard, counted, slot);
             self.metrics
-                .count_body(Returning::new(body, back), "to_client", (guard, counted))
+                .count_body(Returning::new(body, back), "to_client", guards)
                 .boxed()
         })
     }
 
-    /// Sends on a kept-alive connection to the routed agent and port, if the pool has one.
-    /// `Ok(Err(request))`: no connection took the request; it can go on a fresh one.
+    /// Where a kept connection to the routed devbox would be: the agent connection the route
+    /// step has just read, or without one here, a mesh connection to another edge that holds
+    /// the devbox's agent.
+    async fn via(&self, routed: &Routed) -> Option<Via> {
+        match routed.route.conn.as_ref() {
+            Some(conn) => Some(Via {
+                conn: conn.clone(),
+                conn_id: conn.stable_id(),
+                forwarded: false,
+            }),
+            None => {
+                let (conn, conn_id) = self.dial.forwarded_conn(&routed.route.devbox_id).await?;
+                Some(Via {
+                    conn,
+                    conn_id,
+                    forwarded: true,
+                })
+            }
+        }
+    }
+
+    /// Sends on a kept connection. `Ok(Err(request))`: the connection did not take the
+    /// request; it can go on a fresh one.
     ///
-    /// A kept-alive stream rides its agent connection, which may be dead without the edge
+    /// A kept connection rides its agent connection, which may be dead without the edge
     /// knowing yet (an agent killed and restarted). When a newer connection of the devbox takes
-    /// over, or the kept-alive connection fails, before the service answered, a `replay` (a
+    /// over, or the kept connection fails, before the service answered, a `replay` (a
     /// bodiless idempotent request, which HTTP lets a client send again) goes again on a fresh
     /// stream of the newest connection; any other request is answered 502, as it may have
     /// reached the service.
-    async fn send_pooled(
+    async fn send_kept(
         &self,
+        kept: Kept,
         outbound: Outbound,
         routed: &Routed,
+        via: &Via,
     ) -> Result<Result<Answered, Outbound>, Answer> {
         let port = routed.target.port;
-        let key = &routed.target.key;
-        // The route step has just read the devbox's current connection; without one here,
-        // another edge's may carry a kept-alive connection through the mesh.
-        let (conn, conn_id, forwarded) = match routed.route.conn.as_ref() {
-            Some(conn) => (conn.clone(), conn.stable_id(), false),
-            None => match self.dial.forwarded_conn(&routed.route.devbox_id).await {
-                Some((conn, id)) => (conn, id, true),
-                None => return Ok(Err(outbound)),
-            },
-        };
-        let Some(mut sender) = self.pool.checkout((conn_id, port.get())) else {
-            return Ok(Err(outbound));
-        };
         let replay = Replay::of(&outbound);
         let superseded = async {
-            if forwarded {
+            if via.forwarded {
                 // The owner's agent connection is the owner's to follow: a stream it can no
                 // longer relay fails, and the request goes again below.
-                conn.closed().await;
+                via.conn.closed().await;
             } else {
-                self.dial
-                    .superseded(&conn, key, routed.route.attaches)
-                    .await;
+                let key = &routed.target.key;
+                let attaches = routed.route.attaches;
+                self.dial.superseded(&via.conn, key, attaches).await;
             }
         };
-        let sent = tokio::select! {
-            sent = sender.try_send_request(outbound) => sent,
+        let sending = async move {
+            match kept {
+                Kept::Http1(mut sender) => {
+                    let sent = sender.try_send_request(outbound).await;
+                    (sent, Some(sender))
+                }
+                Kept::Http2(mut sender) => {
+                    (sender.try_send_request(for_http2(outbound)).await, None)
+                }
+            }
+        };
+        let (sent, sender) = tokio::select! {
+            sent = sending => sent,
             () = superseded => {
                 return match replay {
                     Some(replay) => {
                         debug!(%port, "agent connection replaced under a kept-alive request; sending it again");
                         Ok(Err(replay.request(&self.metrics)))
                     }
-                    None => Err(not_sent_again(routed.html)),
+                    None => Err(not_sent_again(routed.form)),
                 };
             }
         };
@@ -207,51 +281,64 @@ impl Forward {
                 Ok(Ok(Answered {
                     response,
                     sender,
-                    conn_id,
+                    conn_id: via.conn_id,
                 }))
             }
             Err(mut e) => match (e.take_message(), replay) {
                 (Some(request), _) => Ok(Err(request)),
-                // The kept-alive connection died under the request: the agent's connection
-                // was closed (it may beat the news that a newer one took over), or the
-                // service closed the idle connection as the request went out. A request HTTP
-                // lets a client send again goes again, on a fresh stream.
+                // The kept connection died under the request: the agent's connection was
+                // closed (it may beat the news that a newer one took over), or the service
+                // closed the idle connection as the request went out. A request HTTP lets a
+                // client send again goes again, on a fresh stream.
                 (None, Some(replay)) => {
                     debug!(error = %e.into_error(), %port, "kept-alive connection failed under the request; sending it again");
                     Ok(Err(replay.request(&self.metrics)))
                 }
-                (None, None) if conn.close_reason().is_some() => {
+                (None, None) if via.conn.close_reason().is_some() => {
                     debug!(error = %e.into_error(), %port, "agent connection closed under a kept-alive request");
-                    Err(not_sent_again(routed.html))
+                    Err(not_sent_again(routed.form))
                 }
                 (None, None) => {
                     debug!(error = %e.into_error(), %port, "kept-alive connection failed");
-                    Err(no_answer(port, routed.html))
+                    Err(no_answer(port, routed.form))
                 }
             },
         }
     }
 
-    /// Sends on a new HTTP/1.1 connection over a fresh data stream. When the agent connection
-    /// under it closes before the service answered (an agent killed and restarted, a dead path
-    /// given up), a bodiless idempotent request goes once more, on a fresh stream of the newest
+    /// Sends on a new connection over a fresh data stream. When the agent connection under it
+    /// closes before the service answered (an agent killed and restarted, a dead path given
+    /// up), a bodiless idempotent request goes once more, on a fresh stream of the newest
     /// connection; any other request is answered 502, as it may have reached the service. A
     /// service that closes without answering on a live connection gets no second try.
-    async fn send_fresh(&self, outbound: Outbound, routed: &Routed) -> Result<Answered, Answer> {
+    async fn send_fresh(
+        &self,
+        outbound: Outbound,
+        routed: &Routed,
+        want: Want,
+    ) -> Result<Answered, Answer> {
         let port = routed.target.port;
         let replay = Replay::of(&outbound);
-        let lost = match self.send_fresh_once(outbound, routed).await? {
+        let lost = match self.send_fresh_once(outbound, routed, want).await? {
             Ok(answered) => return Ok(answered),
             Err(lost) => lost,
         };
         match replay {
             Some(replay) if lost => {
                 debug!(%port, "agent connection closed under a request on a fresh stream; sending it again");
-                let again = self.send_fresh_once(replay.request(&self.metrics), routed);
-                again.await?.map_err(|_| no_answer(port, routed.html))
+                let again = self.send_fresh_once(replay.request(&self.metrics), routed, want);
+                again.await?.map_err(|_| no_answer(port, routed.form))
             }
-            _ if lost => Err(not_sent_again(routed.html)),
-            _ => Err(no_answer(port, routed.html)),
+            _ if lost => Err(not_sent_again(routed.form)),
+            _ if want == Want::Http2 => Err(pages::error(
+                StatusCode::BAD_GATEWAY,
+                &format!(
+                    "the service on port {port} did not answer over HTTP/2 (h2c, prior \
+                     knowledge), which gRPC needs"
+                ),
+                routed.form,
+            )),
+            _ => Err(no_answer(port, routed.form)),
         }
     }
 
@@ -261,33 +348,60 @@ impl Forward {
         &self,
         outbound: Outbound,
         routed: &Routed,
+        want: Want,
     ) -> Result<Result<Answered, bool>, Answer> {
         let port = routed.target.port;
-        let opened = self.open(routed).await?;
+        let kind = match want {
+            Want::Http2 => StreamKind::Http2,
+            Want::Http1 | Want::Upgrade => StreamKind::Http,
+        };
+        let opened = self.open(routed, kind).await?;
         self.metrics.pooled.with_label_values(&["opened"]).inc();
         let conn = opened.conn.clone();
-        let io = TokioIo::new(tokio::io::join(opened.recv, opened.send));
-        let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
-            .handshake::<_, CountedBody<ToService>>(io)
-            .await
-            .map_err(|e| {
-                debug!(error = %e, "handshake on data stream failed");
-                pages::error(
+        let conn_id = opened.conn_id;
+        let http2_only = opened.http2_only;
+        let stream_failed = |e: hyper::Error| {
+            debug!(error = %e, "handshake on data stream failed");
+            pages::error(
+                StatusCode::BAD_GATEWAY,
+                "the tunnel stream failed",
+                routed.form,
+            )
+        };
+        let sent = if kind == StreamKind::Http2 || http2_only {
+            if want == Want::Upgrade {
+                return Err(pages::error(
                     StatusCode::BAD_GATEWAY,
-                    "the tunnel stream failed",
-                    routed.html,
-                )
-            })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.with_upgrades().await {
-                debug!(error = %e, "service connection ended with an error");
+                    &format!(
+                        "the service on port {port} speaks HTTP/2 only (the agent's \
+                         forward.http2_ports): it takes no WebSocket"
+                    ),
+                    routed.form,
+                ));
             }
-        });
-        match sender.send_request(outbound).await {
-            Ok(response) => Ok(Ok(Answered {
+            let mut sender = http2::handshake(opened).await.map_err(stream_failed)?;
+            self.http2.put((conn_id, port.get()), &sender, http2_only);
+            let sent = sender.send_request(for_http2(outbound)).await;
+            sent.map(|response| (response, None))
+        } else {
+            let io = TokioIo::new(tokio::io::join(opened.recv, opened.send));
+            let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+                .handshake::<_, CountedBody<ToService>>(io)
+                .await
+                .map_err(stream_failed)?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.with_upgrades().await {
+                    debug!(error = %e, "service connection ended with an error");
+                }
+            });
+            let sent = sender.send_request(outbound).await;
+            sent.map(|response| (response, Some(sender)))
+        };
+        match sent {
+            Ok((response, sender)) => Ok(Ok(Answered {
                 response,
                 sender,
-                conn_id: opened.conn_id,
+                conn_id,
             })),
             Err(e) => {
                 debug!(error = %e, %port, "service did not answer");
@@ -296,16 +410,17 @@ impl Forward {
         }
     }
 
-    /// Opens a data stream for a new connection. An agent at its `forward.max_streams` refuses
-    /// it; when kept-alive connections idle on the refusing agent connection, each holding one
-    /// of those streams, they are closed and the stream asked for once more.
+    /// Opens a data stream of `kind` for a new connection. An agent at its
+    /// `forward.max_streams` refuses it; when kept-alive connections idle on the refusing
+    /// agent connection, each holding one of those streams, they are closed and the stream
+    /// asked for once more.
     ///
     /// The agent frees a stream only when its task for it sees the stream closed, a moment
     /// after the edge closed it; so the agent, not the edge, waits (up to 200 ms, its
     /// `forward::SLOT_WAIT`) for a free stream before refusing one. The retry is then a single
     /// stream answered as soon as a stream is free, rather than a loop of tries on a timer here.
-    async fn open(&self, routed: &Routed) -> Result<Opened, Answer> {
-        let not = match self.dial.open(routed, StreamKind::Http).await {
+    async fn open(&self, routed: &Routed, kind: StreamKind) -> Result<Opened, Answer> {
+        let not = match self.dial.open(routed, kind).await {
             Ok(opened) => return Ok(opened),
             Err(not) => not,
         };
@@ -320,8 +435,19 @@ impl Forward {
             return Err(not.answer);
         }
         debug!(port = %routed.target.port, "agent out of streams; closed its idle kept-alive ones and trying again");
-        Ok(self.dial.open(routed, StreamKind::Http).await?)
+        Ok(self.dial.open(routed, kind).await?)
     }
+}
+
+/// What a request needs of a fresh connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    /// HTTP/1.1, or HTTP/2 if the agent says the port speaks only that.
+    Http1,
+    /// HTTP/2 (gRPC).
+    Http2,
+    /// HTTP/1.1 for a WebSocket handshake, which takes the connection over.
+    Upgrade,
 }
 
 /// What is needed to send a request again: only for an idempotent method without a body
@@ -360,22 +486,22 @@ impl Replay {
 }
 
 /// 502 for a service that took the request and closed the connection without an answer.
-fn no_answer(port: Port, html: bool) -> Answer {
+fn no_answer(port: Port, form: Form) -> Answer {
     pages::error(
         StatusCode::BAD_GATEWAY,
         &format!("the service on port {port} closed the connection without answering"),
-        html,
+        form,
     )
 }
 
 /// 502 for a request whose agent connection closed or was replaced under it, and which HTTP
 /// does not let the edge send again.
-fn not_sent_again(html: bool) -> Answer {
+fn not_sent_again(form: Form) -> Answer {
     pages::error(
         StatusCode::BAD_GATEWAY,
         "the devbox's agent connection closed or was replaced while the request was on it; it \
          was not sent again, as it may have reached the service",
-        html,
+        form,
     )
 }
 
@@ -394,6 +520,9 @@ fn outbound_request(
 ) -> Request<Incoming> {
     let (mut parts, body) = req.into_parts();
     let upgrade_to = parts.headers.get(header::UPGRADE).cloned();
+    let trailers = headers::list_has(&parts.headers, &header::TE, |e| {
+        e.eq_ignore_ascii_case("trailers")
+    });
     headers::filter_headers(&mut parts.headers);
     let headers = &mut parts.headers;
     if let Ok(public) = HeaderValue::from_str(host) {
@@ -422,6 +551,10 @@ fn outbound_request(
         HeaderName::from_static("x-forwarded-proto"),
         HeaderValue::from_static(scheme.as_str()),
     );
+    if trailers {
+        // The client reads trailers (gRPC's status comes in them); the service may send them.
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     if upgrade {
         if let Some(protocol) = upgrade_to {
             headers.insert(header::UPGRADE, protocol);
@@ -435,5 +568,21 @@ fn outbound_request(
         .map_or("/", |p| p.as_str())
         .to_owned();
     parts.uri = path.parse().unwrap_or_default();
+    Request::from_parts(parts, body)
+}
+
+/// The request as HTTP/2 sends it: the host in the target (`:authority`), not in a `Host`
+/// header, and `:scheme` http (the loopback leg is h2c).
+fn for_http2(req: Outbound) -> Outbound {
+    let (mut parts, body) = req.into_parts();
+    let authority = parts
+        .headers
+        .remove(header::HOST)
+        .and_then(|h| h.to_str().ok().map(str::to_owned));
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    if let Some(uri) = authority.and_then(|a| format!("http://{a}{path}").parse().ok()) {
+        parts.uri = uri;
+    }
+    parts.version = Version::HTTP_2;
     Request::from_parts(parts, body)
 }

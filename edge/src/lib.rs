@@ -18,10 +18,11 @@
 //! - [`auth`]: step 2, access: the tunnel's bearer token, or a browser's signed cookie.
 //! - [`throttle`]: step 3, the tunnel's request rate and the devbox's requests in flight.
 //! - [`limits`]: the bounds and the counters behind them (rates, slots, per-client keys).
-//! - [`forward`]: step 4, one of three: an HTTP/1.1 exchange with the service,
+//! - [`forward`]: step 4, one of three: an HTTP exchange with the service,
 //! - [`upgrade`]: or a WebSocket passed through to the service,
 //! - [`raw`]: or raw TCP for `burrow connect`.
-//! - [`pool`]: kept-alive connections to services, for the next request.
+//! - [`pool`]: kept-alive HTTP/1.1 connections to services, for the next request.
+//! - [`http2`]: shared HTTP/2 connections to services (gRPC, HTTP/2-only ports).
 //! - [`idle`]: copying an upgraded connection both ways, closed when nothing moves.
 //! - [`tasks`]: client connections and upgraded connections, tracked and cut off at stop.
 //! - [`dial`]: a data stream to the devbox's agent, waiting a while for an agent that is away.
@@ -49,6 +50,7 @@ pub mod dial;
 pub mod forward;
 pub mod handshakes;
 pub mod headers;
+pub mod http2;
 pub mod idle;
 pub mod limits;
 pub mod listener;

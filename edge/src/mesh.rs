@@ -110,6 +110,8 @@ pub struct Forwarded {
     pub recv: quinn::RecvStream,
     /// The mesh connection it rides.
     pub conn: quinn::Connection,
+    /// The agent said the port speaks only HTTP/2.
+    pub http2_only: bool,
 }
 
 impl Mesh {
@@ -231,7 +233,8 @@ impl Mesh {
         }
         let answer = async {
             match wire::read_msg(&mut recv, StreamAnswer::decode).await {
-                Ok(Some(StreamAnswer::Accept)) => Ok(()),
+                Ok(Some(StreamAnswer::Accept)) => Ok(false),
+                Ok(Some(StreamAnswer::AcceptHttp2)) => Ok(true),
                 Ok(Some(StreamAnswer::Refuse(reason))) => {
                     Err(NotForwarded::Refused(reason, conn.stable_id()))
                 }
@@ -240,7 +243,12 @@ impl Mesh {
             }
         };
         match tokio::time::timeout(ANSWER_TIMEOUT, answer).await {
-            Ok(Ok(())) => Ok(Forwarded { send, recv, conn }),
+            Ok(Ok(http2_only)) => Ok(Forwarded {
+                send,
+                recv,
+                conn,
+                http2_only,
+            }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(failed(&"no answer in time")),
         }

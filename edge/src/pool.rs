@@ -408,12 +408,10 @@ impl<B> std::fmt::Debug for Returning<B> {
 }
 
 impl<B> Returning<B> {
-    /// Wraps `inner`; `back` is where its connection goes when it is done.
-    pub fn new(inner: B, back: Back) -> Self {
-        Returning {
-            inner,
-            back: Some(back),
-        }
+    /// Wraps `inner`; `back` is where its connection goes when it is done (none: it goes
+    /// nowhere, a connection others share).
+    pub fn new(inner: B, back: Option<Back>) -> Self {
+        Returning { inner, back }
     }
 }
 

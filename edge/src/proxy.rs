@@ -30,6 +30,7 @@ use crate::cluster::Forwarding;
 use crate::config::Config;
 use crate::dial::Dialer;
 use crate::forward::Forward;
+use crate::http2::Http2Conns;
 use crate::listener::ConnInfo;
 use crate::metrics::Metrics;
 use crate::pages::Answer;
@@ -85,7 +86,13 @@ impl Proxy {
             config.max_waiting,
             forwarding,
         ));
-        let forward = Arc::new(Forward::new(dial.clone(), pool.clone(), metrics.clone()));
+        let http2 = Http2Conns::new(config.pool_idle);
+        let forward = Arc::new(Forward::new(
+            dial.clone(),
+            pool.clone(),
+            http2,
+            metrics.clone(),
+        ));
         Proxy {
             router: Router::new(registry, config.domain.clone()),
             access: Access::new(cookie_key, metrics.clone()),
@@ -132,7 +139,7 @@ impl Proxy {
 /// Which last step a request takes: a checked WebSocket handshake is for raw TCP when it asks
 /// for `burrow connect`'s subprotocol, for the service otherwise; anything else is plain HTTP.
 fn kind<B>(req: &Request<B>, routed: &Routed) -> Result<Kind, Answer> {
-    if !upgrade::requested(req, routed.html)? {
+    if !upgrade::requested(req, routed.form)? {
         Ok(Kind::Http)
     } else if raw::requested(req.headers()) {
         Ok(Kind::Raw)

@@ -64,7 +64,7 @@ impl Raw {
         slot: InFlight,
     ) -> Result<Response<Body>, Answer> {
         if let Some(why) = refused(req.headers(), routed.route.raw_tcp) {
-            return Err(pages::error(StatusCode::FORBIDDEN, why, routed.html));
+            return Err(pages::error(StatusCode::FORBIDDEN, why, routed.form));
         }
         let opened = self.dial.open(routed, StreamKind::Raw).await?;
         let key = req

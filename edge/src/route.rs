@@ -10,7 +10,7 @@ use burrow_protocol::Port;
 use http::header;
 use http::{Method, Request, StatusCode};
 
-use crate::pages::{self, Answer};
+use crate::pages::{self, Answer, Form};
 use crate::registry::{Registry, Route};
 
 /// How the client reached the edge.
@@ -45,8 +45,8 @@ pub struct Routed {
     pub client: SocketAddr,
     /// How the client reached the edge.
     pub scheme: Scheme,
-    /// Whether the client prefers HTML answers (a browser).
-    pub html: bool,
+    /// How the edge's own answers are written for this client: HTML, text, or gRPC.
+    pub form: Form,
 }
 
 /// The route step: the tunnel domain, and the registry its tunnels are looked up in.
@@ -72,8 +72,8 @@ impl Router {
         sni: Option<&str>,
         scheme: Scheme,
     ) -> Result<Routed, Answer> {
-        let html = pages::wants_html(req.headers());
-        let refuse = |status: StatusCode, detail: &str| pages::error(status, detail, html);
+        let form = Form::of(req.headers());
+        let refuse = |status: StatusCode, detail: &str| pages::error(status, detail, form);
         if req.method() == Method::CONNECT {
             return Err(refuse(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -95,14 +95,14 @@ impl Router {
         let route = self
             .registry
             .route(&target.key)
-            .ok_or_else(|| not_found(html))?;
+            .ok_or_else(|| not_found(form))?;
         Ok(Routed {
             host,
             target,
             route,
             client,
             scheme,
-            html,
+            form,
         })
     }
 }
@@ -111,8 +111,8 @@ impl Router {
 pub const NOT_FOUND: &str = "no tunnel is enabled at this address; check the URL";
 
 /// The answer for an unknown key or a disabled tunnel.
-pub fn not_found(html: bool) -> Answer {
-    pages::error(StatusCode::NOT_FOUND, NOT_FOUND, html)
+pub fn not_found(form: Form) -> Answer {
+    pages::error(StatusCode::NOT_FOUND, NOT_FOUND, form)
 }
 
 /// The public host, from the one place the request names it. The target's authority (an

@@ -69,7 +69,7 @@ impl Throttle {
                     "this tunnel is over its request rate ({} a second); slow down",
                     self.rate
                 ),
-                routed.html,
+                routed.form,
             );
             let secs = wait.as_secs().max(1);
             response
@@ -89,7 +89,7 @@ impl Throttle {
                 pages::error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "this devbox has too many requests in flight; try again shortly",
-                    routed.html,
+                    routed.form,
                 )
             })?;
         Ok(InFlight {
@@ -104,6 +104,7 @@ mod tests {
     use burrow_protocol::{AuthMode, Port};
 
     use super::*;
+    use crate::pages::Form;
     use crate::registry::Route;
     use crate::route::{Scheme, Target};
 
@@ -125,7 +126,7 @@ mod tests {
             },
             client: ([192, 0, 2, 1], 40000).into(),
             scheme: Scheme::Http,
-            html: false,
+            form: Form::Text,
         }
     }
 

@@ -19,7 +19,7 @@ use crate::forward::Forward;
 use crate::headers::list_has;
 use crate::idle;
 use crate::metrics::{GaugeGuard, Metrics};
-use crate::pages::{self, Answer};
+use crate::pages::{self, Answer, Form};
 use crate::route::Routed;
 use crate::tasks::Tasks;
 use crate::throttle::InFlight;
@@ -90,9 +90,9 @@ impl Upgrade {
 /// Whether the request is a WebSocket handshake (`Ok(true)`), a plain request (`Ok(false)`; an
 /// `Upgrade` to anything else is ignored), or a malformed handshake, answered here: 400, or 426
 /// naming the version the edge speaks.
-pub fn requested<B>(req: &Request<B>, html: bool) -> Result<bool, Answer> {
+pub fn requested<B>(req: &Request<B>, form: Form) -> Result<bool, Answer> {
     websocket(req.method(), req.version(), req.headers()).map_err(|(status, detail)| {
-        let mut response = pages::error(status, detail, html);
+        let mut response = pages::error(status, detail, form);
         if status == StatusCode::UPGRADE_REQUIRED {
             response.headers_mut().insert(
                 HeaderName::from_static("sec-websocket-version"),

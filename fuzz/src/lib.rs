@@ -225,8 +225,8 @@ pub struct Header {
     pub version: u16,
     /// The port; 0 cannot be built.
     pub port: u16,
-    /// `StreamKind::Raw` when true, `Http` otherwise.
-    pub raw: bool,
+    /// The kind: an index into HTTP, raw, HTTP/2.
+    pub kind: u8,
     /// The client.
     pub client: Option<Client>,
 }
@@ -240,11 +240,7 @@ impl Header {
                 SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(ip), port, flow, scope))
             }
         });
-        let kind = if self.raw {
-            StreamKind::Raw
-        } else {
-            StreamKind::Http
-        };
+        let kind = pick([StreamKind::Http, StreamKind::Raw, StreamKind::Http2], self.kind);
         Some(StreamHeader {
             version: self.version,
             port: Port::new(self.port)?,
@@ -259,6 +255,8 @@ impl Header {
 pub enum Answer {
     /// Accept.
     Accept,
+    /// Accept, the port speaks HTTP/2 only.
+    AcceptHttp2,
     /// Refuse, with an index into the refuse reasons.
     Refuse(u8),
 }
@@ -268,6 +266,7 @@ impl Answer {
     pub fn build(&self) -> StreamAnswer {
         match *self {
             Answer::Accept => StreamAnswer::Accept,
+            Answer::AcceptHttp2 => StreamAnswer::AcceptHttp2,
             Answer::Refuse(reason) => StreamAnswer::Refuse(pick(REFUSE_REASONS, reason)),
         }
     }

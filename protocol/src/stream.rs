@@ -6,13 +6,18 @@
 //!
 //! | type | message | body |
 //! | --- | --- | --- |
-//! | 0x40 | StreamHeader | version u16, port u16 (not 0), kind u8 (1 http, 2 raw), client Option\<addr\> |
-//! | 0x41 | StreamAnswer | 0 (accept), or 1 then a reason u8 (refuse) |
+//! | 0x40 | StreamHeader | version u16, port u16 (not 0), kind u8 (1 http, 2 raw, 3 http2), client Option\<addr\> |
+//! | 0x41 | StreamAnswer | 0 (accept), or 1 then a reason u8 (refuse), or 2 (accept; the port speaks HTTP/2 only) |
 //!
 //! A client address is a tag 4, 4 bytes of IPv4 and a port u16, or a tag 6, 16 bytes of IPv6 and
 //! a port u16 (IPv6 flow info and scope id are not sent; they decode as 0). Refuse reasons:
 //! 1 not listening, 2 port not allowed, 3 connect timeout, 4 too many streams, 5 unsupported
 //! version.
+//!
+//! Kind 3 and answer 2 came after the first release, without a new version: an agent that does
+//! not know kind 3 drops the stream (the edge says to update the agent), and an agent sends
+//! answer 2 only for a port it marks HTTP/2-only, which an edge that does not know answer 2
+//! could not have served anyway.
 
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -35,14 +40,18 @@ pub enum StreamKind {
     Http,
     /// A raw byte stream (TCP)
     Raw,
+    /// HTTP/2 with prior knowledge (h2c) from the edge to the service: gRPC, and services the
+    /// agent marks HTTP/2-only. One stream carries one HTTP/2 connection, many requests.
+    Http2,
 }
 
 impl StreamKind {
-    /// A short name for logs: `"http"` or `"raw"`.
+    /// A short name for logs: `"http"`, `"raw"` or `"http2"`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Http => "http",
             Self::Raw => "raw",
+            Self::Http2 => "http2",
         }
     }
 }
@@ -79,6 +88,7 @@ impl StreamHeader {
             w.put_u8(match self.kind {
                 StreamKind::Http => 1,
                 StreamKind::Raw => 2,
+                StreamKind::Http2 => 3,
             });
             w.put_option(self.client.as_ref(), put_addr);
         });
@@ -97,6 +107,7 @@ impl StreamHeader {
                 kind: match r.get_u8()? {
                     1 => StreamKind::Http,
                     2 => StreamKind::Raw,
+                    3 => StreamKind::Http2,
                     _ => return Err(DecodeError::Invalid("unknown stream kind")),
                 },
                 client: r.get_option(get_addr)?,
@@ -202,6 +213,9 @@ impl fmt::Display for RefuseReason {
 pub enum StreamAnswer {
     /// Connected to the local service; bytes follow both ways.
     Accept,
+    /// Connected to a service the agent marks HTTP/2-only (`forward.http2_ports`), answered to
+    /// an HTTP stream of either kind: the edge speaks HTTP/2 (h2c) on it.
+    AcceptHttp2,
     /// Not connected; the agent closes the stream after this frame.
     Refuse(RefuseReason),
 }
@@ -215,6 +229,7 @@ impl StreamAnswer {
                 w.put_u8(1);
                 w.put_u8(reason.code());
             }
+            Self::AcceptHttp2 => w.put_u8(2),
         });
     }
 
@@ -227,6 +242,7 @@ impl StreamAnswer {
             match r.get_u8()? {
                 0 => Ok(Self::Accept),
                 1 => RefuseReason::from_code(r.get_u8()?).map(Self::Refuse),
+                2 => Ok(Self::AcceptHttp2),
                 _ => Err(DecodeError::Invalid("unknown stream answer")),
             }
         })
@@ -278,6 +294,13 @@ mod tests {
     }
 
     #[test]
+    fn http2_streams_have_kind_3() {
+        let h = StreamHeader::new(port(50051), StreamKind::Http2, None);
+        assert_eq!(&h.encoded()[..], b"\x40\x00\x06\x00\x01\xc3\x83\x03\x00");
+        assert_eq!(StreamHeader::decode(&mut h.encoded()), Ok(h));
+    }
+
+    #[test]
     fn header_of_another_version_still_decodes() {
         let got = header(b"\x40\x00\x06\x00\x09\x00\x50\x02\x00");
         assert_eq!(got.map(|h| h.version), Ok(9));
@@ -290,7 +313,7 @@ mod tests {
             Err(DecodeError::Invalid("port 0"))
         );
         assert_eq!(
-            header(b"\x40\x00\x06\x00\x01\x00\x50\x03\x00"),
+            header(b"\x40\x00\x06\x00\x01\x00\x50\x04\x00"),
             Err(DecodeError::Invalid("unknown stream kind"))
         );
         assert_eq!(
@@ -326,7 +349,12 @@ mod tests {
             Err(DecodeError::Invalid("unknown refuse reason"))
         );
         assert_eq!(
-            answer(b"\x41\x00\x01\x02"),
+            &StreamAnswer::AcceptHttp2.encoded()[..],
+            b"\x41\x00\x01\x02"
+        );
+        assert_eq!(answer(b"\x41\x00\x01\x02"), Ok(StreamAnswer::AcceptHttp2));
+        assert_eq!(
+            answer(b"\x41\x00\x01\x03"),
             Err(DecodeError::Invalid("unknown stream answer"))
         );
         assert_eq!(

@@ -167,7 +167,11 @@ fn control_msg() -> impl Strategy<Value = ControlMsg> {
 
 fn stream_header() -> impl Strategy<Value = StreamHeader> {
     let port = (1..=u16::MAX).prop_map(|n| Port::new(n).expect("range starts at 1"));
-    let kind = prop_oneof![Just(StreamKind::Http), Just(StreamKind::Raw)];
+    let kind = prop_oneof![
+        Just(StreamKind::Http),
+        Just(StreamKind::Raw),
+        Just(StreamKind::Http2)
+    ];
     let v6 = (any::<[u8; 16]>(), any::<u16>())
         .prop_map(|(ip, p)| SocketAddr::from(SocketAddrV6::new(Ipv6Addr::from(ip), p, 0, 0)));
     let client = prop_oneof![
@@ -187,6 +191,7 @@ fn stream_header() -> impl Strategy<Value = StreamHeader> {
 fn stream_answer() -> impl Strategy<Value = StreamAnswer> {
     prop_oneof![
         Just(StreamAnswer::Accept),
+        Just(StreamAnswer::AcceptHttp2),
         Just(StreamAnswer::Refuse(RefuseReason::NotListening)),
         Just(StreamAnswer::Refuse(RefuseReason::PortNotAllowed)),
         Just(StreamAnswer::Refuse(RefuseReason::ConnectTimeout)),

@@ -11,6 +11,8 @@
 //! - [`logs`]: what the edge logged about a devbox, for asserting on what an operator reads.
 //! - [`services`]: local services (HTTP echo, bulk bytes, SSE, WebSocket echo).
 //! - [`postgres`]: a throwaway PostgreSQL server on loopback, and `psql` to query it.
+//! - [`grpc`]: gRPC with raw-bytes messages: an echo service and a client (tonic), and the
+//!   same with Python's grpcio (`tests/python/grpc_echo.py`).
 //! - [`devservers`]: real dev servers (Jupyter, Vite) that refuse hosts they do not know.
 //! - [`site`]: a small web app (two linked pages, a JSON endpoint, a WebSocket echo) for a
 //!   browser to use.
@@ -24,6 +26,7 @@ pub mod chromium;
 pub mod client;
 pub mod devservers;
 pub mod edge_process;
+pub mod grpc;
 pub mod logs;
 pub mod postgres;
 pub mod relay;
@@ -89,6 +92,7 @@ pub struct EdgeBuilder {
     http: Option<SocketAddr>,
     agents: Option<SocketAddr>,
     extra: String,
+    flags: Vec<(&'static str, String)>,
 }
 
 impl EdgeBuilder {
@@ -120,6 +124,14 @@ impl EdgeBuilder {
     /// Listens for agents on this address (a restart on the same port).
     pub fn agents(mut self, addr: SocketAddr) -> Self {
         self.agents = Some(addr);
+        self
+    }
+
+    /// Sets a key as its flag would (`("agents.wait", "1s")`): for keys of the tables the
+    /// builder writes itself (`[public]`, `[agents]`, `[admin]`), which [`EdgeBuilder::toml`]
+    /// cannot add to.
+    pub fn flag(mut self, key: &'static str, value: &str) -> Self {
+        self.flags.push((key, value.to_owned()));
         self
     }
 
@@ -165,7 +177,7 @@ impl EdgeBuilder {
             path: Path::new("test-edge.toml"),
             text: &text,
         };
-        let config = Config::load(Some(file), &HashMap::new(), &[]).expect("edge config");
+        let config = Config::load(Some(file), &HashMap::new(), &self.flags).expect("edge config");
         let edge = Edge::start(config).await.expect("edge starts");
         TestEdge {
             edge: Some(edge),

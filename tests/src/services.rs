@@ -4,8 +4,12 @@
 //! HTTP routes:
 //! - `GET /bytes/{n}`: `n` bytes of a fixed pattern ([`pattern`]), streamed in 64 KiB chunks.
 //! - `GET /sse`: five `data: event {i}` events, one every 200 ms.
-//! - anything else: JSON `{"method", "path", "headers": {...}, "len", "sha256"}` describing
-//!   the request as the service saw it (`sha256` of the body, hex).
+//! - anything else: JSON `{"method", "path", "version", "authority", "headers": {...}, "len",
+//!   "sha256"}` describing the request as the service saw it (`sha256` of the body, hex;
+//!   `version` as `HTTP/1.1` or `HTTP/2.0`; `authority` the target's, HTTP/2's `:authority`).
+//!
+//! [`http_service`] speaks HTTP/1.1 only; [`h2c_service`] the same routes over HTTP/2 only
+//! (prior knowledge, no TLS), as gRPC servers and some others do.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -19,7 +23,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use ring::digest::{Context, SHA256, digest};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -60,6 +64,16 @@ pub fn sha256_hex(data: &[u8]) -> String {
 
 /// Starts the HTTP service on `bind` (`127.0.0.1:0`, `0.0.0.0:0`, `[::1]:0`).
 pub async fn http_service(bind: &str) -> HttpService {
+    serve(bind, false).await
+}
+
+/// Starts the service on `bind`, speaking HTTP/2 only (h2c with prior knowledge): an
+/// HTTP/1.1 request to it fails.
+pub async fn h2c_service(bind: &str) -> HttpService {
+    serve(bind, true).await
+}
+
+async fn serve(bind: &str, http2: bool) -> HttpService {
     let listener = TcpListener::bind(bind).await.expect("bind service");
     let addr = listener.local_addr().expect("addr");
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -75,9 +89,14 @@ pub async fn http_service(bind: &str) -> HttpService {
                     let seen = seen.clone();
                     async move { Ok::<_, Infallible>(handle(req, seen).await) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
+                let io = TokioIo::new(tcp);
+                if http2 {
+                    let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                    let _ = builder.serve_connection(io, service).await;
+                } else {
+                    let builder = hyper::server::conn::http1::Builder::new();
+                    let _ = builder.serve_connection(io, service).await;
+                }
             });
         }
     });
@@ -142,6 +161,8 @@ async fn handle(req: Request<Incoming>, seen: Arc<Mutex<Seen>>) -> Response<Body
             .expect("response");
     }
     let method = req.method().to_string();
+    let version = format!("{:?}", req.version());
+    let authority = req.uri().authority().map(|a| a.to_string());
     let query = req.uri().query().map(str::to_owned);
     let mut hasher = Context::new(&SHA256);
     let mut len = 0u64;
@@ -165,6 +186,7 @@ async fn handle(req: Request<Incoming>, seen: Arc<Mutex<Seen>>) -> Response<Body
         .collect();
     let out = json!({
         "method": method, "path": path, "query": query, "headers": headers,
+        "version": version, "authority": authority,
         "len": len, "sha256": sha,
     });
     Response::builder()
