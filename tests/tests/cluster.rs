@@ -701,7 +701,28 @@ async fn a_devbox_on_two_of_three_edges_is_reachable_through_each_by_every_proto
     let service = http_service("127.0.0.1:0").await;
     let ws_service = burrow_tests::services::ws_echo().await;
     let echo = tcp_echo().await;
+    let grpc_service =
+        burrow_tests::grpc::serve(burrow_tests::testkit::ports::tokio_listener().await);
     for (name, e) in ["one", "two", "three"].iter().zip(&edges) {
+        // gRPC: a unary call and a server stream, over HTTP/2 to the service.
+        let url = e.url(grpc_service.addr.port(), &key, "");
+        let grpc = burrow_tests::grpc::EchoClient::connect_h2c(url.trim_end_matches('/'))
+            .await
+            .expect("gRPC connects")
+            .with_bearer(&token);
+        let answer = grpc.unary(bytes::Bytes::from(*name), &[], None).await;
+        let answer = answer.unwrap_or_else(|s| panic!("gRPC through {name}: {s:?}"));
+        assert_eq!(answer.into_inner(), bytes::Bytes::from(*name));
+        let down = grpc.server_stream(4, 1 << 20, &[]).await.expect("stream");
+        let mut down = down.into_inner();
+        for i in 0..4 {
+            let message = down.message().await.expect("a message").expect("four");
+            assert!(
+                message == burrow_tests::grpc::stream_message(i, 1 << 20),
+                "gRPC stream through {name}"
+            );
+        }
+
         // HTTP and SSE.
         let url = e.url(service.addr.port(), &key, "/via");
         assert_eq!(

@@ -200,12 +200,12 @@ async fn agent_truncated_header() {
     .await;
 }
 
-/// A header with an unknown stream kind (3).
+/// A header with an unknown stream kind (4: 1 is HTTP, 2 raw TCP, 3 HTTP/2).
 #[tokio::test]
 async fn agent_unknown_stream_kind() {
     rejected(
         "agent_unknown_stream_kind",
-        |port| header(VERSION, port, 3),
+        |port| header(VERSION, port, 4),
         false,
     )
     .await;
