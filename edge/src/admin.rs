@@ -3,15 +3,20 @@
 //!
 //! | call | answer |
 //! | --- | --- |
-//! | `POST /v1/devboxes` `{"id"?, "tunnel"?: {"auth_mode", "rewrite_host"?, "raw_tcp"?}}` | 201 `{"id", "agent_token", "tunnel"?}` |
+//! | `POST /v1/devboxes` `{"id"?, "tunnel"?: {"auth_mode", options...}}` | 201 `{"id", "agent_token", "tunnel"?}` |
 //! | `GET /v1/devboxes` | 200 `[{...}]` |
-//! | `GET /v1/devboxes/{id}` | 200 `{"id", "agent": {...}, "tunnel": {...} or null}` |
-//! | `POST /v1/devboxes/{id}/tunnel` `{"auth_mode", "rewrite_host"?, "raw_tcp"?}` | 200 `{"tunnel_key", "auth_mode", "rewrite_host", "raw_tcp", "auth_token"?, "url_template"}` |
-//! | `POST /v1/devboxes/{id}/tunnel/rotate-token` | 200 `{"tunnel_key", "auth_mode", "auth_token", "url_template"}` |
+//! | `GET /v1/devboxes/{id}` | 200 `{"id", "created_at", "last_activity_ms", "agent": {...}, "tunnel": {...} or null}` |
+//! | `POST /v1/devboxes/{id}/tunnel` `{"auth_mode", options...}` | 200 `{"tunnel_key", "auth_mode", options..., "create_time_ms", "auth_token"?, "url_template"}` |
+//! | `POST /v1/devboxes/{id}/tunnel/rotate-token` | 200 the same, with `auth_token` |
 //! | `POST /v1/devboxes/{id}/rotate-agent-token` | 200 `{"id", "agent_token"}` |
 //! | `DELETE /v1/devboxes/{id}/tunnel` | 204 |
 //! | `DELETE /v1/devboxes/{id}` | 204 |
+//! | `GET /v1/openapi.json` | 200 the OpenAPI 3.1 document ([`crate::openapi`]) |
 //! | `GET /v1/cluster` | 200 `{"node", "nodes": [{"node", "mesh_addr", "agents_addr", "last_seen_ms", "agents", "alive"}]}` (404 on a single edge) |
+//!
+//! The tunnel's options, each left out to keep its current value (a new tunnel's default in
+//! brackets): `rewrite_host` (false), `raw_tcp` (false), `http_keep_alive` (true),
+//! `wake_on_http` (false). `edge/src/openapi.json` is the whole contract.
 //!
 //! On an edge of a cluster the devbox view's `agent` also has `edges`: the live edges holding
 //! a connection of its agent.
@@ -40,6 +45,7 @@ use crate::limits::{self, Rate};
 use crate::metrics::Metrics;
 use crate::registry::{DevboxView, IssuedTunnel, Registry, RegistryError, TunnelSpec};
 use crate::secret::TokenHash;
+use crate::store::TunnelRecord;
 
 /// Seconds a throttled admin client is told to wait.
 const RETRY_AFTER_SECS: u32 = 10;
@@ -71,6 +77,8 @@ struct EnableTunnel {
     auth_mode: String,
     rewrite_host: Option<bool>,
     raw_tcp: Option<bool>,
+    http_keep_alive: Option<bool>,
+    wake_on_http: Option<bool>,
 }
 
 impl EnableTunnel {
@@ -79,6 +87,8 @@ impl EnableTunnel {
             auth_mode: auth_mode(&self.auth_mode)?,
             rewrite_host: self.rewrite_host,
             raw_tcp: self.raw_tcp,
+            http_keep_alive: self.http_keep_alive,
+            wake_on_http: self.wake_on_http,
         })
     }
 }
@@ -175,6 +185,7 @@ impl Admin {
             }
             (&Method::DELETE, ["v1", "devboxes", id, "tunnel"]) => self.disable_tunnel(id).await,
             (&Method::GET, ["v1", "cluster"]) => self.cluster(),
+            (&Method::GET, ["v1", "openapi.json"]) => Ok(openapi()),
             (
                 _,
                 ["v1", "devboxes"]
@@ -182,7 +193,8 @@ impl Admin {
                 | ["v1", "devboxes", _, "tunnel"]
                 | ["v1", "devboxes", _, "tunnel", "rotate-token"]
                 | ["v1", "devboxes", _, "rotate-agent-token"]
-                | ["v1", "cluster"],
+                | ["v1", "cluster"]
+                | ["v1", "openapi.json"],
             ) => Err(ApiError(
                 StatusCode::METHOD_NOT_ALLOWED,
                 format!("{method} is not supported on {path}"),
@@ -329,29 +341,29 @@ impl Admin {
     }
 
     fn issued_json(&self, issued: &IssuedTunnel) -> Value {
-        let mut out = json!({
-            "tunnel_key": issued.record.key,
-            "auth_mode": issued.record.auth_mode.as_str(),
-            "rewrite_host": issued.record.rewrite_host,
-            "raw_tcp": issued.record.raw_tcp,
-            "url_template": self.registry.urls().template(&issued.record.key),
-        });
+        let mut out = self.tunnel_json(&issued.record);
         if let Some(token) = &issued.auth_token {
             out["auth_token"] = Value::String(token.expose().to_owned());
         }
         out
     }
 
+    /// A tunnel as every answer shows it (its token only in [`Admin::issued_json`]).
+    fn tunnel_json(&self, t: &TunnelRecord) -> Value {
+        json!({
+            "tunnel_key": t.key,
+            "auth_mode": t.auth_mode.as_str(),
+            "rewrite_host": t.rewrite_host,
+            "raw_tcp": t.raw_tcp,
+            "http_keep_alive": t.http_keep_alive,
+            "wake_on_http": t.wake_on_http,
+            "create_time_ms": t.created_ms,
+            "url_template": self.registry.urls().template(&t.key),
+        })
+    }
+
     fn devbox_json(&self, view: &DevboxView) -> Value {
-        let tunnel = view.record.tunnel.as_ref().map(|t| {
-            json!({
-                "tunnel_key": t.key,
-                "auth_mode": t.auth_mode.as_str(),
-                "rewrite_host": t.rewrite_host,
-                "raw_tcp": t.raw_tcp,
-                "url_template": self.registry.urls().template(&t.key),
-            })
-        });
+        let tunnel = view.record.tunnel.as_ref().map(|t| self.tunnel_json(t));
         let mut agent = json!({
             "connected": view.connected_since.is_some(),
             "since": view.connected_since.map(unix),
@@ -363,6 +375,7 @@ impl Admin {
         json!({
             "id": view.record.id,
             "created_at": view.record.created_at,
+            "last_activity_ms": view.last_activity_ms,
             "agent": agent,
             "tunnel": tunnel,
         })
@@ -395,6 +408,13 @@ impl Admin {
             Some(json!({ "node": cluster.node, "nodes": nodes })),
         ))
     }
+}
+
+/// `GET /v1/openapi.json`: the document of this API.
+fn openapi() -> (StatusCode, Option<Value>) {
+    // openapi.rs's tests prove DOCUMENT is JSON.
+    let document = serde_json::from_str(crate::openapi::DOCUMENT).unwrap_or(Value::Null);
+    (StatusCode::OK, Some(document))
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -447,8 +467,18 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
     } else {
         body
     };
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("bad JSON body: {e}")))
+    // The path names the field to fix (`tunnel.wake_on_http`), which serde_json alone does not.
+    let mut de = serde_json::Deserializer::from_slice(&body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let message = match e.path().to_string().as_str() {
+            "." => format!("bad JSON body: {}", e.inner()),
+            path => format!("bad JSON body: `{path}`: {}", e.inner()),
+        };
+        ApiError(StatusCode::BAD_REQUEST, message)
+    })?;
+    de.end()
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("bad JSON body: {e}")))?;
+    Ok(value)
 }
 
 fn json_response(status: StatusCode, body: Option<Value>) -> Response<Body> {

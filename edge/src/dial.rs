@@ -39,6 +39,26 @@ pub struct Dialer {
     /// The pool's connection ids of streams through another edge: one per mesh connection and
     /// devbox ([`Dialer::forward_id`]).
     forward_ids: std::sync::Mutex<HashMap<(usize, String), usize>>,
+    /// Waking devboxes of `wake_on_http` tunnels, when the platform is told of it.
+    wake: Option<Wake>,
+}
+
+/// How a request wakes a suspended devbox: the platform is asked once (`devbox.wake`), and
+/// requests wait for its agent up to `wait` instead of `agents.wait`.
+#[derive(Clone)]
+pub struct Wake {
+    /// How long a request waits for a woken devbox's agent (`platform.wake_wait`).
+    pub wait: Duration,
+    /// Asks the platform to wake a devbox (sends `devbox.wake`).
+    pub ask: Arc<dyn Fn(&str) + Send + Sync>,
+}
+
+impl std::fmt::Debug for Wake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wake")
+            .field("wait", &self.wait)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A data stream the agent accepted.
@@ -116,7 +136,28 @@ impl Dialer {
             max_waiting,
             forwarding,
             forward_ids: std::sync::Mutex::default(),
+            wake: None,
         }
+    }
+
+    /// Wakes the devboxes of `wake_on_http` tunnels whose agent is away through `wake`.
+    pub fn with_wake(mut self, wake: Wake) -> Dialer {
+        self.wake = Some(wake);
+        self
+    }
+
+    /// For a `wake_on_http` tunnel (when waking is set up), asks the platform to wake the
+    /// devbox, once while a wake is pending however many requests wait, and returns how long
+    /// to wait for it; `None`: wait `agents.wait` as usual.
+    fn wake(&self, routed: &Routed) -> Option<Duration> {
+        let wake = self.wake.as_ref().filter(|_| routed.route.wake_on_http)?;
+        let devbox = &routed.route.devbox_id;
+        if self.registry.begin_wake(devbox, wake.wait) {
+            debug!(%devbox, "agent away; asking the platform to wake the devbox");
+            self.metrics.wakes.inc();
+            (wake.ask)(devbox);
+        }
+        Some(wake.wait)
     }
 
     /// The pool's id for streams to `devbox` over the mesh connection `mesh_id`: kept-alive
@@ -169,7 +210,8 @@ impl Dialer {
         routed: &Routed,
         header: StreamHeader,
     ) -> Result<Opened, NoStream> {
-        let deadline = Instant::now() + self.agent_wait;
+        let mut deadline = Instant::now() + self.agent_wait;
+        let mut waking = false;
         // The first try goes to the connection the route step found; the registry is asked
         // again only when there is none to try (after a wait, or a connection that failed).
         let mut found = Some((routed.route.conn.clone(), routed.route.attaches));
@@ -220,7 +262,11 @@ impl Dialer {
                 place = self
                     .registry
                     .queue(&routed.route.devbox_id, self.max_waiting);
-                waiting_since.get_or_insert_with(Instant::now);
+                let since = *waiting_since.get_or_insert_with(Instant::now);
+                if let Some(wait) = place.as_ref().and_then(|_| self.wake(routed)) {
+                    deadline = since + wait;
+                    waking = true;
+                }
                 if place.is_none() {
                     self.metrics.waits.with_label_values(&["queue_full"]).inc();
                     return Err(NoStream::Failed((
@@ -240,9 +286,15 @@ impl Dialer {
             };
             if tokio::time::timeout_at(deadline, woken).await.is_err() {
                 self.waited(waiting_since, "timed_out");
+                let why = if waking {
+                    "the devbox was asked to wake up and its agent is not connected yet; try \
+                     again in a few seconds"
+                } else {
+                    "the devbox's agent is not connected; try again in a few seconds"
+                };
                 return Err(NoStream::Failed((
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "the devbox's agent is not connected; try again in a few seconds".to_owned(),
+                    why.to_owned(),
                 )));
             }
         }

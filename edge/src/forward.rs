@@ -133,9 +133,10 @@ impl Forward {
             routed.scheme,
             upgrade,
         );
+        let activity = routed.route.activity.clone();
         let mut outbound = outbound.map(|body| {
             self.metrics
-                .count_body(Either::Left(body), "from_client", ())
+                .count_body(Either::Left(body), "from_client", (), activity)
         });
         let grpc = routed.form == Form::Grpc { web: false };
         if upgrade {
@@ -181,6 +182,7 @@ impl Forward {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
         let guard = sse.then(|| GaugeGuard::new(&self.metrics.sse_open));
+        let activity = slot.activity();
         let (slot, counted) = slot.into_parts();
         let (back, slot) = match sender {
             Some(sender) => {
@@ -197,7 +199,7 @@ impl Forward {
         response.map(|body| {
             let guards = (guard, counted, slot);
             self.metrics
-                .count_body(Returning::new(body, back), "to_client", guards)
+                .count_body(Returning::new(body, back), "to_client", guards, activity)
                 .boxed()
         })
     }
@@ -475,7 +477,7 @@ impl Replay {
 
     /// The request again, with an empty body counted in `metrics` like any other.
     fn request(self, metrics: &Metrics) -> Outbound {
-        let body = metrics.count_body(Either::Right(Empty::new()), "from_client", ());
+        let body = metrics.count_body(Either::Right(Empty::new()), "from_client", (), None);
         let mut req = Request::new(body);
         *req.method_mut() = self.method;
         *req.uri_mut() = self.uri;

@@ -9,12 +9,19 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::activity::{self, Activity};
 use tokio::time::Instant;
 
 /// Copies `a` to `b` and back until both directions end, or until nothing has moved for
-/// `idle`. Returns `Ok(true)` when it stopped for idleness, `Ok(false)` when both ended, and
-/// the error of the side that failed.
-pub async fn copy_bidirectional<A, B>(a: A, b: B, idle: Duration) -> io::Result<bool>
+/// `idle`; bytes that move touch the devbox's `activity`. Returns `Ok(true)` when it stopped
+/// for idleness, `Ok(false)` when both ended, and the error of the side that failed.
+pub async fn copy_bidirectional<A, B>(
+    a: A,
+    b: B,
+    idle: Duration,
+    activity: Option<Activity>,
+) -> io::Result<bool>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -25,11 +32,13 @@ where
         inner: a,
         start,
         last: last.clone(),
+        activity: activity.clone(),
     };
     let mut b = Watched {
         inner: b,
         start,
         last: last.clone(),
+        activity,
     };
     let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
     tokio::pin!(copy);
@@ -52,6 +61,7 @@ struct Watched<T> {
     inner: T,
     start: Instant,
     last: Arc<AtomicU64>,
+    activity: Option<Activity>,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
@@ -65,6 +75,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         if buf.filled().len() > before {
             let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
             self.last.store(ms, Ordering::Relaxed);
+            activity::touch(self.activity.as_ref());
         }
         result
     }
@@ -97,7 +108,7 @@ mod tests {
     async fn idle_connections_close_and_busy_ones_do_not() {
         let (mut client, a) = tokio::io::duplex(64);
         let (b, mut service) = tokio::io::duplex(64);
-        let copy = tokio::spawn(copy_bidirectional(a, b, Duration::from_secs(10)));
+        let copy = tokio::spawn(copy_bidirectional(a, b, Duration::from_secs(10), None));
         for _ in 0..5 {
             tokio::time::sleep(Duration::from_secs(6)).await;
             client.write_all(b"x").await.expect("write");

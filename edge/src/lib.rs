@@ -17,6 +17,7 @@
 //! - [`store`]: the durable store: SQLite in `state_dir`, or PostgreSQL for a cluster.
 //! - [`auth`]: step 2, access: the tunnel's bearer token, or a browser's signed cookie.
 //! - [`throttle`]: step 3, the tunnel's request rate and the devbox's requests in flight.
+//! - [`activity`]: when traffic last crossed a devbox's tunnel (`http_keep_alive`).
 //! - [`limits`]: the bounds and the counters behind them (rates, slots, per-client keys).
 //! - [`forward`]: step 4, one of three: an HTTP exchange with the service,
 //! - [`upgrade`]: or a WebSocket passed through to the service,
@@ -33,11 +34,13 @@
 //! - [`body`]: the body type of every response the edge sends.
 //! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` listener.
 //! - [`admin`]: the admin API.
+//! - [`openapi`]: the admin API's OpenAPI 3.1 document, served at `GET /v1/openapi.json`.
 //! - [`secret`]: tokens and keys: generation, hashing, constant-time comparison.
 //! - [`cli`]: `burrow-edge serve` (the binary, with `dev`, is built by burrow-quickstart).
 
 #![forbid(unsafe_code)]
 
+pub mod activity;
 pub mod admin;
 pub mod agents;
 pub mod auth;
@@ -56,6 +59,7 @@ pub mod limits;
 pub mod listener;
 pub mod mesh;
 pub mod metrics;
+pub mod openapi;
 pub mod pages;
 pub mod pool;
 pub mod proxy;

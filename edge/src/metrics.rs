@@ -17,6 +17,7 @@ use prometheus::{
 };
 use tracing::warn;
 
+use crate::activity::{self, Activity};
 use crate::body::{self, Body};
 use crate::registry::Registry as Devboxes;
 use crate::store::StoreError;
@@ -40,6 +41,8 @@ pub struct Metrics {
     pub requests_in_flight: IntGauge,
     /// Server-Sent Events responses open now.
     pub sse_open: IntGauge,
+    /// Wakes asked of the platform for `wake_on_http` tunnels (`devbox.wake`).
+    pub wakes: IntCounter,
     /// Requests that waited for an absent agent, by result.
     pub waits: IntCounterVec,
     /// How long requests waited for an agent.
@@ -73,13 +76,13 @@ impl Metrics {
             Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
                 .expect("valid metric")
         };
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
         let (forwarded, forward_open) = forwarding(counter_vec, histogram);
         let m = Metrics {
             registry: Registry::new(),
-            agents_connected: IntGauge::new("burrow_edge_agents_connected", "Agents connected now")
-                .expect("valid metric"),
-            devboxes: IntGauge::new("burrow_edge_devboxes", "Devboxes registered")
-                .expect("valid metric"),
+            agents_connected: gauge("burrow_edge_agents_connected", "Agents connected now"),
+            devboxes: gauge("burrow_edge_devboxes", "Devboxes registered"),
             requests: counter_vec(
                 "burrow_edge_requests_total",
                 "Public requests answered, by status class (1xx..5xx)",
@@ -98,21 +101,22 @@ impl Metrics {
                 "HTTP body bytes through the edge, by direction (from_client, to_client)",
                 &["direction"],
             ),
-            upgrades_open: IntGauge::new(
+            upgrades_open: gauge(
                 "burrow_edge_upgrades_open",
                 "Upgraded connections (WebSocket) open now",
-            )
-            .expect("valid metric"),
-            requests_in_flight: IntGauge::new(
+            ),
+            requests_in_flight: gauge(
                 "burrow_edge_requests_in_flight",
                 "Requests admitted and not finished (upgrades until they close)",
-            )
-            .expect("valid metric"),
-            sse_open: IntGauge::new(
+            ),
+            sse_open: gauge(
                 "burrow_edge_sse_open",
                 "Server-Sent Events responses streaming now",
-            )
-            .expect("valid metric"),
+            ),
+            wakes: counter(
+                "burrow_edge_wakes_total",
+                "Devboxes the platform was asked to wake (devbox.wake) for a request to a wake_on_http tunnel",
+            ),
             waits: counter_vec(
                 "burrow_edge_agent_waits_total",
                 "Requests that waited for an absent agent, by result (served, timed_out, queue_full)",
@@ -123,11 +127,10 @@ impl Metrics {
                 "How long requests waited for an absent agent",
                 vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0],
             ),
-            auth_failures: IntCounter::new(
+            auth_failures: counter(
                 "burrow_edge_auth_failures_total",
                 "Requests refused for a missing or wrong tunnel token",
-            )
-            .expect("valid metric"),
+            ),
             agent_hellos: counter_vec(
                 "burrow_edge_agent_hellos_total",
                 "Agent hellos, by result (accepted, bad_token, busy, bad_version)",
@@ -143,11 +146,10 @@ impl Metrics {
                 "Requests by the connection to the service they used (reused: kept alive; opened: a new stream to the agent)",
                 &["connection"],
             ),
-            pool_idle: IntGauge::new(
+            pool_idle: gauge(
                 "burrow_edge_pool_idle",
                 "Idle kept-alive connections to services now, all devboxes together",
-            )
-            .expect("valid metric"),
+            ),
             pool_evictions: counter_vec(
                 "burrow_edge_pool_evictions_total",
                 "Idle kept-alive connections closed before their reuse, by reason (total_cap, devbox_limit, agent_streams, expired, closed)",
@@ -164,7 +166,7 @@ impl Metrics {
     }
 
     /// Every metric, for registering.
-    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 18] {
+    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 19] {
         let m = self;
         [
             Box::new(m.agents_connected.clone()),
@@ -175,6 +177,7 @@ impl Metrics {
             Box::new(m.upgrades_open.clone()),
             Box::new(m.requests_in_flight.clone()),
             Box::new(m.sse_open.clone()),
+            Box::new(m.wakes.clone()),
             Box::new(m.waits.clone()),
             Box::new(m.wait_duration.clone()),
             Box::new(m.auth_failures.clone()),
@@ -201,13 +204,15 @@ impl Metrics {
         self.request_duration.observe(took.as_secs_f64());
     }
 
-    /// Wraps a body so its bytes are counted in `direction`; `guard` lives as long as the
+    /// Wraps a body so its bytes are counted in `direction`, and each frame touches the
+    /// devbox's `activity` (a tunnel with `http_keep_alive`); `guard` lives as long as the
     /// body (an open-SSE gauge, a devbox's stream slot).
     pub fn count_body<B>(
         &self,
         body: B,
         direction: &'static str,
         guard: impl Send + Sync + 'static,
+        activity: Option<Activity>,
     ) -> CountedBody<B>
     where
         B: hyper::body::Body<Data = Bytes>,
@@ -218,6 +223,7 @@ impl Metrics {
             if let Some(data) = frame.data_ref() {
                 counter.inc_by(data.len() as u64);
             }
+            activity::touch(activity.as_ref());
             frame
         }))
     }

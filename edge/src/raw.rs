@@ -22,6 +22,7 @@ use tracing::debug;
 pub use burrow_runtime::wsbytes::SUBPROTOCOL;
 use burrow_runtime::wsbytes::{self, WsBytes};
 
+use crate::activity::Activity;
 use crate::body::{self, Body};
 use crate::dial::{Dialer, Opened};
 use crate::headers::list_has;
@@ -75,9 +76,10 @@ impl Raw {
         let upgrade = hyper::upgrade::on(&mut req);
         let open = GaugeGuard::new(&self.metrics.upgrades_open);
         let (port, idle) = (routed.target.port, self.idle);
+        let activity = slot.activity();
         self.tasks.spawn(async move {
             let _open = (open, slot);
-            splice(upgrade, opened, port, idle).await;
+            splice(upgrade, opened, port, (idle, activity)).await;
         });
         Ok(switching(key.as_bytes()))
     }
@@ -128,7 +130,13 @@ fn switching(key: &[u8]) -> Response<Body> {
 
 /// Carries the upgraded client connection to the agent's stream until both directions end,
 /// either side breaks, or nothing moves for `idle`; then closes the WebSocket saying why.
-async fn splice(upgrade: OnUpgrade, opened: Opened, port: Port, idle: Duration) {
+/// `idle`: how long nothing may move, and the devbox's activity to touch when bytes do.
+async fn splice(
+    upgrade: OnUpgrade,
+    opened: Opened,
+    port: Port,
+    (idle, activity): (Duration, Option<Activity>),
+) {
     let upgraded = match upgrade.await {
         Ok(upgraded) => upgraded,
         Err(e) => {
@@ -144,7 +152,7 @@ async fn splice(upgrade: OnUpgrade, opened: Opened, port: Port, idle: Duration) 
     .await;
     let mut client = WsBytes::new(ws);
     let mut service = tokio::io::join(opened.recv, opened.send);
-    let copied = idle::copy_bidirectional(&mut client, &mut service, idle).await;
+    let copied = idle::copy_bidirectional(&mut client, &mut service, idle, activity).await;
     let (code, reason) = match copied {
         Ok(false) => (CloseCode::Normal, String::new()),
         Ok(true) => (

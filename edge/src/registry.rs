@@ -14,13 +14,17 @@ use std::time::{Duration, SystemTime};
 
 use burrow_protocol::{AuthMode, ControlMsg, TunnelState};
 
+use crate::activity::Activity;
 use crate::secret::{self, Secret, TokenHash};
 use crate::store::{Change, DevboxRecord, Store, StoreError, TunnelRecord, now_unix};
 
 mod sessions;
+mod tunnels;
 
 use sessions::Live;
 pub use sessions::{AgentSession, AttachError, Attached, QueuePlace};
+pub use tunnels::TunnelSpec;
+use tunnels::{issue_record, issue_tunnel};
 
 /// How public URLs are written: `{scheme}://{port}-{key}.{domain}{suffix}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +60,10 @@ pub struct Route {
     pub rewrite_host: bool,
     /// `burrow connect` may reach raw TCP ports (always so on an authenticated tunnel).
     pub raw_tcp: bool,
+    /// Where traffic on this tunnel is recorded as the devbox's activity (`http_keep_alive`).
+    pub activity: Option<Activity>,
+    /// A request while the agent is away asks the platform to wake the devbox.
+    pub wake_on_http: bool,
     /// The agent's connection, if it is connected.
     pub conn: Option<quinn::Connection>,
     /// The registry's attach count when this was read: while it stays the same, `conn` is
@@ -72,6 +80,8 @@ pub struct DevboxView {
     pub connected_since: Option<SystemTime>,
     /// The current session's RTT.
     pub rtt: Option<std::time::Duration>,
+    /// When traffic last crossed the tunnel (`http_keep_alive` tunnels), Unix milliseconds.
+    pub last_activity_ms: Option<i64>,
 }
 
 /// A tunnel as handed out by an enable call: the token appears here once.
@@ -116,6 +126,7 @@ struct Inner {
 struct Entry {
     record: DevboxRecord,
     session: Option<AgentSession>,
+    activity: Activity,
 }
 
 /// All devboxes, their tunnels and their live sessions.
@@ -138,13 +149,7 @@ impl Registry {
         let mut inner = Inner::default();
         for record in store.all()? {
             inner.index(&record);
-            inner.devboxes.insert(
-                record.id.clone(),
-                Entry {
-                    record,
-                    session: None,
-                },
-            );
+            inner.devboxes.insert(record.id.clone(), Entry::new(record));
         }
         Ok(Arc::new(Registry {
             store,
@@ -198,6 +203,8 @@ impl Registry {
             auth_token: tunnel.auth_token,
             rewrite_host: tunnel.rewrite_host,
             raw_tcp: tunnel.raw_tcp || tunnel.auth_mode == AuthMode::Authenticated,
+            activity: tunnel.http_keep_alive.then(|| entry.activity.clone()),
+            wake_on_http: tunnel.wake_on_http,
             // A connection that already failed is as good as none: wait for the next.
             conn: entry
                 .session
@@ -216,6 +223,15 @@ impl Registry {
             (a.record.created_at, &a.record.id).cmp(&(b.record.created_at, &b.record.id))
         });
         out
+    }
+
+    /// Every devbox with traffic through its tunnel so far (`http_keep_alive`), and when it
+    /// last crossed, Unix milliseconds.
+    pub fn activities(&self) -> Vec<(String, i64)> {
+        let inner = self.read();
+        let seen = inner.devboxes.iter();
+        seen.filter_map(|(id, e)| Some((id.clone(), e.activity.last_ms()?)))
+            .collect()
     }
 
     /// One devbox.
@@ -245,13 +261,7 @@ impl Registry {
         self.store.insert(&record)?;
         let mut inner = self.write();
         inner.index(&record);
-        inner.devboxes.insert(
-            id,
-            Entry {
-                record: record.clone(),
-                session: None,
-            },
-        );
+        inner.devboxes.insert(id, Entry::new(record.clone()));
         Ok((record, token, issued))
     }
 
@@ -263,19 +273,14 @@ impl Registry {
     pub fn enable_tunnel(&self, id: &str, spec: TunnelSpec) -> Result<IssuedTunnel, RegistryError> {
         let _writer = self.writer();
         let existing = self.tunnel_record(id)?;
-        // Options not named keep their current values (off for a new tunnel).
-        let spec = TunnelSpec {
-            rewrite_host: spec
-                .rewrite_host
-                .or(existing.as_ref().map(|t| t.rewrite_host)),
-            raw_tcp: spec.raw_tcp.or(existing.as_ref().map(|t| t.raw_tcp)),
-            ..spec
-        };
+        // Options not named keep their current values (the defaults for a new tunnel).
+        let spec = spec.or(existing.as_ref());
         if let Some(existing) = existing.clone().filter(|t| t.auth_mode == spec.auth_mode) {
+            let fresh = issue_record(spec, existing.key.clone(), None);
             let record = TunnelRecord {
-                rewrite_host: spec.rewrite_host.unwrap_or(false),
-                raw_tcp: spec.raw_tcp.unwrap_or(false),
-                ..existing.clone()
+                auth_token: existing.auth_token,
+                created_ms: existing.created_ms,
+                ..fresh
             };
             if record != existing {
                 self.set_tunnel(id, &record)?;
@@ -288,6 +293,7 @@ impl Registry {
         let mut issued = issue_tunnel(spec)?;
         if let Some(existing) = existing {
             issued.record.key = existing.key;
+            issued.record.created_ms = existing.created_ms;
         }
         self.set_tunnel(id, &issued.record)?;
         Ok(issued)
@@ -447,10 +453,7 @@ impl Registry {
         };
         let Some(mut entry) = inner.devboxes.remove(id) else {
             inner.index(&record);
-            let session = None;
-            inner
-                .devboxes
-                .insert(id.to_owned(), Entry { record, session });
+            inner.devboxes.insert(id.to_owned(), Entry::new(record));
             return;
         };
         let tunnel_changed = entry.record.tunnel != record.tunnel;
@@ -468,47 +471,6 @@ impl Registry {
     pub fn store_ok(&self) -> Result<(), StoreError> {
         self.store.ping()
     }
-}
-
-/// What an admin call asks of a tunnel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TunnelSpec {
-    /// Who may use it.
-    pub auth_mode: AuthMode,
-    /// Send `Host: localhost:{port}` to services; `None` keeps the current setting.
-    pub rewrite_host: Option<bool>,
-    /// Let `burrow connect` reach raw TCP ports through an open tunnel; `None` keeps the
-    /// current setting.
-    pub raw_tcp: Option<bool>,
-}
-
-impl TunnelSpec {
-    /// A tunnel in `mode` with the default options.
-    pub fn new(auth_mode: AuthMode) -> TunnelSpec {
-        TunnelSpec {
-            auth_mode,
-            rewrite_host: None,
-            raw_tcp: None,
-        }
-    }
-}
-
-fn issue_tunnel(spec: TunnelSpec) -> Result<IssuedTunnel, getrandom::Error> {
-    let mode = spec.auth_mode;
-    let auth_token = match mode {
-        AuthMode::Open => None,
-        AuthMode::Authenticated => Some(Secret::generate()?),
-    };
-    Ok(IssuedTunnel {
-        record: TunnelRecord {
-            key: secret::tunnel_key()?,
-            auth_mode: mode,
-            auth_token: auth_token.as_ref().map(Secret::hash),
-            rewrite_host: spec.rewrite_host.unwrap_or(false),
-            raw_tcp: spec.raw_tcp.unwrap_or(false),
-        },
-        auth_token,
-    })
 }
 
 fn notify(entry: Option<&Entry>, msg: ControlMsg) {
@@ -550,11 +512,20 @@ impl Inner {
 }
 
 impl Entry {
+    fn new(record: DevboxRecord) -> Entry {
+        Entry {
+            record,
+            session: None,
+            activity: Activity::default(),
+        }
+    }
+
     fn view(&self) -> DevboxView {
         DevboxView {
             record: self.record.clone(),
             connected_since: self.session.as_ref().map(|s| s.since),
             rtt: self.session.as_ref().map(|s| s.conn.rtt()),
+            last_activity_ms: self.activity.last_ms(),
         }
     }
 }

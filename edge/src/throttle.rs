@@ -11,6 +11,7 @@ use std::sync::Arc;
 use http::StatusCode;
 use http::header::{self, HeaderValue};
 
+use crate::activity::{self, Activity};
 use crate::limits::{Limits, PerKey, Rate, Slot};
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::pages::{self, Answer};
@@ -35,9 +36,15 @@ pub struct Throttle {
 pub struct InFlight {
     slot: Slot<String>,
     counted: GaugeGuard,
+    activity: Option<Activity>,
 }
 
 impl InFlight {
+    /// The devbox's activity, for a tunnel whose traffic counts as such (`http_keep_alive`).
+    pub fn activity(&self) -> Option<Activity> {
+        self.activity.clone()
+    }
+
     /// The devbox's place, which an idle kept-alive connection keeps after the request, apart
     /// from the request's count in `burrow_edge_requests_in_flight`, which ends with it.
     pub fn into_parts(self) -> (Slot<String>, GaugeGuard) {
@@ -92,9 +99,12 @@ impl Throttle {
                     routed.form,
                 )
             })?;
+        let activity = routed.route.activity.clone();
+        activity::touch(activity.as_ref());
         Ok(InFlight {
             slot,
             counted: GaugeGuard::new(&self.metrics.requests_in_flight),
+            activity,
         })
     }
 }
@@ -121,6 +131,8 @@ mod tests {
                 auth_token: None,
                 rewrite_host: false,
                 raw_tcp: false,
+                activity: None,
+                wake_on_http: false,
                 conn: None,
                 attaches: 0,
             },

@@ -68,13 +68,16 @@ impl Upgrade {
         let service_side = hyper::upgrade::on(&mut answered.response);
         let open = GaugeGuard::new(&self.metrics.upgrades_open);
         let idle = self.idle;
+        let activity = slot.activity();
         self.tasks.spawn(async move {
             let _open = (open, slot);
             match tokio::try_join!(client_side, service_side) {
                 Ok((client_io, service_io)) => {
                     let client_io = TokioIo::new(client_io);
                     let service_io = TokioIo::new(service_io);
-                    if let Ok(true) = idle::copy_bidirectional(client_io, service_io, idle).await {
+                    if let Ok(true) =
+                        idle::copy_bidirectional(client_io, service_io, idle, activity).await
+                    {
                         debug!(%port, "upgraded connection idle; closed");
                     }
                 }

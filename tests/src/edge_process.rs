@@ -175,20 +175,22 @@ impl EdgeProcess {
                 format!("Bearer {}", token.trim()),
             ),
         ];
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let text = body.as_ref().map(Value::to_string).unwrap_or_default();
         let call = request(
             self.admin.addr(),
             method,
             "localhost",
             path,
             &headers,
-            body.into_bytes(),
+            text.into_bytes(),
         );
         let reply = tokio::time::timeout(Duration::from_secs(10), call)
             .await
             .ok()?
             .ok()?;
         let json = serde_json::from_slice(&reply.body).unwrap_or(Value::Null);
+        let answer = (!reply.body.is_empty()).then_some(&json);
+        crate::openapi::check_call(method, path, body.as_ref(), reply.status, answer);
         Some((reply.status, json))
     }
 }

@@ -4,7 +4,8 @@
 //! - [`TestEdge::start`] / [`TestEdge::builder`]: an edge on `127.0.0.1:0` with a temporary state
 //!   directory, plain HTTP always and HTTPS on request, domain `tunnel.localhost` (so curl
 //!   resolves every tunnel host to loopback by itself).
-//! - [`TestEdge::admin`]: the admin API with the admin token.
+//! - [`TestEdge::admin`]: the admin API with the admin token; every answer is checked against
+//!   the API's OpenAPI document ([`openapi`]).
 //! - [`TestEdge::devbox`]: registers a devbox, optionally with a tunnel.
 //! - [`TestAgent::start`]: an agent for a devbox, returned once it is connected, with a
 //!   `state_dir` of its own ([`TestEdge::agent_state_dir`]).
@@ -28,6 +29,7 @@ pub mod devservers;
 pub mod edge_process;
 pub mod grpc;
 pub mod logs;
+pub mod openapi;
 pub mod postgres;
 pub mod relay;
 pub mod services;
@@ -269,14 +271,14 @@ impl TestEdge {
         if let Some(token) = token {
             headers.push(("authorization".to_owned(), format!("Bearer {token}")));
         }
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let text = body.as_ref().map(Value::to_string).unwrap_or_default();
         let reply = request(
             self.edge().admin_addr,
             method,
             "localhost",
             path,
             &headers,
-            body.into_bytes(),
+            text.into_bytes(),
         )
         .await
         .expect("admin API answers");
@@ -285,6 +287,8 @@ impl TestEdge {
         } else {
             serde_json::from_slice(&reply.body).expect("admin API answers JSON")
         };
+        let answer = (!reply.body.is_empty()).then_some(&json);
+        openapi::check_call(method, path, body.as_ref(), reply.status, answer);
         (reply.status, json)
     }
 

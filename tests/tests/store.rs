@@ -27,6 +27,10 @@ fn tunnel(key: &str, mode: AuthMode) -> (TunnelRecord, Secret) {
         auth_token: (mode == AuthMode::Authenticated).then(|| token.hash()),
         rewrite_host: mode == AuthMode::Open,
         raw_tcp: true,
+        // Both values of each, so a column read back wrong shows.
+        http_keep_alive: mode == AuthMode::Authenticated,
+        wake_on_http: mode == AuthMode::Open,
+        created_ms: 1_765_000_000_123 + i64::from(key.len() as u8),
     };
     (record, token)
 }
@@ -153,7 +157,7 @@ async fn postgres_migrates_once_and_refuses_a_newer_schema() {
         start.join().expect("thread").expect("connects");
     }
     let versions = postgres::psql(server.port, "SELECT count(*) FROM burrow_migrations").await;
-    assert_eq!(versions, "4", "each migration applied once");
+    assert_eq!(versions, "5", "each migration applied once");
 
     postgres::psql(
         server.port,

@@ -108,6 +108,8 @@ pub(super) struct Live {
     attaches: AtomicU64,
     /// Requests waiting for their agent, per devbox.
     waiting: Mutex<HashMap<String, usize>>,
+    /// When the platform was last asked to wake a devbox whose agent has not attached since.
+    waking: Mutex<HashMap<String, std::time::Instant>>,
     /// Where attaches and detaches go, on an edge of a cluster.
     presence: OnceLock<mpsc::UnboundedSender<PresenceEvent>>,
 }
@@ -150,6 +152,11 @@ impl Registry {
             return Err(AttachError::Busy);
         }
         self.report(&id, generation, true);
+        self.live
+            .waking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         let replaced = entry.session.replace(session);
         let tunnel = entry.record.tunnel.as_ref().map(|t| self.tunnel_state(t));
         // Counted under the write lock, so a route read under the read lock sees the session
@@ -174,6 +181,21 @@ impl Registry {
     /// an attach in between is not missed.
     pub fn next_attach(&self) -> tokio::sync::futures::Notified<'_> {
         self.live.attached.notified()
+    }
+
+    /// Whether a request for `devbox_id`, whose agent is away, is the one to ask the platform
+    /// to wake it: the first since the agent was last attached, or since a wake asked more than
+    /// `within` ago (one the platform did not carry out).
+    pub fn begin_wake(&self, devbox_id: &str, within: std::time::Duration) -> bool {
+        let mut waking = self.live.waking.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        match waking.get(devbox_id) {
+            Some(asked) if now.duration_since(*asked) < within => false,
+            _ => {
+                waking.insert(devbox_id.to_owned(), now);
+                true
+            }
+        }
     }
 
     /// Takes a place in a devbox's queue of requests waiting for its agent; `None` when the

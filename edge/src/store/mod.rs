@@ -110,6 +110,15 @@ pub struct TunnelRecord {
     /// `burrow connect` may reach raw TCP ports through an open tunnel (an authenticated one
     /// always allows it: its token already stands for the devbox's owner).
     pub raw_tcp: bool,
+    /// Traffic through the tunnel counts as the devbox's activity (`last_activity_ms`, the
+    /// `devbox.activity` event), so the platform does not suspend a devbox in use.
+    pub http_keep_alive: bool,
+    /// A request while the agent is away asks the platform to wake the devbox
+    /// (`devbox.wake`) and waits for it up to `platform.wake_wait`.
+    pub wake_on_http: bool,
+    /// When the tunnel was first enabled, Unix milliseconds (a tunnel stored before this was
+    /// kept: its devbox's creation).
+    pub created_ms: i64,
 }
 
 /// Seconds since the Unix epoch.
@@ -119,26 +128,49 @@ pub fn now_unix() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-/// A devbox's tunnel as the columns both engines store: key, mode, token hash, rewrite_host,
-/// raw_tcp.
-type Columns = (
-    Option<String>,
-    Option<&'static str>,
-    Option<String>,
-    bool,
-    bool,
-);
+/// Milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A devbox's tunnel as the columns both engines store, in this order after the devbox's own:
+/// `tunnel_key, auth_mode, auth_token_hash, rewrite_host, raw_tcp, http_keep_alive,
+/// wake_on_http, tunnel_created_ms`.
+struct Columns {
+    key: Option<String>,
+    mode: Option<&'static str>,
+    token: Option<String>,
+    rewrite_host: bool,
+    raw_tcp: bool,
+    http_keep_alive: bool,
+    wake_on_http: bool,
+    created_ms: Option<i64>,
+}
 
 fn tunnel_columns(tunnel: Option<&TunnelRecord>) -> Columns {
     match tunnel {
-        None => (None, None, None, false, false),
-        Some(t) => (
-            Some(t.key.clone()),
-            Some(t.auth_mode.as_str()),
-            t.auth_token.map(|h| h.to_hex()),
-            t.rewrite_host,
-            t.raw_tcp,
-        ),
+        None => Columns {
+            key: None,
+            mode: None,
+            token: None,
+            rewrite_host: false,
+            raw_tcp: false,
+            http_keep_alive: true,
+            wake_on_http: false,
+            created_ms: None,
+        },
+        Some(t) => Columns {
+            key: Some(t.key.clone()),
+            mode: Some(t.auth_mode.as_str()),
+            token: t.auth_token.map(|h| h.to_hex()),
+            rewrite_host: t.rewrite_host,
+            raw_tcp: t.raw_tcp,
+            http_keep_alive: t.http_keep_alive,
+            wake_on_http: t.wake_on_http,
+            created_ms: Some(t.created_ms),
+        },
     }
 }
 
@@ -152,6 +184,9 @@ struct RawRow {
     auth: Option<String>,
     rewrite_host: bool,
     raw_tcp: bool,
+    http_keep_alive: bool,
+    wake_on_http: bool,
+    created_ms: Option<i64>,
 }
 
 impl RawRow {
@@ -175,6 +210,11 @@ impl RawRow {
                     auth_token,
                     rewrite_host: self.rewrite_host,
                     raw_tcp: self.raw_tcp,
+                    http_keep_alive: self.http_keep_alive,
+                    wake_on_http: self.wake_on_http,
+                    created_ms: self
+                        .created_ms
+                        .unwrap_or(self.created_at.saturating_mul(1000)),
                 })
             }
             (None, None) => None,

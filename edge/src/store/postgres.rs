@@ -88,11 +88,17 @@ ALTER TABLE edges ADD COLUMN mesh_addr TEXT;
     "
 ALTER TABLE edges ADD COLUMN agents_addr TEXT;
 ",
+    "
+ALTER TABLE devboxes ADD COLUMN http_keep_alive BOOLEAN NOT NULL DEFAULT true;
+ALTER TABLE devboxes ADD COLUMN wake_on_http BOOLEAN NOT NULL DEFAULT false;
+ALTER TABLE devboxes ADD COLUMN tunnel_created_ms BIGINT;
+",
 ];
 
 /// Every column of a devbox, in the order [`row`] reads them.
 pub(super) const COLUMNS: &str = "id, agent_token_hash, created_at, tunnel_key, auth_mode, \
-                                  auth_token_hash, rewrite_host, raw_tcp";
+                                  auth_token_hash, rewrite_host, raw_tcp, http_keep_alive, \
+                                  wake_on_http, tunnel_created_ms";
 
 /// A PostgreSQL URL (`postgres://user:password@host:port/database`), checked; its password
 /// never appears in messages or logs.
@@ -339,22 +345,25 @@ impl Store for Postgres {
     }
 
     fn insert(&self, devbox: &DevboxRecord) -> Result<(), StoreError> {
-        let (key, mode, token, rewrite, raw) = tunnel_columns(devbox.tunnel.as_ref());
+        let t = tunnel_columns(devbox.tunnel.as_ref());
         let n = self.change(
             &devbox.id,
             "INSERT INTO devboxes
              (id, agent_token_hash, created_at, tunnel_key, auth_mode, auth_token_hash,
-              rewrite_host, raw_tcp)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
+              rewrite_host, raw_tcp, http_keep_alive, wake_on_http, tunnel_created_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (id) DO NOTHING",
             vec![
                 Box::new(devbox.id.clone()),
                 Box::new(devbox.agent_token.to_hex()),
                 Box::new(devbox.created_at),
-                Box::new(key),
-                Box::new(mode),
-                Box::new(token),
-                Box::new(rewrite),
-                Box::new(raw),
+                Box::new(t.key),
+                Box::new(t.mode),
+                Box::new(t.token),
+                Box::new(t.rewrite_host),
+                Box::new(t.raw_tcp),
+                Box::new(t.http_keep_alive),
+                Box::new(t.wake_on_http),
+                Box::new(t.created_ms),
             ],
         )?;
         if n == 0 {
@@ -364,18 +373,22 @@ impl Store for Postgres {
     }
 
     fn set_tunnel(&self, id: &str, tunnel: Option<&TunnelRecord>) -> Result<bool, StoreError> {
-        let (key, mode, token, rewrite, raw) = tunnel_columns(tunnel);
+        let t = tunnel_columns(tunnel);
         let n = self.change(
             id,
             "UPDATE devboxes SET tunnel_key = $2, auth_mode = $3, auth_token_hash = $4,
-             rewrite_host = $5, raw_tcp = $6 WHERE id = $1",
+             rewrite_host = $5, raw_tcp = $6, http_keep_alive = $7, wake_on_http = $8,
+             tunnel_created_ms = $9 WHERE id = $1",
             vec![
                 Box::new(id.to_owned()),
-                Box::new(key),
-                Box::new(mode),
-                Box::new(token),
-                Box::new(rewrite),
-                Box::new(raw),
+                Box::new(t.key),
+                Box::new(t.mode),
+                Box::new(t.token),
+                Box::new(t.rewrite_host),
+                Box::new(t.raw_tcp),
+                Box::new(t.http_keep_alive),
+                Box::new(t.wake_on_http),
+                Box::new(t.created_ms),
             ],
         )?;
         Ok(n > 0)
@@ -574,6 +587,9 @@ pub(super) fn row(
         auth: r.try_get(at + 5)?,
         rewrite_host: r.try_get(at + 6)?,
         raw_tcp: r.try_get(at + 7)?,
+        http_keep_alive: r.try_get(at + 8)?,
+        wake_on_http: r.try_get(at + 9)?,
+        created_ms: r.try_get(at + 10)?,
     };
     Ok(Some(raw.parse()))
 }

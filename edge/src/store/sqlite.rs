@@ -28,19 +28,26 @@ CREATE TABLE IF NOT EXISTS devboxes (
     auth_mode TEXT,
     auth_token_hash TEXT,
     rewrite_host INTEGER NOT NULL DEFAULT 0,
-    raw_tcp INTEGER NOT NULL DEFAULT 0
+    raw_tcp INTEGER NOT NULL DEFAULT 0,
+    http_keep_alive INTEGER NOT NULL DEFAULT 1,
+    wake_on_http INTEGER NOT NULL DEFAULT 0,
+    tunnel_created_ms INTEGER
 );
 ";
 
 /// Every column of a devbox, in the order [`row`] reads them.
 const SELECT: &str = "SELECT id, agent_token_hash, created_at, tunnel_key, auth_mode,
-    auth_token_hash, rewrite_host, raw_tcp FROM devboxes";
+    auth_token_hash, rewrite_host, raw_tcp, http_keep_alive, wake_on_http, tunnel_created_ms
+    FROM devboxes";
 
 /// Columns added after the first release, with their definitions: added to an older store
 /// when it is opened.
-const ADDED_COLUMNS: [(&str, &str); 2] = [
+const ADDED_COLUMNS: [(&str, &str); 5] = [
     ("rewrite_host", "INTEGER NOT NULL DEFAULT 0"),
     ("raw_tcp", "INTEGER NOT NULL DEFAULT 0"),
+    ("http_keep_alive", "INTEGER NOT NULL DEFAULT 1"),
+    ("wake_on_http", "INTEGER NOT NULL DEFAULT 0"),
+    ("tunnel_created_ms", "INTEGER"),
 ];
 
 impl Sqlite {
@@ -106,21 +113,24 @@ impl Store for Sqlite {
     /// Adds a devbox.
     fn insert(&self, devbox: &DevboxRecord) -> Result<(), StoreError> {
         self.with(|c| {
-            let (key, mode, token, rewrite, raw) = tunnel_columns(devbox.tunnel.as_ref());
+            let t = tunnel_columns(devbox.tunnel.as_ref());
             let done = c.execute(
                 "INSERT OR IGNORE INTO devboxes
                  (id, agent_token_hash, created_at, tunnel_key, auth_mode, auth_token_hash,
-                  rewrite_host, raw_tcp)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                  rewrite_host, raw_tcp, http_keep_alive, wake_on_http, tunnel_created_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![
                     devbox.id,
                     devbox.agent_token.to_hex(),
                     devbox.created_at,
-                    key,
-                    mode,
-                    token,
-                    rewrite,
-                    raw
+                    t.key,
+                    t.mode,
+                    t.token,
+                    t.rewrite_host,
+                    t.raw_tcp,
+                    t.http_keep_alive,
+                    t.wake_on_http,
+                    t.created_ms
                 ],
             )?;
             if done == 0 {
@@ -133,11 +143,22 @@ impl Store for Sqlite {
     /// Sets or clears a devbox's tunnel. `false`: no such devbox.
     fn set_tunnel(&self, id: &str, tunnel: Option<&TunnelRecord>) -> Result<bool, StoreError> {
         self.with(|c| {
-            let (key, mode, token, rewrite, raw) = tunnel_columns(tunnel);
+            let t = tunnel_columns(tunnel);
             let n = c.execute(
                 "UPDATE devboxes SET tunnel_key = ?2, auth_mode = ?3, auth_token_hash = ?4,
-                 rewrite_host = ?5, raw_tcp = ?6 WHERE id = ?1",
-                params![id, key, mode, token, rewrite, raw],
+                 rewrite_host = ?5, raw_tcp = ?6, http_keep_alive = ?7, wake_on_http = ?8,
+                 tunnel_created_ms = ?9 WHERE id = ?1",
+                params![
+                    id,
+                    t.key,
+                    t.mode,
+                    t.token,
+                    t.rewrite_host,
+                    t.raw_tcp,
+                    t.http_keep_alive,
+                    t.wake_on_http,
+                    t.created_ms
+                ],
             )?;
             Ok(n > 0)
         })
@@ -203,6 +224,9 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<DevboxRecord, StoreErro
         auth: r.get(5)?,
         rewrite_host: r.get(6)?,
         raw_tcp: r.get(7)?,
+        http_keep_alive: r.get(8)?,
+        wake_on_http: r.get(9)?,
+        created_ms: r.get(10)?,
     }
     .parse())
 }
@@ -235,6 +259,9 @@ mod tests {
                 auth_token: Some(auth.hash()),
                 rewrite_host: true,
                 raw_tcp: true,
+                http_keep_alive: false,
+                wake_on_http: true,
+                created_ms: 1_765_000_000_042,
             };
             assert!(store.set_tunnel("box1", Some(&tunnel)).unwrap());
             assert!(!store.set_tunnel("nope", Some(&tunnel)).unwrap());
@@ -250,8 +277,9 @@ mod tests {
         assert!(store.get("box1").unwrap().is_none());
     }
 
-    /// A store written before `rewrite_host` and `raw_tcp` existed opens, keeps its rows, and
-    /// gains the columns (off).
+    /// A store written before `rewrite_host`, `raw_tcp`, `http_keep_alive`, `wake_on_http`
+    /// and `tunnel_created_ms` existed opens, keeps its rows, and gains the columns (with
+    /// their defaults; the tunnel's creation is its devbox's).
     #[test]
     fn an_older_store_gains_the_new_columns() {
         let dir = tempfile::tempdir().unwrap();
@@ -275,6 +303,8 @@ mod tests {
         let tunnel = old.tunnel.unwrap();
         assert_eq!(tunnel.auth_mode, AuthMode::Open);
         assert!(!tunnel.rewrite_host && !tunnel.raw_tcp);
+        assert!(tunnel.http_keep_alive && !tunnel.wake_on_http);
+        assert_eq!(tunnel.created_ms, 5_000);
         drop(store);
         Sqlite::open(&path).expect("opening twice adds nothing twice");
     }

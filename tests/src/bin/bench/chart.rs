@@ -35,25 +35,7 @@ pub fn latency_svg(results: &Results, table: &str, title: &str) -> Option<String
             lines.push((system.name(), points));
         }
     }
-    let values: Vec<f64> = lines
-        .iter()
-        .flat_map(|(_, p)| p.iter().flatten().copied())
-        .collect();
-    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = values.iter().copied().fold(0.0, f64::max);
-    if values.is_empty() {
-        return None;
-    }
-    // Decades that cover the data.
-    let lo_exp = lo.log10().floor() as i32;
-    let hi_exp = (hi.log10().ceil() as i32).max(lo_exp + 1);
-    let plot_w = W - LEFT - RIGHT;
-    let plot_h = H - TOP - BOTTOM;
-    let y = |v: f64| {
-        TOP + plot_h * (1.0 - (v.log10() - f64::from(lo_exp)) / f64::from(hi_exp - lo_exp))
-    };
-    let x = |i: usize| LEFT + plot_w * (i as f64 + 0.5) / PERCENTILES.len() as f64;
-
+    let plot = Plot::covering(lines.iter().flat_map(|(_, p)| p.iter().flatten().copied()))?;
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -67,53 +49,100 @@ pub fn latency_svg(results: &Results, table: &str, title: &str) -> Option<String
         LEFT,
         escape(title)
     );
-    // Grid: every decade, with 2x and 5x ticks.
-    for e in lo_exp..=hi_exp {
-        for (m, major) in [(1.0, true), (2.0, false), (5.0, false)] {
-            let v = m * 10f64.powi(e);
-            if e == hi_exp && m > 1.0 {
-                continue;
+    plot.grid(&mut s);
+    for (n, (name, points)) in lines.iter().enumerate() {
+        plot.series(&mut s, n, name, points);
+    }
+    s.push_str("</svg>\n");
+    Some(s)
+}
+
+/// The plot area: log-scale decades from `lo_exp` to `hi_exp` up, the percentiles across.
+struct Plot {
+    lo_exp: i32,
+    hi_exp: i32,
+}
+
+impl Plot {
+    /// The decades that cover `values`; `None` when there are none.
+    fn covering(values: impl Iterator<Item = f64>) -> Option<Plot> {
+        let values: Vec<f64> = values.collect();
+        if values.is_empty() {
+            return None;
+        }
+        let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = values.iter().copied().fold(0.0, f64::max);
+        let lo_exp = lo.log10().floor() as i32;
+        let hi_exp = (hi.log10().ceil() as i32).max(lo_exp + 1);
+        Some(Plot { lo_exp, hi_exp })
+    }
+
+    fn width() -> f64 {
+        W - LEFT - RIGHT
+    }
+
+    fn height() -> f64 {
+        H - TOP - BOTTOM
+    }
+
+    /// Where `v` goes up the plot.
+    fn y(&self, v: f64) -> f64 {
+        let span = f64::from(self.hi_exp - self.lo_exp);
+        TOP + Self::height() * (1.0 - (v.log10() - f64::from(self.lo_exp)) / span)
+    }
+
+    /// Where percentile `i` goes across.
+    fn x(&self, i: usize) -> f64 {
+        LEFT + Self::width() * (i as f64 + 0.5) / PERCENTILES.len() as f64
+    }
+
+    /// The grid (every decade, with 2x and 5x ticks) and the axes' labels.
+    fn grid(&self, s: &mut String) {
+        for e in self.lo_exp..=self.hi_exp {
+            for (m, major) in [(1.0, true), (2.0, false), (5.0, false)] {
+                let v = m * 10f64.powi(e);
+                if e == self.hi_exp && m > 1.0 {
+                    continue;
+                }
+                let yy = self.y(v);
+                let stroke = if major { "#bbbbbb" } else { "#e5e5e5" };
+                let _ = writeln!(
+                    s,
+                    "<line x1=\"{LEFT}\" x2=\"{}\" y1=\"{yy:.1}\" y2=\"{yy:.1}\" stroke=\"{stroke}\" stroke-width=\"1\"/>",
+                    LEFT + Self::width()
+                );
+                let _ = writeln!(
+                    s,
+                    "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\" fill=\"#555\">{}</text>",
+                    LEFT - 6.0,
+                    yy + 4.0,
+                    label(v)
+                );
             }
-            let yy = y(v);
-            let (stroke, width) = if major {
-                ("#bbbbbb", 1.0)
-            } else {
-                ("#e5e5e5", 1.0)
-            };
+        }
+        for (i, (name, _)) in PERCENTILES.iter().enumerate() {
             let _ = writeln!(
                 s,
-                "<line x1=\"{LEFT}\" x2=\"{}\" y1=\"{yy:.1}\" y2=\"{yy:.1}\" stroke=\"{stroke}\" stroke-width=\"{width}\"/>",
-                LEFT + plot_w
-            );
-            let _ = writeln!(
-                s,
-                "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\" fill=\"#555\">{}</text>",
-                LEFT - 6.0,
-                yy + 4.0,
-                label(v)
+                "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{name}</text>",
+                self.x(i),
+                TOP + Self::height() + 20.0
             );
         }
-    }
-    for (i, (name, _)) in PERCENTILES.iter().enumerate() {
         let _ = writeln!(
             s,
-            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{name}</text>",
-            x(i),
-            TOP + plot_h + 20.0
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\" fill=\"#555\">percentile (log scale latency; lower is better)</text>",
+            LEFT + Self::width() / 2.0,
+            H - 14.0
         );
     }
-    let _ = writeln!(
-        s,
-        "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\" fill=\"#555\">percentile (log scale latency; lower is better)</text>",
-        LEFT + plot_w / 2.0,
-        H - 14.0
-    );
-    for (n, (name, points)) in lines.iter().enumerate() {
+
+    /// System `n`'s line, its points (with their values on hover) and its legend entry.
+    fn series(&self, s: &mut String, n: usize, name: &str, points: &[Option<f64>]) {
         let color = COLORS[n % COLORS.len()];
         let path: Vec<String> = points
             .iter()
             .enumerate()
-            .filter_map(|(i, v)| v.map(|v| format!("{:.1},{:.1}", x(i), y(v))))
+            .filter_map(|(i, v)| v.map(|v| format!("{:.1},{:.1}", self.x(i), self.y(v))))
             .collect();
         let _ = writeln!(
             s,
@@ -125,8 +154,8 @@ pub fn latency_svg(results: &Results, table: &str, title: &str) -> Option<String
                 let _ = writeln!(
                     s,
                     "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3.5\" fill=\"{color}\"><title>{name} {}: {}</title></circle>",
-                    x(i),
-                    y(*v),
+                    self.x(i),
+                    self.y(*v),
                     PERCENTILES[i].0,
                     label(*v)
                 );
@@ -143,8 +172,6 @@ pub fn latency_svg(results: &Results, table: &str, title: &str) -> Option<String
             ly + 4.0
         );
     }
-    s.push_str("</svg>\n");
-    Some(s)
 }
 
 fn label(us: f64) -> String {

@@ -233,7 +233,6 @@ pub async fn start_in(system: System, env: &Env, dir: &Path) -> Result<Running> 
         bail!("{} cannot run: {why}", system.name());
     }
     let dir = dir.to_owned();
-    let origin_port = env.origin.port();
     let mut running = match system {
         System::Direct => Running {
             system,
@@ -246,102 +245,112 @@ pub async fn start_in(system: System, env: &Env, dir: &Path) -> Result<Running> 
             server_start: Duration::ZERO,
             client_start: Duration::ZERO,
         },
-        System::Nginx => {
-            let listen = reserved_port()?;
-            let conf = dir.join("nginx.conf");
-            std::fs::write(&conf, nginx_conf(&dir, listen, origin_port))?;
-            let bin = env.nginx.as_deref().context("nginx")?;
-            let t = Instant::now();
-            let server = Proc::spawn(
-                "nginx",
-                "nginx",
-                Command::new(bin)
-                    .arg("-p")
-                    .arg(&dir)
-                    .arg("-c")
-                    .arg(&conf)
-                    .arg("-e")
-                    .arg(dir.join("error.log")),
-                &dir,
-            )?;
-            let target = loopback(listen);
-            let mut running = Running {
-                system,
-                target: target.clone(),
-                server: Some(server),
-                client: None,
-                server_start: Duration::ZERO,
-                client_start: Duration::ZERO,
-            };
-            let up = until_up(
-                &mut running,
-                first_200(&target, t, Duration::from_millis(1), START_PATIENCE),
-            )
-            .await;
-            match up {
-                Ok(d) => Running {
-                    server_start: d,
-                    ..running
-                },
-                Err(e) => return Err(failed(running, e).await),
-            }
-        }
-        System::RatholeTcp | System::RatholeNoise => {
-            let control = reserved_port()?;
-            let public = reserved_port()?;
-            let (server_conf, client_conf) = rathole_confs(
-                control,
-                public,
-                origin_port,
-                (system == System::RatholeNoise)
-                    .then_some(env.noise_keys.as_ref())
-                    .flatten(),
-            );
-            std::fs::write(dir.join("server.toml"), server_conf)?;
-            std::fs::write(dir.join("client.toml"), client_conf)?;
-            let bin = env.rathole.as_deref().context("rathole")?;
-            let server = |d: &Path| {
-                Proc::spawn(
-                    "rathole server",
-                    "server",
-                    quiet(Command::new(bin).arg("-s").arg(d.join("server.toml"))),
-                    d,
-                )
-            };
-            let client = |d: &Path| {
-                Proc::spawn(
-                    "rathole client",
-                    "client",
-                    quiet(Command::new(bin).arg("-c").arg(d.join("client.toml"))),
-                    d,
-                )
-            };
-            two_sided(system, &dir, control, loopback(public), server, client).await?
-        }
-        System::Bore => {
-            let public = reserved_port()?;
-            let bin = env.bore.as_deref().context("bore")?;
-            let server = |d: &Path| {
-                let mut cmd = Command::new(bin);
-                cmd.args(["server", "--bind-addr", "127.0.0.1"])
-                    .args(["--min-port", &public.to_string()])
-                    .args(["--max-port", &public.to_string()]);
-                Proc::spawn("bore server", "server", quiet(&mut cmd), d)
-            };
-            let client = |d: &Path| {
-                let mut cmd = Command::new(bin);
-                cmd.args(["local", &origin_port.to_string()])
-                    .args(["--local-host", "127.0.0.1", "--to", "127.0.0.1"])
-                    .args(["--port", &public.to_string()]);
-                Proc::spawn("bore client", "client", quiet(&mut cmd), d)
-            };
-            // bore's control port is fixed: 7835.
-            two_sided(system, &dir, 7835, loopback(public), server, client).await?
-        }
+        System::Nginx => start_nginx(env, &dir).await?,
+        System::RatholeTcp | System::RatholeNoise => start_rathole(system, env, &dir).await?,
+        System::Bore => start_bore(env, &dir).await?,
         System::Burrow => crate::burrow::start(env, &dir).await?,
     };
     running.check()?;
     Ok(running)
+}
+
+/// nginx as a one-hop reverse proxy to the origin, up once it answers a first 200.
+async fn start_nginx(env: &Env, dir: &Path) -> Result<Running> {
+    let listen = reserved_port()?;
+    let conf = dir.join("nginx.conf");
+    std::fs::write(&conf, nginx_conf(dir, listen, env.origin.port()))?;
+    let bin = env.nginx.as_deref().context("nginx")?;
+    let t = Instant::now();
+    let server = Proc::spawn(
+        "nginx",
+        "nginx",
+        Command::new(bin)
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(&conf)
+            .arg("-e")
+            .arg(dir.join("error.log")),
+        dir,
+    )?;
+    let target = loopback(listen);
+    let mut running = Running {
+        system: System::Nginx,
+        target: target.clone(),
+        server: Some(server),
+        client: None,
+        server_start: Duration::ZERO,
+        client_start: Duration::ZERO,
+    };
+    let up = until_up(
+        &mut running,
+        first_200(&target, t, Duration::from_millis(1), START_PATIENCE),
+    )
+    .await;
+    match up {
+        Ok(d) => Ok(Running {
+            server_start: d,
+            ..running
+        }),
+        Err(e) => Err(failed(running, e).await),
+    }
+}
+
+/// rathole's server and client, over TCP or Noise.
+async fn start_rathole(system: System, env: &Env, dir: &Path) -> Result<Running> {
+    let control = reserved_port()?;
+    let public = reserved_port()?;
+    let (server_conf, client_conf) = rathole_confs(
+        control,
+        public,
+        env.origin.port(),
+        (system == System::RatholeNoise)
+            .then_some(env.noise_keys.as_ref())
+            .flatten(),
+    );
+    std::fs::write(dir.join("server.toml"), server_conf)?;
+    std::fs::write(dir.join("client.toml"), client_conf)?;
+    let bin = env.rathole.as_deref().context("rathole")?;
+    let server = |d: &Path| {
+        Proc::spawn(
+            "rathole server",
+            "server",
+            quiet(Command::new(bin).arg("-s").arg(d.join("server.toml"))),
+            d,
+        )
+    };
+    let client = |d: &Path| {
+        Proc::spawn(
+            "rathole client",
+            "client",
+            quiet(Command::new(bin).arg("-c").arg(d.join("client.toml"))),
+            d,
+        )
+    };
+    two_sided(system, dir, control, loopback(public), server, client).await
+}
+
+/// bore's server and client.
+async fn start_bore(env: &Env, dir: &Path) -> Result<Running> {
+    let public = reserved_port()?;
+    let origin_port = env.origin.port();
+    let bin = env.bore.as_deref().context("bore")?;
+    let server = |d: &Path| {
+        let mut cmd = Command::new(bin);
+        cmd.args(["server", "--bind-addr", "127.0.0.1"])
+            .args(["--min-port", &public.to_string()])
+            .args(["--max-port", &public.to_string()]);
+        Proc::spawn("bore server", "server", quiet(&mut cmd), d)
+    };
+    let client = |d: &Path| {
+        let mut cmd = Command::new(bin);
+        cmd.args(["local", &origin_port.to_string()])
+            .args(["--local-host", "127.0.0.1", "--to", "127.0.0.1"])
+            .args(["--port", &public.to_string()]);
+        Proc::spawn("bore client", "client", quiet(&mut cmd), d)
+    };
+    // bore's control port is fixed: 7835.
+    two_sided(System::Bore, dir, 7835, loopback(public), server, client).await
 }
 
 /// Spawns the public side, waits for `control` to accept, spawns the devbox side, waits for
