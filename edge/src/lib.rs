@@ -33,6 +33,7 @@
 //! - [`body`]: the body type of every response the edge sends.
 //! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` listener.
 //! - [`admin`]: the admin API.
+//! - [`platform`]: events for the platform: webhooks and the admin API's events stream.
 //! - [`secret`]: tokens and keys: generation, hashing, constant-time comparison.
 //! - [`cli`]: `burrow-edge serve` (the binary, with `dev`, is built by burrow-quickstart).
 
@@ -57,6 +58,7 @@ pub mod listener;
 pub mod mesh;
 pub mod metrics;
 pub mod pages;
+pub mod platform;
 pub mod pool;
 pub mod proxy;
 pub mod raw;
