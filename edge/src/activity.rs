@@ -10,6 +10,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
+use crate::platform;
+use crate::registry::Registry;
 use crate::store::now_unix_ms;
 
 /// A devbox's last activity, shared by its route and every request on it.
@@ -36,12 +38,36 @@ pub fn touch(activity: Option<&Activity>) {
     }
 }
 
+/// Sends `devbox.activity` events through the registry's events every `every` until
+/// `shutdown` (see [`report`]).
+pub fn spawn_reports(
+    registry: &Arc<Registry>,
+    every: std::time::Duration,
+    tasks: &tokio_util::task::TaskTracker,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let weak = Arc::downgrade(registry);
+    let events = registry.events().clone();
+    tasks.spawn(
+        shutdown.run_until_cancelled_owned(report(weak, every, move |moved| {
+            let devboxes = moved
+                .into_iter()
+                .map(|(id, ms)| platform::Activity {
+                    id,
+                    last_activity_ms: u64::try_from(ms).unwrap_or(0),
+                })
+                .collect();
+            events.emit(platform::Event::activity(devboxes));
+        })),
+    );
+}
+
 /// Reports activity every `interval` until the registry is gone: the devboxes whose traffic
 /// moved since the last report, with when it last did, all in one `report` call (the
 /// `devbox.activity` event), so each devbox is reported at most once an interval however busy
 /// it is, and a quiet one not at all.
 pub async fn report(
-    registry: std::sync::Weak<crate::registry::Registry>,
+    registry: std::sync::Weak<Registry>,
     interval: std::time::Duration,
     report: impl Fn(Vec<(String, i64)>),
 ) {

@@ -12,6 +12,7 @@
 //! | `DELETE /v1/devboxes/{id}/tunnel` | 204 |
 //! | `DELETE /v1/devboxes/{id}` | 204 |
 //! | `GET /v1/openapi.json` | 200 the OpenAPI 3.1 document ([`crate::openapi`]) |
+//! | `GET /v1/events` | 200 `text/event-stream`: every event from now on (see [`crate::platform`]) |
 //! | `GET /v1/cluster` | 200 `{"node", "nodes": [{"node", "mesh_addr", "agents_addr", "last_seen_ms", "agents", "alive"}]}` (404 on a single edge) |
 //!
 //! The tunnel's options, each left out to keep its current value (a new tunnel's default in
@@ -147,7 +148,7 @@ impl Admin {
     /// Answers one admin request from `client`.
     pub async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> Response<Body> {
         match self.route(req, limits::client_key(client.ip())).await {
-            Ok((status, body)) => json_response(status, body),
+            Ok(response) => response,
             Err(ApiError(status, message)) => {
                 let mut r = json_response(status, Some(json!({ "error": message })));
                 if status == StatusCode::UNAUTHORIZED {
@@ -166,12 +167,17 @@ impl Admin {
     }
 
     /// Checks the caller, then runs the call the method and path name.
-    async fn route(&self, req: Request<Incoming>, client: IpAddr) -> Reply {
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        client: IpAddr,
+    ) -> Result<Response<Body>, ApiError> {
         self.authorize(&req, client)?;
         let path = req.uri().path().to_owned();
         let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
         let method = req.method().clone();
-        match (&method, segments.as_slice()) {
+        let (status, body) = match (&method, segments.as_slice()) {
+            (&Method::GET, ["v1", "events"]) => return Ok(self.registry.events().response(&req)),
             (&Method::POST, ["v1", "devboxes"]) => self.create(req).await,
             (&Method::GET, ["v1", "devboxes"]) => Ok(self.list()),
             (&Method::GET, ["v1", "devboxes", id]) => self.show(id),
@@ -193,6 +199,7 @@ impl Admin {
                 | ["v1", "devboxes", _, "tunnel"]
                 | ["v1", "devboxes", _, "tunnel", "rotate-token"]
                 | ["v1", "devboxes", _, "rotate-agent-token"]
+                | ["v1", "events"]
                 | ["v1", "cluster"]
                 | ["v1", "openapi.json"],
             ) => Err(ApiError(
@@ -203,7 +210,8 @@ impl Admin {
                 StatusCode::NOT_FOUND,
                 format!("no such API path: {path}"),
             )),
-        }
+        }?;
+        Ok(json_response(status, body))
     }
 
     /// Lets a call with the admin token through. Guessing is throttled before the token is

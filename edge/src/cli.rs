@@ -118,6 +118,24 @@ pub struct ServeArgs {
     /// it; default: not told (key `cluster.agents_addr`) [env: BURROW_CLUSTER_AGENTS_ADDR]
     #[arg(long, value_name = "HOST:PORT")]
     cluster_agents_addr: Option<String>,
+    /// Where the edge POSTs its events (devbox.wake, devbox.activity, agent.connected,
+    /// agent.disconnected, tunnel.*), http:// or https://; omitted: no webhooks (key
+    /// `platform.webhook_url`) [env: BURROW_PLATFORM_WEBHOOK_URL]
+    #[arg(long, value_name = "URL")]
+    platform_webhook_url: Option<String>,
+    /// The secret that signs webhooks (Burrow-Signature); omitted: generated once and written
+    /// to state_dir/webhook.secret (key `platform.webhook_secret_file`) [env:
+    /// BURROW_PLATFORM_WEBHOOK_SECRET_FILE]
+    #[arg(long, value_name = "FILE")]
+    platform_webhook_secret_file: Option<String>,
+    /// At most one activity event per devbox per interval, default 30s (key
+    /// `platform.activity_interval`) [env: BURROW_PLATFORM_ACTIVITY_INTERVAL]
+    #[arg(long, value_name = "DURATION")]
+    platform_activity_interval: Option<String>,
+    /// How long a request waits for the agent of a devbox it asked the platform to wake,
+    /// default 60s (key `platform.wake_wait`) [env: BURROW_PLATFORM_WAKE_WAIT]
+    #[arg(long, value_name = "DURATION")]
+    platform_wake_wait: Option<String>,
     /// Request line and headers in bytes; 431 past it, default 32768 (key `limits.max_head_bytes`) [env: BURROW_LIMITS_MAX_HEAD_BYTES]
     #[arg(long = "limits-max-head-bytes", value_name = "N")]
     limits_max_head_bytes: Option<String>,
@@ -185,6 +203,16 @@ impl ServeArgs {
             ("cluster.mesh_listen", &self.cluster_mesh_listen),
             ("cluster.mesh_addr", &self.cluster_mesh_addr),
             ("cluster.agents_addr", &self.cluster_agents_addr),
+            ("platform.webhook_url", &self.platform_webhook_url),
+            (
+                "platform.webhook_secret_file",
+                &self.platform_webhook_secret_file,
+            ),
+            (
+                "platform.activity_interval",
+                &self.platform_activity_interval,
+            ),
+            ("platform.wake_wait", &self.platform_wake_wait),
             ("limits.max_head_bytes", &self.limits_max_head_bytes),
             ("limits.max_headers", &self.limits_max_headers),
             ("limits.head_timeout", &self.limits_head_timeout),

@@ -23,13 +23,15 @@ use tokio::sync::Notify;
 use crate::certs::{self, CA_KEY_FILE};
 use crate::config::Config;
 use crate::mesh::Mesh;
+use crate::platform::WEBHOOK_SECRET_FILE;
 use crate::secret::Secret;
 use crate::server::{ADMIN_TOKEN_FILE, COOKIE_KEY_FILE, RESET_KEY_FILE, StartError};
 use crate::store::{Change, EDGE_DEAD_AFTER, EdgeRow, Postgres, PresenceStats};
 
 /// Writes the cluster's secrets into `state_dir`, generating any the cluster lacks: the agents'
 /// CA key (unless `agents.cert` is configured), the admin token (unless `admin.token_file`
-/// is), the cookie key and the stateless-reset key.
+/// is), the webhook secret (with `platform.webhook_url` and without
+/// `platform.webhook_secret_file`), the cookie key and the stateless-reset key.
 /// Returns the cluster's mesh CA key (PEM), which stays in memory.
 pub fn share_secrets(store: &Postgres, config: &Config) -> Result<String, StartError> {
     let dir = &config.state_dir;
@@ -44,6 +46,12 @@ pub fn share_secrets(store: &Postgres, config: &Config) -> Result<String, StartE
         let fresh = format!("{}\n", Secret::generate()?.expose());
         let token = store.cluster_secret(ADMIN_TOKEN_FILE, fresh.into_bytes())?;
         write(dir, ADMIN_TOKEN_FILE, &token)?;
+    }
+    let platform = &config.platform;
+    if platform.webhook_url.is_some() && platform.webhook_secret_file.is_none() {
+        let fresh = format!("{}\n", Secret::generate()?.expose());
+        let secret = store.cluster_secret(WEBHOOK_SECRET_FILE, fresh.into_bytes())?;
+        write(dir, WEBHOOK_SECRET_FILE, &secret)?;
     }
     for (name, len) in [(COOKIE_KEY_FILE, 32), (RESET_KEY_FILE, 64)] {
         let mut fresh = vec![0u8; len];

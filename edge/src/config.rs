@@ -9,6 +9,8 @@ use std::time::Duration;
 use burrow_runtime::sources::{self, ConfigError, File, Kind, Setting, int};
 
 use crate::limits::Limits;
+pub use crate::platform::PlatformConfig;
+use crate::platform::settings as platform;
 use crate::store::StoreUrl;
 use serde::Deserialize;
 
@@ -59,6 +61,10 @@ pub const SETTINGS: &[Setting] = settings! {
     "cluster.mesh_listen" => "BURROW_CLUSTER_MESH_LISTEN",
     "cluster.mesh_addr" => "BURROW_CLUSTER_MESH_ADDR",
     "cluster.agents_addr" => "BURROW_CLUSTER_AGENTS_ADDR",
+    "platform.webhook_url" => "BURROW_PLATFORM_WEBHOOK_URL",
+    "platform.webhook_secret_file" => "BURROW_PLATFORM_WEBHOOK_SECRET_FILE",
+    "platform.activity_interval" => "BURROW_PLATFORM_ACTIVITY_INTERVAL",
+    "platform.wake_wait" => "BURROW_PLATFORM_WAKE_WAIT",
 };
 
 #[derive(Debug, Deserialize)]
@@ -81,6 +87,8 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     cluster: RawCluster,
+    #[serde(default)]
+    platform: platform::RawPlatform,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -221,6 +229,8 @@ pub struct Config {
     /// Where agents reach this edge directly (`host:port`), told to the agents of the other
     /// edges; `None`: not told.
     pub cluster_agents_addr: Option<String>,
+    /// Webhooks and the timings of the platform's side.
+    pub platform: PlatformConfig,
 }
 
 /// `agents.pool_max_idle_total` by default: the agent's default `forward.max_streams` and the
@@ -320,6 +330,7 @@ impl Config {
                 .transpose()?,
             cluster_agents_addr: raw.cluster.agents_addr.map(host_port).transpose()?,
             cluster_store: raw.cluster.store.map(store_url).transpose()?,
+            platform: platform::PlatformConfig::parse(raw.platform, path)?,
         })
     }
 }
@@ -653,5 +664,56 @@ mod tests {
             err.to_string().contains("agents.pool_max_idle_total"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn platform_keys_from_file_environment_flags_and_defaults() {
+        let base = "domain = \"a.b\"\nstate_dir = \"/x\"\n[public]\nhttp = \"0.0.0.0:80\"\n";
+        let cfg = load(base).unwrap();
+        assert!(cfg.platform.webhook_url.is_none());
+        assert_eq!(cfg.platform.webhook_secret_file, None);
+        assert_eq!(cfg.platform.activity_interval, Duration::from_secs(30));
+        assert_eq!(cfg.platform.wake_wait, Duration::from_secs(60));
+        let cfg = load(&format!(
+            "{base}[platform]\nwebhook_url = \"https://platform.internal/burrow-events\"\n\
+             webhook_secret_file = \"webhook.secret\"\nactivity_interval = \"5s\"\n"
+        ))
+        .unwrap();
+        let url = cfg.platform.webhook_url.expect("webhook_url");
+        assert_eq!(url.to_string(), "https://platform.internal/burrow-events");
+        assert_eq!(
+            cfg.platform.webhook_secret_file.as_deref(),
+            Some(Path::new("/etc/burrow/webhook.secret")),
+            "relative to the config file"
+        );
+        assert_eq!(cfg.platform.activity_interval, Duration::from_secs(5));
+        let file = File {
+            path: Path::new("/etc/burrow/edge.toml"),
+            text: base,
+        };
+        let env = HashMap::from([
+            (
+                "BURROW_PLATFORM_WEBHOOK_URL".to_owned(),
+                "http://127.0.0.1:9/hook".to_owned(),
+            ),
+            ("BURROW_PLATFORM_WAKE_WAIT".to_owned(), "2m".to_owned()),
+        ]);
+        let flags = [("platform.wake_wait", "90s".to_owned())];
+        let cfg = Config::load(Some(file), &env, &flags).unwrap();
+        assert_eq!(
+            cfg.platform.webhook_url.map(|u| u.to_string()).as_deref(),
+            Some("http://127.0.0.1:9/hook")
+        );
+        assert_eq!(cfg.platform.wake_wait, Duration::from_secs(90), "flags win");
+        for (bad, key) in [
+            ("webhook_url = \"ftp://x/y\"", "platform.webhook_url"),
+            ("webhook_url = \"https://\"", "platform.webhook_url"),
+            ("webhook_url = \"not a url\"", "platform.webhook_url"),
+            ("activity_interval = \"0s\"", "platform.activity_interval"),
+            ("wake_wait = \"soon\"", "platform.wake_wait"),
+        ] {
+            let err = load(&format!("{base}[platform]\n{bad}\n")).unwrap_err();
+            assert!(err.to_string().contains(key), "{bad}: {err}");
+        }
     }
 }

@@ -35,6 +35,7 @@
 //! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` listener.
 //! - [`admin`]: the admin API.
 //! - [`openapi`]: the admin API's OpenAPI 3.1 document, served at `GET /v1/openapi.json`.
+//! - [`platform`]: events for the platform: webhooks and the admin API's events stream.
 //! - [`secret`]: tokens and keys: generation, hashing, constant-time comparison.
 //! - [`cli`]: `burrow-edge serve` (the binary, with `dev`, is built by burrow-quickstart).
 
@@ -61,6 +62,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod openapi;
 pub mod pages;
+pub mod platform;
 pub mod pool;
 pub mod proxy;
 pub mod raw;

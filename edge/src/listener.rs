@@ -43,6 +43,13 @@ pub struct ConnInfo {
     pub sni: Option<Arc<str>>,
 }
 
+/// A request's handle on its connection, in the request's extensions: cancelling it closes
+/// the connection at once, whatever its requests are doing (an events stream whose client
+/// stopped reading: its response body is not even polled while the socket is full). On
+/// HTTP/2 it closes every stream of the connection.
+#[derive(Debug, Clone)]
+pub struct CloseConnection(pub CancellationToken);
+
 /// What answers the requests of one listener.
 pub type Handler = Arc<
     dyn Fn(Request<Incoming>, ConnInfo) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>>
@@ -149,38 +156,51 @@ impl Connection {
             watcher,
             head_timeout,
         } = self;
+        let close = CancellationToken::new();
         let service = |sni: Option<Arc<str>>| {
             let info = ConnInfo { peer, sni };
-            service_fn(move |req| {
+            let close = CloseConnection(close.clone());
+            service_fn(move |mut req: Request<Incoming>| {
                 let handler = handler.clone();
                 let info = info.clone();
+                req.extensions_mut().insert(close.clone());
                 async move { Ok::<_, Infallible>(handler(req, info).await) }
             })
         };
-        let result = match tls {
-            None => {
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service(None));
-                watcher.watch(conn.into_owned()).await
+        let served = async {
+            match tls {
+                None => {
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(tcp), service(None));
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(acceptor) => {
+                    // The handshake shares the head's deadline: a client that trickles its
+                    // ClientHello is as slow as one that trickles its headers.
+                    let handshake = TLS_HANDSHAKE_TIMEOUT.min(head_timeout);
+                    let stream = match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            debug!(%peer, error = %e, "TLS handshake failed");
+                            return Ok(());
+                        }
+                        Err(_) => {
+                            debug!(%peer, "TLS handshake timed out");
+                            return Ok(());
+                        }
+                    };
+                    let sni = stream.get_ref().1.server_name().map(Arc::from);
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service(sni));
+                    watcher.watch(conn.into_owned()).await
+                }
             }
-            Some(acceptor) => {
-                // The handshake shares the head's deadline: a client that trickles its
-                // ClientHello is as slow as one that trickles its headers.
-                let handshake = TLS_HANDSHAKE_TIMEOUT.min(head_timeout);
-                let stream = match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(e)) => {
-                        debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                };
-                let sni = stream.get_ref().1.server_name().map(Arc::from);
-                let conn =
-                    builder.serve_connection_with_upgrades(TokioIo::new(stream), service(sni));
-                watcher.watch(conn.into_owned()).await
+        };
+        let result = tokio::select! {
+            result = served => result,
+            () = close.cancelled() => {
+                debug!(%peer, "connection closed by the edge");
+                Ok(())
             }
         };
         if let Err(e) = result {

@@ -28,12 +28,13 @@ use crate::auth::{Access, CookieKey};
 use crate::body::Body;
 use crate::cluster::Forwarding;
 use crate::config::Config;
-use crate::dial::Dialer;
+use crate::dial::{Dialer, Wake};
 use crate::forward::Forward;
 use crate::http2::Http2Conns;
 use crate::listener::ConnInfo;
 use crate::metrics::Metrics;
 use crate::pages::Answer;
+use crate::platform::Event;
 use crate::pool::Pool;
 use crate::raw::{self, Raw};
 use crate::registry::Registry;
@@ -79,13 +80,19 @@ impl Proxy {
         forwarding: Option<Forwarding>,
     ) -> Proxy {
         let idle = config.limits.upgrade_idle;
-        let dial = Arc::new(Dialer::new(
+        let events = registry.events().clone();
+        let wake = Wake {
+            wait: config.platform.wake_wait,
+            ask: Arc::new(move |devbox: &str| events.emit(Event::wake(devbox))),
+        };
+        let dial = Dialer::new(
             registry.clone(),
             metrics.clone(),
             config.agent_wait,
             config.max_waiting,
             forwarding,
-        ));
+        );
+        let dial = Arc::new(dial.with_wake(wake));
         let http2 = Http2Conns::new(config.pool_idle);
         let forward = Arc::new(Forward::new(
             dial.clone(),

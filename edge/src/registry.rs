@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 use burrow_protocol::{AuthMode, ControlMsg, TunnelState};
 
 use crate::activity::Activity;
+use crate::platform::Event;
 use crate::secret::{self, Secret, TokenHash};
 use crate::store::{Change, DevboxRecord, Store, StoreError, TunnelRecord, now_unix};
 
@@ -261,7 +262,12 @@ impl Registry {
         self.store.insert(&record)?;
         let mut inner = self.write();
         inner.index(&record);
-        inner.devboxes.insert(id, Entry::new(record.clone()));
+        inner
+            .devboxes
+            .insert(id.clone(), Entry::new(record.clone()));
+        if issued.is_some() {
+            self.emit(Event::tunnel_enabled(id));
+        }
         Ok((record, token, issued))
     }
 
@@ -284,6 +290,7 @@ impl Registry {
             };
             if record != existing {
                 self.set_tunnel(id, &record)?;
+                self.emit(Event::tunnel_enabled(id));
             }
             return Ok(IssuedTunnel {
                 record,
@@ -296,6 +303,7 @@ impl Registry {
             issued.record.created_ms = existing.created_ms;
         }
         self.set_tunnel(id, &issued.record)?;
+        self.emit(Event::tunnel_enabled(id));
         Ok(issued)
     }
 
@@ -315,6 +323,7 @@ impl Registry {
             ..existing
         };
         self.set_tunnel(id, &record)?;
+        self.emit(Event::tunnel_rotated(id));
         Ok(IssuedTunnel {
             record,
             auth_token: Some(token),
@@ -367,13 +376,14 @@ impl Registry {
     /// Disables a devbox's tunnel: its URLs answer 404 from now on.
     pub fn disable_tunnel(&self, id: &str) -> Result<(), RegistryError> {
         let _writer = self.writer();
-        if !self.read().devboxes.contains_key(id) {
-            return Err(RegistryError::NotFound(id.to_owned()));
-        }
+        let had = self.tunnel_record(id)?.is_some();
         self.store.set_tunnel(id, None)?;
         let mut inner = self.write();
         let entry = inner.set_tunnel(id, None);
         notify(entry, ControlMsg::TunnelUpdate(None));
+        if had {
+            self.emit(Event::tunnel_disabled(id));
+        }
         Ok(())
     }
 
@@ -389,6 +399,10 @@ impl Registry {
             return Ok(None);
         };
         inner.unindex(&entry.record);
+        if entry.session.is_some() {
+            // Its connection's end finds no devbox: announced here, once.
+            self.emit(Event::agent_disconnected(id));
+        }
         Ok(entry.session)
     }
 
@@ -446,6 +460,7 @@ impl Registry {
             if let Some(entry) = inner.devboxes.remove(id) {
                 inner.unindex(&entry.record);
                 if let Some(session) = entry.session {
+                    self.emit(Event::agent_disconnected(id));
                     session.revoke("the devbox was deleted");
                 }
             }

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
+use crate::activity;
 use crate::admin::Admin;
 use crate::agents;
 use crate::auth::CookieKey;
@@ -22,6 +23,7 @@ use crate::handshakes::Handshakes;
 use crate::listener::{self, Handler};
 use crate::mesh::{self, Mesh};
 use crate::metrics::Metrics;
+use crate::platform::{self, Events};
 use crate::pool::Pool;
 use crate::proxy::Proxy;
 use crate::registry::{Registry, UrlBase};
@@ -97,6 +99,9 @@ pub struct Edge {
     pub registry: Arc<Registry>,
     /// The cluster as this edge sees it, when it is one of several.
     pub cluster: Option<Arc<ClusterView>>,
+    /// Events for the platform: emitted here, streamed on `GET /v1/events`, and POSTed to
+    /// `platform.webhook_url` when it is set.
+    pub events: Events,
     public_cert: Option<Arc<PublicCert>>,
     agents_endpoint: quinn::Endpoint,
     shutdown: CancellationToken,
@@ -118,21 +123,21 @@ impl Edge {
         let (shutdown, metrics) = (CancellationToken::new(), Metrics::new());
         let urls = listeners.urls(&config.domain);
         let (tasks, clients) = (TaskTracker::new(), Tasks::new());
-        let (registry, cluster) = load_registry(&config, db, urls, &metrics, &tasks, &shutdown)?;
+        let (registry, cluster) =
+            platform_registry(&config, db, urls, &metrics, &tasks, &shutdown)?;
         let endpoint = agents_endpoint(&config, certs::agents_server_config(identity)?)?;
         let agents_addr = endpoint.local_addr().unwrap_or(config.agents_listen);
         let admin_addr = local(&listeners.admin).unwrap_or(config.admin_listen);
         let limits = &config.limits;
         let handshakes =
             Handshakes::new(limits.agent_handshakes, limits.agent_handshakes_per_source);
-        let advertised = cluster.as_ref().map(|c| c.view.advertised());
         tasks.spawn(agents::serve(
             endpoint.clone(),
             registry.clone(),
             metrics.clone(),
             handshakes,
             config.drain_grace,
-            advertised,
+            cluster.as_ref().map(|c| c.view.advertised()),
             shutdown.clone(),
         ));
         let proxy = Arc::new(Proxy::new(
@@ -183,7 +188,6 @@ impl Edge {
             addr
         });
         tasks.close();
-
         info!(
             http = ?http_addr, https = ?https_addr, agents = %agents_addr, admin = %admin_addr,
             domain = %config.domain, "edge listening"
@@ -198,6 +202,7 @@ impl Edge {
             admin_token,
             agent_ca,
             server_name: config.agents_server_name.clone(),
+            events: registry.events().clone(),
             registry,
             cluster: cluster.map(|forwarding| forwarding.view),
             public_cert: listeners.public_cert,
@@ -248,9 +253,12 @@ impl Edge {
     }
 
     /// Waits until the edge has stopped (after its shutdown token fired), as [`Edge::stop`].
+    /// Webhooks go on until then (agents disconnecting in the drain are announced), and get
+    /// the drain grace again to deliver what is queued.
     pub async fn wait(&self) {
         self.tasks.wait().await;
         self.clients.cut_off().await;
+        self.events.finish().await;
     }
 }
 
@@ -374,6 +382,23 @@ fn open_store(config: &Config) -> Result<Db, StartError> {
 /// The devboxes from the store. An edge of a cluster also joins it: it follows the other
 /// edges' changes, writes its own agents' presence and relays the requests other edges forward
 /// to it (in `tasks`) until `shutdown`.
+/// [`load_registry`], with the platform's events set up on it: webhooks, the events stream,
+/// and the activity reports.
+fn platform_registry(
+    config: &Config,
+    db: Db,
+    urls: UrlBase,
+    metrics: &Metrics,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<(Arc<Registry>, Option<Forwarding>), StartError> {
+    let (registry, cluster) = load_registry(config, db, urls, metrics, tasks, shutdown)?;
+    registry.set_events(platform::start(config, metrics, shutdown.clone())?);
+    let every = config.platform.activity_interval;
+    activity::spawn_reports(&registry, every, tasks, shutdown.clone());
+    Ok((registry, cluster))
+}
+
 fn load_registry(
     config: &Config,
     db: Db,

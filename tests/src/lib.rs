@@ -9,6 +9,7 @@
 //! - [`TestEdge::devbox`]: registers a devbox, optionally with a tunnel.
 //! - [`TestAgent::start`]: an agent for a devbox, returned once it is connected, with a
 //!   `state_dir` of its own ([`TestEdge::agent_state_dir`]).
+//! - [`agent_process`]: the real `burrow-agent` binary as a child process, killed on drop.
 //! - [`logs`]: what the edge logged about a devbox, for asserting on what an operator reads.
 //! - [`services`]: local services (HTTP echo, bulk bytes, SSE, WebSocket echo).
 //! - [`postgres`]: a throwaway PostgreSQL server on loopback, and `psql` to query it.
@@ -23,6 +24,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agent_process;
 pub mod chromium;
 pub mod client;
 pub mod devservers;

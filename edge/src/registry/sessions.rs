@@ -11,6 +11,7 @@ use burrow_protocol::{ControlMsg, GoAway, GoAwayReason, TunnelState, close};
 use tokio::sync::{Notify, mpsc};
 
 use super::Registry;
+use crate::platform::{Event, Events};
 use crate::secret::Secret;
 use crate::store::PresenceEvent;
 
@@ -112,6 +113,8 @@ pub(super) struct Live {
     waking: Mutex<HashMap<String, std::time::Instant>>,
     /// Where attaches and detaches go, on an edge of a cluster.
     presence: OnceLock<mpsc::UnboundedSender<PresenceEvent>>,
+    /// Where the registry's events (agents, tunnels) go ([`Registry::set_events`]).
+    events: OnceLock<Events>,
 }
 
 impl Registry {
@@ -158,6 +161,11 @@ impl Registry {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
         let replaced = entry.session.replace(session);
+        // A takeover is no news: the devbox stays connected here. Emitted under the lock, so
+        // a detach and the next attach are announced in the order they happened.
+        if replaced.is_none() {
+            self.emit(Event::agent_connected(id.as_str()));
+        }
         let tunnel = entry.record.tunnel.as_ref().map(|t| self.tunnel_state(t));
         // Counted under the write lock, so a route read under the read lock sees the session
         // and the count that go together.
@@ -226,10 +234,34 @@ impl Registry {
                 {
                     entry.session = None;
                     self.report(devbox_id, generation, false);
+                    self.emit(Event::agent_disconnected(devbox_id));
                 }
             }
             // Deleted meanwhile: its presence goes too.
             None => self.report(devbox_id, generation, false),
+        }
+    }
+
+    /// Emits the registry's events to `events` from now on: `agent.connected` when a devbox
+    /// gets a session on this edge and `agent.disconnected` when it has none left (a takeover
+    /// is neither), and the `tunnel.*` changes made through this registry. Set once, before
+    /// agents attach; later calls change nothing.
+    pub fn set_events(&self, events: Events) {
+        if self.live.events.set(events).is_err() {
+            tracing::warn!("the registry's events were set twice; keeping the first");
+        }
+    }
+
+    /// The events this registry emits to (set by [`Registry::set_events`]; until then, ones
+    /// that go to their subscribers only).
+    pub fn events(&self) -> &Events {
+        self.live.events.get_or_init(Events::detached)
+    }
+
+    /// Emits `event` to the registry's events.
+    pub fn emit(&self, event: Event) {
+        if let Some(events) = self.live.events.get() {
+            events.emit(event);
         }
     }
 
