@@ -1,18 +1,21 @@
 //! The admin API's OpenAPI document (`edge/src/openapi.json`): valid OpenAPI 3.1 to a real
 //! validator (Python's openapi-spec-validator, from the test virtualenv), served by the edge as
 //! it is, and true of every call of the API: each answer below goes through
-//! `TestEdge::admin_with`, which checks it against the document (`burrow_tests::openapi`).
+//! `TestEdge::admin_with`, which checks it against the document (`burrow_tests::openapi`). And
+//! enough for a platform: a client generated from it (Python's openapi-python-client) drives the
+//! API.
 
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Stdio};
 
 use burrow_tests::services::http_service;
-use burrow_tests::{TestAgent, TestEdge, curl, openapi, request};
+use burrow_tests::{TestAgent, TestEdge, WAIT, curl, openapi, request};
 use serde_json::{Value, json};
 
-/// What to do when openapi-spec-validator is missing.
+/// What to do when openapi-spec-validator or openapi-python-client is missing.
 const INSTALL: &str = "run `bash tests/run --install-only`: it installs openapi-spec-validator \
-                       into the test virtualenv (BURROW_TEST_VENV, default \
-                       ~/.cache/burrow/test-venv)";
+                       and openapi-python-client into the test virtualenv (BURROW_TEST_VENV, \
+                       default ~/.cache/burrow/test-venv)";
 
 #[test]
 fn the_document_is_valid_openapi_3_1() {
@@ -252,4 +255,104 @@ async fn every_call_answers_as_the_document_says() {
     assert_eq!(status, 429, "{answer}");
     let (status, answer) = edge.admin_with("GET", "/v1/nowhere", None, None).await;
     assert_eq!(status, 429, "{answer}");
+}
+
+/// A platform's client, generated from the document with no hand-written line, registers a
+/// devbox, reads it back into typed models, rotates its tunnel token, disables its tunnel,
+/// deletes it and gets a typed 404: `tests/python/generated_client.py`, the README's example.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generated_client_drives_the_api() {
+    let venv = burrow_tests::devservers::venv();
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("openapi.json"), openapi::DOCUMENT).expect("write the document");
+
+    // The README's command, plus `--fail-on-warning`: a part of the document the generator
+    // cannot turn into code fails the test instead of going missing from the client. The
+    // virtualenv comes first on PATH for ruff, which formats the generated code.
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut paths = vec![venv.join("bin")];
+    paths.extend(std::env::split_paths(&path));
+    let mut generate = tokio::process::Command::new(venv.join("bin/openapi-python-client"));
+    generate
+        .args(["generate", "--path", "openapi.json", "--meta", "none"])
+        .args(["--output-path", "burrow_admin", "--fail-on-warning"])
+        .current_dir(dir.path())
+        .env(
+            "PATH",
+            std::env::join_paths(paths).expect("no `:` in the virtualenv's path"),
+        );
+    finish(generate, "openapi-python-client generate").await;
+
+    let edge = TestEdge::start().await;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/generated_client.py");
+    let mut drive = tokio::process::Command::new(venv.join("bin/python"));
+    drive
+        .arg(script)
+        .arg(format!("http://{}", edge.edge().admin_addr))
+        .arg("generated-box")
+        .env("BURROW_ADMIN_TOKEN", edge.edge().admin_token.expose())
+        .env("PYTHONPATH", dir.path());
+    let out = finish(drive, "generated_client.py").await;
+    let seen: Value = serde_json::from_slice(&out)
+        .unwrap_or_else(|e| panic!("generated_client.py printed no JSON ({e})"));
+
+    let create = &seen["create"];
+    assert_eq!(create["status"], 201, "{seen}");
+    assert_eq!(create["model"], "CreatedDevbox", "{seen}");
+    assert_eq!(create["tunnel_model"], "IssuedTunnel", "{seen}");
+    assert_eq!(create["id"], "generated-box", "{seen}");
+    assert_eq!(create["agent_token"], true, "{seen}");
+    assert_eq!(create["auth_token"], true, "{seen}");
+    assert_eq!(create["auth_mode"], "authenticated", "{seen}");
+    assert_eq!(create["wake_on_http"], true, "{seen}");
+
+    let get = &seen["get"];
+    assert_eq!(get["status"], 200, "{seen}");
+    assert_eq!(get["model"], "Devbox", "{seen}");
+    assert_eq!(get["tunnel_model"], "Tunnel", "{seen}");
+    assert_eq!(get["agent_model"], "AgentStatus", "{seen}");
+    assert_eq!(get["id"], "generated-box", "{seen}");
+    assert_eq!(
+        get["last_activity_ms"],
+        Value::Null,
+        "no traffic yet: {seen}"
+    );
+    assert_eq!(get["agent_connected"], false, "{seen}");
+    assert_eq!(get["auth_mode"], "authenticated", "{seen}");
+    assert_eq!(get["wake_on_http"], true, "{seen}");
+    assert_eq!(get["same_key"], true, "{seen}");
+
+    let rotate = &seen["rotate"];
+    assert_eq!(rotate["status"], 200, "{seen}");
+    assert_eq!(rotate["model"], "IssuedTunnel", "{seen}");
+    assert_eq!(rotate["new_token"], true, "{seen}");
+    assert_eq!(rotate["same_key"], true, "{seen}");
+
+    assert_eq!(seen["disable"]["status"], 204, "{seen}");
+    assert_eq!(seen["disable"]["tunnel"], Value::Null, "{seen}");
+    assert_eq!(seen["delete"]["status"], 204, "{seen}");
+    let gone = &seen["get_deleted"];
+    assert_eq!(gone["status"], 404, "{seen}");
+    assert_eq!(gone["model"], "Error", "{seen}");
+    assert!(
+        gone["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{seen}"
+    );
+
+    // The edge agrees: the devbox is gone.
+    let (status, answer) = edge.admin("GET", "/v1/devboxes/generated-box", None).await;
+    assert_eq!(status, 404, "{answer}");
+}
+
+/// Runs `cmd` from the test virtualenv to the end; panics unless it succeeds. Its stdout.
+async fn finish(mut cmd: tokio::process::Command, what: &str) -> Vec<u8> {
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
+    let out = tokio::time::timeout(WAIT * 3, cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {:?}", WAIT * 3))
+        .unwrap_or_else(|e| panic!("{what} cannot start ({e}): {INSTALL}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{what} failed:\n{stdout}\n{stderr}");
+    out.stdout
 }

@@ -109,7 +109,9 @@ pub async fn start(env: &Env, dir: &Path) -> Result<Running> {
     Ok(running)
 }
 
-/// `POST /v1/devboxes` with an open tunnel: (tunnel key, agent token).
+/// `POST /v1/devboxes` with an open tunnel: (tunnel key, agent token). `BENCH_HTTP_KEEP_ALIVE=0`
+/// registers it with `http_keep_alive: false` (traffic not recorded as the devbox's activity),
+/// to measure what recording it costs; unset, the tunnel has the edge's default (on).
 pub async fn register(state: &Path, admin: u16) -> Result<(String, String)> {
     let token_file = state.join("admin.token");
     let token = std::fs::read_to_string(&token_file)
@@ -121,7 +123,10 @@ pub async fn register(state: &Path, admin: u16) -> Result<(String, String)> {
         ),
         ("content-type".to_owned(), "application/json".to_owned()),
     ];
-    let body = br#"{"tunnel": {"auth_mode": "open"}}"#.to_vec();
+    let body = match std::env::var("BENCH_HTTP_KEEP_ALIVE").as_deref() {
+        Ok("0") => br#"{"tunnel": {"auth_mode": "open", "http_keep_alive": false}}"#.to_vec(),
+        _ => br#"{"tunnel": {"auth_mode": "open"}}"#.to_vec(),
+    };
     let reply = burrow_tests::request(
         ([127, 0, 0, 1], admin).into(),
         "POST",
