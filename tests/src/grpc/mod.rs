@@ -468,7 +468,7 @@ pub fn serve(listener: TcpListener) -> EchoServer {
     let service = EchoService::default();
     let observed = service.observed.clone();
     let task = tokio::spawn(async move {
-        let incoming = TcpIncoming::from(listener);
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let served = Server::builder()
             .serve_with_incoming(service, incoming)
             .await;

@@ -6,7 +6,8 @@
 //!
 //! It prints a Markdown table per scenario on stdout (progress on stderr), and writes
 //! `RESULTS/latest.json` (every sample, the medians, the machine and versions) and
-//! `RESULTS/latency.svg`.
+//! `RESULTS/latency.svg`. Subcommands: `bench cluster` (the cluster's forwarding hop, a fleet of
+//! agents, failover) and `bench grpc` (gRPC through burrow, nginx and directly).
 //!
 //! # Layout
 //!
@@ -19,6 +20,8 @@
 //! - `scenarios`: one scenario against one system, as named metrics.
 //! - `driver`: rounds, rotation, fresh systems per run.
 //! - `results`, `report`, `chart`: JSON, Markdown, SVG.
+//! - `cluster`, `fleet`, `failover`: `bench cluster`.
+//! - `grpc`: `bench grpc`.
 
 mod burrow;
 mod chart;
@@ -26,6 +29,7 @@ mod cluster;
 mod driver;
 mod failover;
 mod fleet;
+mod grpc;
 mod load;
 mod origin;
 mod peers;
@@ -99,6 +103,26 @@ enum Cmd {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// Run the gRPC echo service (`bench grpc` starts it itself)
+    #[command(hide = true)]
+    GrpcEcho {
+        /// Address to listen on
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// gRPC through burrow, through nginx (`grpc_pass`) and directly: unary calls a second and
+    /// their latency, streaming MB/s each way; writes RESULTS/grpc.json
+    Grpc {
+        /// One round, shorter runs, 256 MiB streams
+        #[arg(long)]
+        quick: bool,
+        /// Rounds (default 3, quick: 1)
+        #[arg(long, value_name = "N")]
+        rounds: Option<usize>,
+        /// Where grpc.json goes
+        #[arg(long, value_name = "DIR", default_value = "bench/results")]
+        results: PathBuf,
+    },
     /// The cluster's forwarding hop: two edges on a throwaway PostgreSQL, the same requests
     /// through the edge that holds the agent and through the other
     Cluster {
@@ -135,11 +159,16 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Cmd::Origin { listen }) = cli.command {
-        return match origin::run(listen) {
+    let service = match cli.command {
+        Some(Cmd::Origin { listen }) => Some(("origin", origin::run(listen))),
+        Some(Cmd::GrpcEcho { listen }) => Some(("grpc-echo", grpc::echo_main(listen))),
+        _ => None,
+    };
+    if let Some((name, result)) = service {
+        return match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("bench origin: {e:#}");
+                eprintln!("bench {name}: {e:#}");
                 ExitCode::FAILURE
             }
         };
@@ -187,6 +216,14 @@ fn main() -> ExitCode {
                         .any(|p| p == "failover")
                         .then_some(failover_devboxes.max(1));
                     cluster_bench(cli.bin_dir.clone(), hop, fleet, failover).await
+                }
+                Some(Cmd::Grpc {
+                    quick,
+                    rounds,
+                    ref results,
+                }) => {
+                    let shape = grpc::Shape::new(quick, rounds);
+                    grpc::run(cli.bin_dir.clone(), shape, results).await
                 }
                 _ => bench(cli).await,
             }
@@ -398,19 +435,6 @@ fn choose_scenarios(cli: &Cli) -> Result<Vec<Scenario>> {
 
 /// The machine, the versions, the command.
 fn meta(plan: &Plan, env: &Env, tools: &Tools, elapsed: Duration) -> serde_json::Value {
-    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
-    let cpuinfo = read("/proc/cpuinfo");
-    let cpu = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
-        .unwrap_or_default();
-    let mem_kib: u64 = read("/proc/meminfo")
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
-    let cores = std::thread::available_parallelism().map_or(0, usize::from);
     let mut versions: Vec<(String, String)> = tools.versions();
     versions.extend(env.versions());
     if let Ok(o) = std::process::Command::new(env.bin_dir.join("burrow-edge"))
@@ -428,14 +452,32 @@ fn meta(plan: &Plan, env: &Env, tools: &Tools, elapsed: Duration) -> serde_json:
         "date": utc_now(),
         "mode": plan.mode,
         "command": std::env::args().collect::<Vec<_>>().join(" "),
-        "machine": {
-            "cores": cores,
-            "memory_gib": (mem_kib as f64 / 1024.0 / 1024.0).round(),
-            "cpu": cpu,
-            "kernel": read("/proc/sys/kernel/osrelease").trim(),
-        },
+        "machine": machine(),
         "versions": versions,
         "elapsed_s": elapsed.as_secs_f64().round(),
+    })
+}
+
+/// This machine: cores, memory, CPU model, kernel.
+fn machine() -> serde_json::Value {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_default();
+    let mem_kib: u64 = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    json!({
+        "cores": cores,
+        "memory_gib": (mem_kib as f64 / 1024.0 / 1024.0).round(),
+        "cpu": cpu,
+        "kernel": read("/proc/sys/kernel/osrelease").trim(),
     })
 }
 

@@ -65,86 +65,14 @@ const fn split(head: &'static str, metric: &'static str, s: &'static str, c: &'s
 
 /// The table's title and columns.
 fn spec(table: &str, plan: &Plan) -> (String, Vec<Col>) {
-    let generator = |tool: &str| {
-        if plan.in_process {
-            "in-process generator".to_owned()
-        } else {
-            tool.to_owned()
-        }
-    };
-    let cpu_1k = split(
-        "CPU ms / 1k req (public + devbox)",
-        "cpu_ms_per_1k",
-        "server_cpu_ms_per_1k",
-        "client_cpu_ms_per_1k",
-    );
     match table {
-        "bulk" => (
-            format!(
-                "1. Bulk: {} MiB over one connection, {} round(s)",
-                plan.bulk_bytes >> 20,
-                plan.rounds
-            ),
-            vec![
-                col("download MB/s", "down_mbps", Fmt::Int, Vs::Ratio),
-                col("upload MB/s", "up_mbps", Fmt::Int, Vs::Ratio),
-                split(
-                    "CPU-s / GiB down (public + devbox)",
-                    "down_cpu_s_per_gib",
-                    "down_server_cpu_s_per_gib",
-                    "down_client_cpu_s_per_gib",
-                ),
-                split(
-                    "CPU-s / GiB up (public + devbox)",
-                    "up_cpu_s_per_gib",
-                    "up_server_cpu_s_per_gib",
-                    "up_client_cpu_s_per_gib",
-                ),
-            ],
-        ),
-        "rps" | "h2" | "churn" => {
-            let title = match table {
-                "rps" => format!(
-                    "2. Requests per second: {}, {} keep-alive connections, {} s, small response, {} round(s)",
-                    generator("wrk"),
-                    plan.rps_conns,
-                    plan.rps_time.as_secs(),
-                    plan.rounds
-                ),
-                "h2" => format!(
-                    "2b. HTTP/2 (h2c, prior knowledge): h2load, 8 connections x 8 streams, {} s, {} round(s)",
-                    plan.rps_time.as_secs(),
-                    plan.rounds
-                ),
-                _ => format!(
-                    "4. Connection churn: a new connection per request ({}, `Connection: close`), {} connections, {} s, {} round(s)",
-                    generator("wrk"),
-                    plan.rps_conns,
-                    plan.rps_time.as_secs(),
-                    plan.rounds
-                ),
-            };
-            let rate = if table == "churn" {
-                "new connections/s"
-            } else {
-                "req/s"
-            };
-            (
-                title,
-                vec![
-                    col(rate, "rps", Fmt::Int, Vs::Ratio),
-                    col("p50", "p50_us", Fmt::Us, Vs::No),
-                    col("p99", "p99_us", Fmt::Us, Vs::No),
-                    cpu_1k,
-                    col("errors", "errors", Fmt::Int, Vs::No),
-                ],
-            )
-        }
+        "bulk" => bulk_spec(plan),
+        "rps" | "h2" | "churn" => rate_spec(table, plan),
         "latency" => (
             format!(
                 "3. Added latency at a fixed {} req/s: {}, 32 connections, {} s, latency-corrected",
                 thousands(i64::from(plan.rate)),
-                generator("oha"),
+                generator(plan, "oha"),
                 plan.rate_time.as_secs()
             ),
             vec![
@@ -176,7 +104,97 @@ fn spec(table: &str, plan: &Plan) -> (String, Vec<Col>) {
                 col("download MB/s meanwhile", "bulk_mbps", Fmt::Int, Vs::No),
             ],
         ),
-        "idle" => (
+        "idle" | "cold" => process_spec(table, plan),
+        ws => ws_spec(ws, plan),
+    }
+}
+
+/// The load generator a table names: the tool, or the in-process one (`--smoke`).
+fn generator(plan: &Plan, tool: &str) -> String {
+    if plan.in_process {
+        "in-process generator".to_owned()
+    } else {
+        tool.to_owned()
+    }
+}
+
+/// Table 1, bulk transfers.
+fn bulk_spec(plan: &Plan) -> (String, Vec<Col>) {
+    (
+        format!(
+            "1. Bulk: {} MiB over one connection, {} round(s)",
+            plan.bulk_bytes >> 20,
+            plan.rounds
+        ),
+        vec![
+            col("download MB/s", "down_mbps", Fmt::Int, Vs::Ratio),
+            col("upload MB/s", "up_mbps", Fmt::Int, Vs::Ratio),
+            split(
+                "CPU-s / GiB down (public + devbox)",
+                "down_cpu_s_per_gib",
+                "down_server_cpu_s_per_gib",
+                "down_client_cpu_s_per_gib",
+            ),
+            split(
+                "CPU-s / GiB up (public + devbox)",
+                "up_cpu_s_per_gib",
+                "up_server_cpu_s_per_gib",
+                "up_client_cpu_s_per_gib",
+            ),
+        ],
+    )
+}
+
+/// Tables 2, 2b and 4: requests (or new connections) a second.
+fn rate_spec(table: &str, plan: &Plan) -> (String, Vec<Col>) {
+    let title = match table {
+        "rps" => format!(
+            "2. Requests per second: {}, {} keep-alive connections, {} s, small response, {} round(s)",
+            generator(plan, "wrk"),
+            plan.rps_conns,
+            plan.rps_time.as_secs(),
+            plan.rounds
+        ),
+        "h2" => format!(
+            "2b. HTTP/2 (h2c, prior knowledge): h2load, 8 connections x 8 streams, {} s, {} round(s)",
+            plan.rps_time.as_secs(),
+            plan.rounds
+        ),
+        _ => format!(
+            "4. Connection churn: a new connection per request ({}, `Connection: close`), {} connections, {} s, {} round(s)",
+            generator(plan, "wrk"),
+            plan.rps_conns,
+            plan.rps_time.as_secs(),
+            plan.rounds
+        ),
+    };
+    let rate = if table == "churn" {
+        "new connections/s"
+    } else {
+        "req/s"
+    };
+    let cpu_1k = split(
+        "CPU ms / 1k req (public + devbox)",
+        "cpu_ms_per_1k",
+        "server_cpu_ms_per_1k",
+        "client_cpu_ms_per_1k",
+    );
+    (
+        title,
+        vec![
+            col(rate, "rps", Fmt::Int, Vs::Ratio),
+            col("p50", "p50_us", Fmt::Us, Vs::No),
+            col("p99", "p99_us", Fmt::Us, Vs::No),
+            cpu_1k,
+            col("errors", "errors", Fmt::Int, Vs::No),
+        ],
+    )
+}
+
+/// Tables 7a and 7b: an idle tunnel, and a cold start.
+fn process_spec(table: &str, plan: &Plan) -> (String, Vec<Col>) {
+    if table == "idle" {
+        return (
             format!(
                 "7a. Idle, connected tunnel over {} s",
                 plan.idle_time.as_secs()
@@ -187,42 +205,44 @@ fn spec(table: &str, plan: &Plan) -> (String, Vec<Col>) {
                 col("public side RSS MiB", "server_rss_kib", Fmt::Mib, Vs::No),
                 col("public side CPU-s", "server_cpu_s", Fmt::Dec, Vs::No),
             ],
-        ),
-        "cold" => (
-            format!(
-                "7b. Cold start: spawn to accepting (public side), spawn to the first proxied 200 (devbox side), {} round(s)",
-                plan.cold_rounds
-            ),
-            vec![
-                col("public side up, ms", "server_ms", Fmt::Ms, Vs::No),
-                col("devbox side to first 200, ms", "client_ms", Fmt::Ms, Vs::No),
-                col("total, ms", "total_ms", Fmt::Ms, Vs::No),
-            ],
-        ),
-        ws => {
-            let n = ws.trim_start_matches("ws-");
-            (
-                format!(
-                    "5. {n} concurrent WebSockets through one tunnel: memory and echo latency (each socket echoes once, paced over {} s)",
-                    plan.ws_window.as_secs_f64()
-                ),
-                vec![
-                    col("opened", "opened", Fmt::Int, Vs::No),
-                    col("public RSS MiB", "server_rss_kib", Fmt::Mib, Vs::No),
-                    col("devbox RSS MiB", "client_rss_kib", Fmt::Mib, Vs::No),
-                    split(
-                        "KiB / connection (public + devbox)",
-                        "kib_per_conn",
-                        "server_kib_per_conn",
-                        "client_kib_per_conn",
-                    ),
-                    col("echo p50", "echo_p50_us", Fmt::Us, Vs::No),
-                    col("echo p99", "echo_p99_us", Fmt::Us, Vs::No),
-                    col("failed to open", "open_failed", Fmt::Int, Vs::No),
-                ],
-            )
-        }
+        );
     }
+    (
+        format!(
+            "7b. Cold start: spawn to accepting (public side), spawn to the first proxied 200 (devbox side), {} round(s)",
+            plan.cold_rounds
+        ),
+        vec![
+            col("public side up, ms", "server_ms", Fmt::Ms, Vs::No),
+            col("devbox side to first 200, ms", "client_ms", Fmt::Ms, Vs::No),
+            col("total, ms", "total_ms", Fmt::Ms, Vs::No),
+        ],
+    )
+}
+
+/// Table 5: `ws` (`ws-{n}`) concurrent WebSockets.
+fn ws_spec(ws: &str, plan: &Plan) -> (String, Vec<Col>) {
+    let n = ws.trim_start_matches("ws-");
+    (
+        format!(
+            "5. {n} concurrent WebSockets through one tunnel: memory and echo latency (each socket echoes once, paced over {} s)",
+            plan.ws_window.as_secs_f64()
+        ),
+        vec![
+            col("opened", "opened", Fmt::Int, Vs::No),
+            col("public RSS MiB", "server_rss_kib", Fmt::Mib, Vs::No),
+            col("devbox RSS MiB", "client_rss_kib", Fmt::Mib, Vs::No),
+            split(
+                "KiB / connection (public + devbox)",
+                "kib_per_conn",
+                "server_kib_per_conn",
+                "client_kib_per_conn",
+            ),
+            col("echo p50", "echo_p50_us", Fmt::Us, Vs::No),
+            col("echo p99", "echo_p99_us", Fmt::Us, Vs::No),
+            col("failed to open", "open_failed", Fmt::Int, Vs::No),
+        ],
+    )
 }
 
 /// The whole Markdown report.
@@ -311,7 +331,13 @@ fn fmt(v: f64, f: Fmt) -> String {
     }
 }
 
-fn thousands(n: i64) -> String {
+/// Microseconds as the tables show them: µs, or ms from 1,000.
+pub fn micros(v: f64) -> String {
+    fmt(v, Fmt::Us)
+}
+
+/// An integer with thousands separated by commas.
+pub fn thousands(n: i64) -> String {
     let digits = n.unsigned_abs().to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
