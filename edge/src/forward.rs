@@ -7,11 +7,10 @@
 //! The WebSocket step ([`upgrade`](crate::upgrade)) sends its handshake the same way, with
 //! [`Forward::send`], and hands an answer other than 101 back with [`Forward::deliver`].
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use burrow_protocol::{Port, RefuseReason, StreamKind};
-use http::header::{self, HeaderName, HeaderValue};
+use http::header;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Empty};
 use hyper::body::Incoming;
@@ -21,12 +20,17 @@ use tracing::{debug, warn};
 use crate::body::{Body, ToService};
 use crate::dial::{Dialer, Opened, Refusal};
 use crate::headers;
-use crate::http2::{self, Http2Conns};
+use crate::http2::{self, Claim, Connecting, Http2Conns};
 use crate::metrics::{CountedBody, GaugeGuard, Metrics};
+use crate::outbound::{for_http2, outbound_request};
 use crate::pages::{self, Answer, Form};
 use crate::pool::{Back, Pool, Returning, Sender};
-use crate::route::{Routed, Scheme};
+use crate::route::Routed;
 use crate::throttle::InFlight;
+
+/// How long a gRPC call waits for another call that is opening its port's HTTP/2 connection
+/// (that call's own stream open and the agent's answer are bounded by less).
+const CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// The request as it goes to the service, its body counted.
 type Outbound = Request<CountedBody<ToService>>;
@@ -140,7 +144,7 @@ impl Forward {
         });
         let grpc = routed.form == Form::Grpc { web: false };
         if upgrade {
-            return self.send_fresh(outbound, routed, Want::Upgrade).await;
+            return self.send_fresh(outbound, routed, Want::Upgrade, None).await;
         }
         // A request HTTP does not let the edge send again (a POST, a body) goes on a fresh
         // HTTP/1.1 stream, whose body waits for the agent's accept: on a kept-alive stream of
@@ -148,12 +152,29 @@ impl Forward {
         // tell whether the service saw it (the soak met this: a POST sent right after
         // `kill -9`, answered 502 once the restarted agent took over). HTTP/2 is shared by
         // design, and its requests go on the open connection.
+        let mut claim = None;
         if let Some(via) = self.via(routed).await {
             let key = (via.conn_id, port.get());
-            let kept = match self.http2.get(key, grpc) {
-                Some(sender) => Some(Kept::Http2(sender)),
-                None if grpc || !Replay::allowed(&outbound) => None,
-                None => self.pool.checkout(key).map(Kept::Http1),
+            let kept = if grpc {
+                match self.http2.claim(key) {
+                    Claim::Open(sender) => Some(Kept::Http2(sender)),
+                    Claim::Busy(mut opening) => {
+                        // Another call is opening the port's connection: wait for it, then
+                        // take it (or, if it failed, open one of this call's own).
+                        let _ = tokio::time::timeout(CONNECT_WAIT, opening.changed()).await;
+                        self.http2.get(key, true).map(Kept::Http2)
+                    }
+                    Claim::Mine(connecting) => {
+                        claim = Some(connecting);
+                        None
+                    }
+                }
+            } else {
+                match self.http2.get(key, false) {
+                    Some(sender) => Some(Kept::Http2(sender)),
+                    None if !Replay::allowed(&outbound) => None,
+                    None => self.pool.checkout(key).map(Kept::Http1),
+                }
             };
             if let Some(kept) = kept {
                 match self.send_kept(kept, outbound, routed, &via).await? {
@@ -163,7 +184,7 @@ impl Forward {
             }
         }
         let want = if grpc { Want::Http2 } else { Want::Http1 };
-        self.send_fresh(outbound, routed, want).await
+        self.send_fresh(outbound, routed, want, claim).await
     }
 
     /// The service's response as the client gets it: hop-by-hop headers gone, the body counted
@@ -313,22 +334,24 @@ impl Forward {
     /// up), a bodiless idempotent request goes once more, on a fresh stream of the newest
     /// connection; any other request is answered 502, as it may have reached the service. A
     /// service that closes without answering on a live connection gets no second try.
+    /// `claim`: this request opens its port's HTTP/2 connection for the others waiting.
     async fn send_fresh(
         &self,
         outbound: Outbound,
         routed: &Routed,
         want: Want,
+        claim: Option<Connecting>,
     ) -> Result<Answered, Answer> {
         let port = routed.target.port;
         let replay = Replay::of(&outbound);
-        let lost = match self.send_fresh_once(outbound, routed, want).await? {
+        let lost = match self.send_fresh_once(outbound, routed, want, claim).await? {
             Ok(answered) => return Ok(answered),
             Err(lost) => lost,
         };
         match replay {
             Some(replay) if lost => {
                 debug!(%port, "agent connection closed under a request on a fresh stream; sending it again");
-                let again = self.send_fresh_once(replay.request(&self.metrics), routed, want);
+                let again = self.send_fresh_once(replay.request(&self.metrics), routed, want, None);
                 again.await?.map_err(|_| no_answer(port, routed.form))
             }
             _ if lost => Err(not_sent_again(routed.form)),
@@ -351,6 +374,7 @@ impl Forward {
         outbound: Outbound,
         routed: &Routed,
         want: Want,
+        claim: Option<Connecting>,
     ) -> Result<Result<Answered, bool>, Answer> {
         let port = routed.target.port;
         let kind = match want {
@@ -383,6 +407,8 @@ impl Forward {
             }
             let mut sender = http2::handshake(opened).await.map_err(stream_failed)?;
             self.http2.put((conn_id, port.get()), &sender, http2_only);
+            // The calls waiting for this connection may go on it now.
+            drop(claim);
             let sent = sender.send_request(for_http2(outbound)).await;
             sent.map(|response| (response, None))
         } else {
@@ -505,86 +531,4 @@ fn not_sent_again(form: Form) -> Answer {
          was not sent again, as it may have reached the service",
         form,
     )
-}
-
-/// The request as the service gets it: HTTP/1.1, origin-form, hop-by-hop headers gone, `Host`
-/// the public host (or `service_host`, for a tunnel that rewrites it), `X-Forwarded-*` set by
-/// the edge (client-sent values are replaced).
-/// With `service_host`, an `Origin` naming the public host names `service_host` too, so a
-/// dev server that checks Origin against Host (Jupyter, Vite's WebSocket) still agrees.
-fn outbound_request(
-    req: Request<Incoming>,
-    host: &str,
-    service_host: Option<&str>,
-    client: SocketAddr,
-    scheme: Scheme,
-    upgrade: bool,
-) -> Request<Incoming> {
-    let (mut parts, body) = req.into_parts();
-    let upgrade_to = parts.headers.get(header::UPGRADE).cloned();
-    let trailers = headers::list_has(&parts.headers, &header::TE, |e| {
-        e.eq_ignore_ascii_case("trailers")
-    });
-    headers::filter_headers(&mut parts.headers);
-    let headers = &mut parts.headers;
-    if let Ok(public) = HeaderValue::from_str(host) {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), public.clone());
-        headers.insert(header::HOST, public);
-    }
-    if let Some(service_host) = service_host {
-        if let Ok(value) = HeaderValue::from_str(service_host) {
-            headers.insert(header::HOST, value);
-        }
-        let public_origin = format!("{}://{host}", scheme.as_str());
-        let names_public = headers
-            .get(header::ORIGIN)
-            .and_then(|o| o.to_str().ok())
-            .is_some_and(|o| o.eq_ignore_ascii_case(&public_origin));
-        if names_public {
-            if let Ok(origin) = HeaderValue::from_str(&format!("http://{service_host}")) {
-                headers.insert(header::ORIGIN, origin);
-            }
-        }
-    }
-    if let Ok(ip) = HeaderValue::from_str(&client.ip().to_string()) {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), ip);
-    }
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static(scheme.as_str()),
-    );
-    if trailers {
-        // The client reads trailers (gRPC's status comes in them); the service may send them.
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-    if upgrade {
-        if let Some(protocol) = upgrade_to {
-            headers.insert(header::UPGRADE, protocol);
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        }
-    }
-    parts.version = Version::HTTP_11;
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    parts.uri = path.parse().unwrap_or_default();
-    Request::from_parts(parts, body)
-}
-
-/// The request as HTTP/2 sends it: the host in the target (`:authority`), not in a `Host`
-/// header, and `:scheme` http (the loopback leg is h2c).
-fn for_http2(req: Outbound) -> Outbound {
-    let (mut parts, body) = req.into_parts();
-    let authority = parts
-        .headers
-        .remove(header::HOST)
-        .and_then(|h| h.to_str().ok().map(str::to_owned));
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    if let Some(uri) = authority.and_then(|a| format!("http://{a}{path}").parse().ok()) {
-        parts.uri = uri;
-    }
-    parts.version = Version::HTTP_2;
-    Request::from_parts(parts, body)
 }

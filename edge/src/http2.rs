@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -33,6 +34,38 @@ pub type Sender = SendRequest<CountedBody<ToService>>;
 #[derive(Debug)]
 pub struct Http2Conns {
     conns: Mutex<HashMap<Key, Conn>>,
+    /// Keys a request is opening a connection for; the others wait for it rather than open
+    /// one each (a client starting with many calls at once). The sender goes when it is done.
+    connecting: Mutex<HashMap<Key, watch::Sender<()>>>,
+}
+
+/// What a gRPC request finds for its key.
+#[derive(Debug)]
+pub enum Claim {
+    /// An open connection.
+    Open(Sender),
+    /// Another request is opening one: wait for it (`changed` resolves when it is done).
+    Busy(watch::Receiver<()>),
+    /// None: this request opens it, and holds the key until it did (or gave up).
+    Mine(Connecting),
+}
+
+/// A request opening the connection for a key; the requests waiting for it go on when this
+/// drops (after [`Http2Conns::put`], or on a failure).
+#[derive(Debug)]
+pub struct Connecting {
+    conns: Weak<Http2Conns>,
+    key: Key,
+}
+
+impl Drop for Connecting {
+    fn drop(&mut self) {
+        if let Some(conns) = self.conns.upgrade() {
+            // Dropping the sender wakes every waiter.
+            let done = conns.connecting_lock().remove(&self.key);
+            drop(done);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -50,6 +83,7 @@ impl Http2Conns {
     pub fn new(idle_timeout: Duration) -> Arc<Http2Conns> {
         let conns = Arc::new(Http2Conns {
             conns: Mutex::default(),
+            connecting: Mutex::default(),
         });
         tokio::spawn(sweep(Arc::downgrade(&conns), idle_timeout));
         conns
@@ -69,6 +103,23 @@ impl Http2Conns {
         }
         conn.last_used = Instant::now();
         Some(conn.sender.clone())
+    }
+
+    /// For a gRPC request: the open connection for `key`, or the one another request is
+    /// opening, or the right to open it.
+    pub fn claim(self: &Arc<Self>, key: Key) -> Claim {
+        if let Some(sender) = self.get(key, true) {
+            return Claim::Open(sender);
+        }
+        let mut connecting = self.connecting_lock();
+        if let Some(opening) = connecting.get(&key) {
+            return Claim::Busy(opening.subscribe());
+        }
+        connecting.insert(key, watch::Sender::new(()));
+        Claim::Mine(Connecting {
+            conns: Arc::downgrade(self),
+            key,
+        })
     }
 
     /// Keeps `sender` for the next requests to `key`, unless another request opened one
@@ -100,6 +151,12 @@ impl Http2Conns {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Conn>> {
         self.conns.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn connecting_lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, watch::Sender<()>>> {
+        self.connecting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 

@@ -22,6 +22,7 @@
 //! - [`forward`]: step 4, one of three: an HTTP exchange with the service,
 //! - [`upgrade`]: or a WebSocket passed through to the service,
 //! - [`raw`]: or raw TCP for `burrow connect`.
+//! - [`outbound`]: the request as the service gets it (headers, target, HTTP version).
 //! - [`pool`]: kept-alive HTTP/1.1 connections to services, for the next request.
 //! - [`http2`]: shared HTTP/2 connections to services (gRPC, HTTP/2-only ports).
 //! - [`idle`]: copying an upgraded connection both ways, closed when nothing moves.
@@ -61,6 +62,7 @@ pub mod listener;
 pub mod mesh;
 pub mod metrics;
 pub mod openapi;
+pub mod outbound;
 pub mod pages;
 pub mod platform;
 pub mod pool;

@@ -474,3 +474,37 @@ async fn grpcio_client_and_server_through_the_tunnel() {
     })
     .await;
 }
+
+/// The value of a series in the edge's metrics.
+fn metric(edge: &TestEdge, series: &str) -> u64 {
+    let e = edge.edge();
+    let text = e.metrics.render(&e.registry);
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in the metrics:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_first_calls_shares_one_connection_to_the_service() {
+    let world = World::start(TestEdge::builder(), "open", &[]).await;
+    let client = world.client().await;
+    let calls: Vec<_> = (0..20)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let message = Bytes::from(format!("call {i}"));
+                client.unary(message, &[], None).await
+            })
+        })
+        .collect();
+    for (i, call) in calls.into_iter().enumerate() {
+        let answer = call.await.expect("task").expect("answered");
+        assert_eq!(answer.into_inner(), Bytes::from(format!("call {i}")));
+    }
+    let series = "burrow_edge_service_connections_total{connection=\"opened\"}";
+    assert_eq!(
+        metric(&world.edge, series),
+        1,
+        "20 calls at once on a port without a connection open one stream to the agent"
+    );
+}
