@@ -280,6 +280,12 @@ async fn admit(
     // edge of the cluster: its change arrives within a second, so wait for it before refusing.
     let catch_up = tokio::time::Instant::now() + TOKEN_CATCH_UP;
     let attached = loop {
+        // Registered before the attach: a change applied between a miss and the wait below
+        // still wakes it (the CI met that race: refused after the whole wait).
+        let mut applied = registry.next_applied().map(Box::pin);
+        if let Some(applied) = applied.as_mut() {
+            applied.as_mut().enable();
+        }
         let attached = registry.attach(hello.token.expose(), hello.takeover, |generation| {
             AgentSession {
                 conn: conn.clone(),
@@ -291,11 +297,10 @@ async fn admit(
             }
         });
         let left = catch_up.saturating_duration_since(tokio::time::Instant::now());
-        if matches!(attached, Err(AttachError::BadToken))
-            && !left.is_zero()
-            && registry.catch_up(left).await
-        {
-            continue;
+        if let (Err(AttachError::BadToken), Some(applied)) = (&attached, applied) {
+            if !left.is_zero() && tokio::time::timeout(left, applied).await.is_ok() {
+                continue;
+            }
         }
         break attached;
     };

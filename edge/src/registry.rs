@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use burrow_protocol::{AuthMode, ControlMsg, TunnelState};
 
@@ -442,15 +442,14 @@ impl Registry {
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Waits up to `within` for the next changes of other edges to be applied; `false` at once
-    /// on an edge that follows no shared store (nothing will come).
-    pub async fn catch_up(&self, within: Duration) -> bool {
-        if !self.followed.load(std::sync::atomic::Ordering::Relaxed) {
-            return false;
-        }
-        tokio::time::timeout(within, self.applied.notified())
-            .await
-            .is_ok()
+    /// A future that completes when the next changes of other edges have been applied;
+    /// `None` on an edge that follows no shared store (nothing will come). Create it (and
+    /// `enable` it) before looking for what the changes may bring, so changes applied in
+    /// between are not missed.
+    pub fn next_applied(&self) -> Option<tokio::sync::futures::Notified<'_>> {
+        self.followed
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .then(|| self.applied.notified())
     }
 
     /// [`Registry::apply`] for one devbox (the caller holds the writer lock).
