@@ -379,9 +379,6 @@ fn open_store(config: &Config) -> Result<Db, StartError> {
     Ok(Db::Postgres(pg, mesh_key))
 }
 
-/// The devboxes from the store. An edge of a cluster also joins it: it follows the other
-/// edges' changes, writes its own agents' presence and relays the requests other edges forward
-/// to it (in `tasks`) until `shutdown`.
 /// [`load_registry`], with the platform's events set up on it: webhooks, the events stream,
 /// and the activity reports.
 fn platform_registry(
@@ -399,6 +396,9 @@ fn platform_registry(
     Ok((registry, cluster))
 }
 
+/// The devboxes from the store. An edge of a cluster also joins it: it follows the other
+/// edges' changes, writes its own agents' presence and relays the requests other edges forward
+/// to it (in `tasks`) until `shutdown`.
 fn load_registry(
     config: &Config,
     db: Db,

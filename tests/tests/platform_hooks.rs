@@ -97,6 +97,37 @@ impl Receiver {
         all
     }
 
+    /// An edge from `builder` whose webhooks come here, with `lines` more of its `[platform]`
+    /// table, and the secret it generated (`state_dir/webhook.secret`) taken to check them.
+    async fn edge(&self, builder: burrow_tests::EdgeBuilder, lines: &str) -> TestEdge {
+        let platform = format!("[platform]\nwebhook_url = \"{}\"\n{lines}", self.url());
+        let edge = builder.toml(&platform).start().await;
+        let file = edge.state_dir.join("webhook.secret");
+        let secret =
+            std::fs::read_to_string(&file).expect("the edge wrote state_dir/webhook.secret");
+        self.set_secret(secret.trim());
+        edge
+    }
+
+    /// An edge whose webhooks come here, signed with `secret`, which the test writes to a
+    /// file of `dir` for `platform.webhook_secret_file` (with `written` after it).
+    async fn edge_with_secret(
+        &self,
+        dir: &std::path::Path,
+        secret: &str,
+        written: &str,
+    ) -> TestEdge {
+        let secret_file = dir.join("webhook.secret");
+        std::fs::write(&secret_file, format!("{secret}{written}")).expect("write");
+        self.set_secret(secret);
+        let platform = format!(
+            "[platform]\nwebhook_url = \"{}\"\nwebhook_secret_file = \"{}\"",
+            self.url(),
+            secret_file.display()
+        );
+        TestEdge::builder().toml(&platform).start().await
+    }
+
     fn bad(&self) -> Vec<String> {
         self.shared.bad.lock().expect("lock").clone()
     }
@@ -207,17 +238,14 @@ fn pairs(id: &str, kinds: &[&str]) -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_announce_agents_and_tunnels_signed_with_the_generated_secret() {
     let receiver = Receiver::start(0).await;
-    let platform = format!("[platform]\nwebhook_url = \"{}\"", receiver.url());
-    let edge = TestEdge::builder().toml(&platform).start().await;
+    let edge = receiver.edge(TestEdge::builder(), "").await;
     let file = edge.state_dir.join("webhook.secret");
-    let secret = std::fs::read_to_string(&file).expect("the edge wrote state_dir/webhook.secret");
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&file).expect("meta").permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "the secret is the owner's only");
     }
-    receiver.set_secret(secret.trim());
 
     // Registering a devbox without a tunnel is not an event; its agent connecting is.
     let devbox = edge.devbox(None).await;
@@ -287,15 +315,9 @@ async fn webhooks_announce_agents_and_tunnels_signed_with_the_generated_secret()
 async fn a_receiver_that_fails_three_times_gets_the_event_on_the_fourth_try() {
     let receiver = Receiver::start(3).await;
     let dir = tempfile::tempdir().expect("dir");
-    let secret_file = dir.path().join("webhook.secret");
-    std::fs::write(&secret_file, "whsec-from-the-platform\n").expect("write");
-    receiver.set_secret("whsec-from-the-platform");
-    let platform = format!(
-        "[platform]\nwebhook_url = \"{}\"\nwebhook_secret_file = \"{}\"",
-        receiver.url(),
-        secret_file.display()
-    );
-    let edge = TestEdge::builder().toml(&platform).start().await;
+    let edge = receiver
+        .edge_with_secret(dir.path(), "whsec-from-the-platform", "\n")
+        .await;
     assert!(
         !edge.state_dir.join("webhook.secret").exists(),
         "no secret generated when the platform gave one"
@@ -530,15 +552,9 @@ async fn a_subscriber_that_stops_reading_is_disconnected_and_nothing_piles_up() 
 async fn an_agent_that_takes_over_its_own_session_is_not_announced_again() {
     let receiver = Receiver::start(0).await;
     let dir = tempfile::tempdir().expect("dir");
-    let secret_file = dir.path().join("webhook.secret");
-    std::fs::write(&secret_file, "whsec-takeover").expect("write");
-    receiver.set_secret("whsec-takeover");
-    let platform = format!(
-        "[platform]\nwebhook_url = \"{}\"\nwebhook_secret_file = \"{}\"",
-        receiver.url(),
-        secret_file.display()
-    );
-    let edge = TestEdge::builder().toml(&platform).start().await;
+    let edge = receiver
+        .edge_with_secret(dir.path(), "whsec-takeover", "")
+        .await;
     let devbox = edge.devbox(Some("open")).await;
     let relay = Relay::start(edge.agents_addr()).await;
     let via = relay.addr().to_string();
@@ -582,16 +598,10 @@ async fn waking_edge(
     receiver: &Receiver,
     wake_wait: &str,
 ) -> (TestEdge, burrow_tests::Devbox, String) {
-    let platform = format!(
-        "[platform]\nwebhook_url = \"{}\"\nwake_wait = \"{wake_wait}\"",
-        receiver.url()
-    );
-    let builder = TestEdge::builder()
-        .toml(&platform)
-        .flag("agents.max_waiting", "128");
-    let edge = builder.start().await;
-    let secret = std::fs::read_to_string(edge.state_dir.join("webhook.secret")).expect("secret");
-    receiver.set_secret(secret.trim());
+    let builder = TestEdge::builder().flag("agents.max_waiting", "128");
+    let edge = receiver
+        .edge(builder, &format!("wake_wait = \"{wake_wait}\""))
+        .await;
     let devbox = edge.devbox(None).await;
     let tunnel = json!({ "auth_mode": "open", "wake_on_http": true });
     let path = format!("/v1/devboxes/{}/tunnel", devbox.id);
@@ -692,13 +702,9 @@ async fn a_devbox_that_does_not_wake_gets_503_after_the_wake_wait() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn activity_webhooks_come_at_most_once_per_devbox_per_interval() {
     let receiver = Receiver::start(0).await;
-    let platform = format!(
-        "[platform]\nwebhook_url = \"{}\"\nactivity_interval = \"1s\"",
-        receiver.url()
-    );
-    let edge = TestEdge::builder().toml(&platform).start().await;
-    let secret = std::fs::read_to_string(edge.state_dir.join("webhook.secret")).expect("secret");
-    receiver.set_secret(secret.trim());
+    let edge = receiver
+        .edge(TestEdge::builder(), "activity_interval = \"1s\"")
+        .await;
     let (busy, quiet) = (
         edge.devbox(Some("open")).await,
         edge.devbox(Some("open")).await,
