@@ -565,6 +565,22 @@ listen = "127.0.0.1:7081"
     write(ec, "crash_rust_log_space_before_utf8", 'domain = "a.b"\nstate_dir = "/x"\n[public]\n'
           'http = "0.0.0.0:80"\n\0RUST_LOG= é=info\n')
 
+    h1_response()
+
+
+def h1_response():
+    """A service's answers to the edge's HTTP/1.1 (issue 15). The first byte is the feed:
+    bytes arriving at a time are byte // 2 (at least 1); odd answers a HEAD."""
+    t = "h1_response"
+    write(t, "length", b"\x03HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello")
+    write(t, "chunked", b"\x04HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+          b"5;x=1\r\nhello\r\n0\r\ngrpc-status: 0\r\n\r\n")
+    write(t, "interim", b"\x06HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n")
+    write(t, "close", b"\x02HTTP/1.0 200 OK\r\n\r\nuntil close")
+    write(t, "head", b"\x05HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n")
+    # te_and_cl_answering_head is the fuzzer's own find: a HEAD answer with both framings kept
+    # its Content-Length beside the Transfer-Encoding.
+
 
 if __name__ == "__main__":
     main()

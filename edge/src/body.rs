@@ -7,7 +7,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 
 /// The body of a response from the edge.
-pub type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// What a body's error can be: hyper's, or the edge's own HTTP/1.1's ([`crate::h1`]).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The body of a request toward a service: the client's, or none (a bodiless idempotent
 /// request sent again after the agent connection it first went on was replaced).

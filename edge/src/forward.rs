@@ -19,12 +19,13 @@ use tracing::{debug, warn};
 
 use crate::body::{Body, ToService};
 use crate::dial::{Dialer, Opened, Refusal};
+use crate::h1::{self, Failed};
 use crate::headers;
 use crate::http2::{self, Claim, Connecting, Http2Conns};
 use crate::metrics::{CountedBody, GaugeGuard, Metrics};
 use crate::outbound::{for_http2, outbound_request};
 use crate::pages::{self, Answer, Form};
-use crate::pool::{Back, Pool, Returning, Sender};
+use crate::pool::Pool;
 use crate::route::Routed;
 use crate::throttle::InFlight;
 
@@ -45,14 +46,15 @@ pub struct Forward {
     metrics: Arc<Metrics>,
 }
 
+/// A service's response body: from hyper's client (HTTP/2, and the WebSocket handshake's
+/// HTTP/1.1), or from the edge's own HTTP/1.1 ([`h1`]), whose connection goes back to the pool.
+pub type FromService = Either<Incoming, h1::Reply>;
+
 /// The service's answer, with the connection it came on.
 #[derive(Debug)]
 pub struct Answered {
     /// The response head and its streaming body.
-    pub response: Response<Incoming>,
-    /// The HTTP/1.1 connection it came on, for the pool; `None` over HTTP/2, whose connection
-    /// stays shared by other requests.
-    sender: Option<Sender>,
+    pub response: Response<FromService>,
     /// The pool's id of the agent connection (or of the mesh connection and devbox).
     conn_id: usize,
 }
@@ -69,7 +71,7 @@ struct Via {
 /// A kept connection to a service.
 enum Kept {
     /// An idle HTTP/1.1 connection from the pool, this request's alone.
-    Http1(Sender),
+    Http1(h1::Conn),
     /// A shared HTTP/2 connection.
     Http2(http2::Sender),
 }
@@ -193,7 +195,6 @@ impl Forward {
     pub fn deliver(&self, answered: Answered, port: Port, slot: InFlight) -> Response<Body> {
         let Answered {
             mut response,
-            sender,
             conn_id,
         } = answered;
         headers::strip_hop_by_hop(response.headers_mut());
@@ -205,22 +206,21 @@ impl Forward {
         let guard = sse.then(|| GaugeGuard::new(&self.metrics.sse_open));
         let activity = slot.activity();
         let (slot, counted) = slot.into_parts();
-        let (back, slot) = match sender {
-            Some(sender) => {
-                let back = Back {
-                    pool: self.pool.clone(),
-                    key: (conn_id, port.get()),
-                    sender,
-                    slot,
-                };
-                (Some(back), None)
+        let slot = match response.body_mut() {
+            Either::Right(reply) => {
+                // An HTTP/1.1 connection goes back to the pool, with the devbox's place its
+                // request held, once its answer has been read to the end.
+                let pool = self.pool.clone();
+                let key = (conn_id, port.get());
+                reply.on_done(Box::new(move |conn| pool.checkin(key, conn, slot)));
+                None
             }
-            None => (None, Some(slot)),
+            Either::Left(_) => Some(slot),
         };
         response.map(|body| {
             let guards = (guard, counted, slot);
             self.metrics
-                .count_body(Returning::new(body, back), "to_client", guards, activity)
+                .count_body(body, "to_client", guards, activity)
                 .boxed()
         })
     }
@@ -277,16 +277,23 @@ impl Forward {
         };
         let sending = async move {
             match kept {
-                Kept::Http1(mut sender) => {
-                    let sent = sender.try_send_request(outbound).await;
-                    (sent, Some(sender))
-                }
+                Kept::Http1(conn) => match conn.exchange(outbound).await {
+                    Ok(response) => Ok(response.map(Either::Right)),
+                    Err(Failed::NoAnswer(e)) => Err(NotSent::Failed(e)),
+                    Err(Failed::Invalid(e)) => Err(NotSent::Invalid(e)),
+                },
                 Kept::Http2(mut sender) => {
-                    (sender.try_send_request(for_http2(outbound)).await, None)
+                    match sender.try_send_request(for_http2(outbound)).await {
+                        Ok(response) => Ok(response.map(Either::Left)),
+                        Err(mut e) => match e.take_message() {
+                            Some(request) => Err(NotSent::Back(Box::new(request))),
+                            None => Err(NotSent::Failed(e.into_error().to_string())),
+                        },
+                    }
                 }
             }
         };
-        let (sent, sender) = tokio::select! {
+        let sent = tokio::select! {
             sent = sending => sent,
             () = superseded => {
                 return match replay {
@@ -303,26 +310,26 @@ impl Forward {
                 self.metrics.pooled.with_label_values(&["reused"]).inc();
                 Ok(Ok(Answered {
                     response,
-                    sender,
                     conn_id: via.conn_id,
                 }))
             }
-            Err(mut e) => match (e.take_message(), replay) {
-                (Some(request), _) => Ok(Err(request)),
+            Err(NotSent::Back(request)) => Ok(Err(*request)),
+            Err(NotSent::Invalid(e)) => Err(invalid_answer(port, &e, routed.form)),
+            Err(NotSent::Failed(e)) => match replay {
                 // The kept connection died under the request: the agent's connection was
                 // closed (it may beat the news that a newer one took over), or the service
                 // closed the idle connection as the request went out. A request HTTP lets a
                 // client send again goes again, on a fresh stream.
-                (None, Some(replay)) => {
-                    debug!(error = %e.into_error(), %port, "kept-alive connection failed under the request; sending it again");
+                Some(replay) => {
+                    debug!(error = %e, %port, "kept-alive connection failed under the request; sending it again");
                     Ok(Err(replay.request(&self.metrics)))
                 }
-                (None, None) if via.conn.close_reason().is_some() => {
-                    debug!(error = %e.into_error(), %port, "agent connection closed under a kept-alive request");
+                None if via.conn.close_reason().is_some() => {
+                    debug!(error = %e, %port, "agent connection closed under a kept-alive request");
                     Err(not_sent_again(routed.form))
                 }
-                (None, None) => {
-                    debug!(error = %e.into_error(), %port, "kept-alive connection failed");
+                None => {
+                    debug!(error = %e, %port, "kept-alive connection failed");
                     Err(no_answer(port, routed.form))
                 }
             },
@@ -410,8 +417,10 @@ impl Forward {
             // The calls waiting for this connection may go on it now.
             drop(claim);
             let sent = sender.send_request(for_http2(outbound)).await;
-            sent.map(|response| (response, None))
-        } else {
+            sent.map(|response| response.map(Either::Left))
+        } else if want == Want::Upgrade {
+            // A WebSocket handshake goes through hyper's client, whose upgrade hands the
+            // stream over once the service switched protocols.
             let io = TokioIo::new(tokio::io::join(opened.recv, opened.send));
             let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
                 .handshake::<_, CountedBody<ToService>>(io)
@@ -423,14 +432,22 @@ impl Forward {
                 }
             });
             let sent = sender.send_request(outbound).await;
-            sent.map(|response| (response, Some(sender)))
+            sent.map(|response| response.map(Either::Left))
+        } else {
+            let sent = h1::Conn::new(opened.send, opened.recv)
+                .exchange(outbound)
+                .await;
+            match sent {
+                Ok(response) => Ok(response.map(Either::Right)),
+                Err(Failed::Invalid(e)) => return Err(invalid_answer(port, &e, routed.form)),
+                Err(Failed::NoAnswer(e)) => {
+                    debug!(error = %e, %port, "service did not answer");
+                    return Ok(Err(conn.close_reason().is_some()));
+                }
+            }
         };
         match sent {
-            Ok((response, sender)) => Ok(Ok(Answered {
-                response,
-                sender,
-                conn_id,
-            })),
+            Ok(response) => Ok(Ok(Answered { response, conn_id })),
             Err(e) => {
                 debug!(error = %e, %port, "service did not answer");
                 Ok(Err(conn.close_reason().is_some()))
@@ -511,6 +528,26 @@ impl Replay {
         *req.headers_mut() = self.headers;
         req
     }
+}
+
+/// Why a kept connection did not bring an answer.
+enum NotSent {
+    /// The connection did not take the request, which comes back to go on another.
+    Back(Box<Outbound>),
+    /// The connection failed under it (what failed).
+    Failed(String),
+    /// The service's answer was not HTTP the edge can pass on.
+    Invalid(h1::codec::Invalid),
+}
+
+/// 502 for a service whose answer was not HTTP/1.1 the edge can pass on.
+fn invalid_answer(port: Port, e: &h1::codec::Invalid, form: Form) -> Answer {
+    warn!(%port, error = %e, "service sent an answer that is not valid HTTP/1.1");
+    pages::error(
+        StatusCode::BAD_GATEWAY,
+        &format!("the service on port {port} did not answer with valid HTTP/1.1: {e}"),
+        form,
+    )
 }
 
 /// 502 for a service that took the request and closed the connection without an answer.

@@ -53,6 +53,7 @@ pub mod cluster;
 pub mod config;
 pub mod dial;
 pub mod forward;
+pub mod h1;
 pub mod handshakes;
 pub mod headers;
 pub mod http2;

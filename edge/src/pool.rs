@@ -2,8 +2,8 @@
 //! stream to the agent, which holds a TCP connection to the service at the other end: reusing it
 //! saves the stream's open-and-answer round trip, the agent's dial and the service's accept.
 //!
-//! A connection enters the pool when its response has been delivered (its body dropped) and
-//! hyper says it can take another request; it is keyed by the agent connection and the port, so
+//! A connection enters the pool when its answer has been read to its end and it can take
+//! another request ([`Reply::on_done`](crate::h1::Reply::on_done)); it is keyed by the agent connection and the port, so
 //! a reconnected agent never gets a request on its old connection. Idle connections expire.
 //!
 //! An idle connection still holds what a request holds: one of the agent's streams
@@ -16,22 +16,14 @@
 //! has its idle ones closed ([`Pool::evict_conn`]).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use hyper::body::{Body, Frame, SizeHint};
-use hyper::client::conn::http1::SendRequest;
 use tokio::time::Instant;
 
-use crate::body::ToService;
+use crate::h1::Conn;
 use crate::limits::Slot;
-use crate::metrics::{CountedBody, Metrics};
-
-/// The sending half of a connection to a service.
-pub type Sender = SendRequest<CountedBody<ToService>>;
+use crate::metrics::Metrics;
 
 /// Which connections can serve a request: the agent connection's id and the port.
 pub type Key = (usize, u16);
@@ -48,7 +40,7 @@ pub struct Pool {
 
 #[derive(Debug)]
 struct Idle {
-    sender: Sender,
+    conn: Conn,
     since: Instant,
     /// The devbox's place among its streams (`limits.streams_per_devbox`), kept while idle.
     slot: Slot<String>,
@@ -82,9 +74,6 @@ impl Eviction {
     }
 }
 
-/// How long a returned connection may take to become ready for its next request.
-const READY_WAIT: Duration = Duration::from_secs(5);
-
 impl Pool {
     /// A pool keeping at most `max_per_key` idle connections per key and `max_total` in all,
     /// each for `idle_timeout`. A task sweeps expired ones while the pool lives.
@@ -108,15 +97,15 @@ impl Pool {
 
     /// An idle connection for `key` that can take a request now, if there is one. The
     /// request holds a place of its own, so the connection's is given back.
-    pub fn checkout(&self, key: Key) -> Option<Sender> {
+    pub fn checkout(&self, key: Key) -> Option<Conn> {
         let mut dropped = Vec::new();
         let found = {
             let mut shelf = self.lock();
             let found = loop {
-                let Some(idle) = shelf.take_newest(key) else {
+                let Some(mut idle) = shelf.take_newest(key) else {
                     break None;
                 };
-                if idle.sender.is_ready() && idle.since.elapsed() < self.idle_timeout {
+                if idle.since.elapsed() < self.idle_timeout && idle.conn.is_usable() {
                     break Some(idle);
                 }
                 dropped.push(idle);
@@ -127,41 +116,32 @@ impl Pool {
         for idle in dropped {
             self.evicted(self.expired_or_closed(&idle), 1);
         }
-        found.map(|idle| idle.sender)
+        found.map(|idle| idle.conn)
     }
 
-    /// Gives a connection back once it is ready for another request (its previous response
-    /// fully read, its request body fully sent), with the devbox's `slot` its request held; a
-    /// connection that closes instead is dropped, and its slot with it.
-    pub fn checkin(self: &Arc<Self>, key: Key, mut sender: Sender, slot: Slot<String>) {
+    /// Gives back a connection whose answer has been read to its end, with the devbox's `slot`
+    /// its request held.
+    pub fn checkin(&self, key: Key, conn: Conn, slot: Slot<String>) {
         if !self.keeps {
             return;
         }
-        let pool = Arc::downgrade(self);
-        tokio::spawn(async move {
-            match tokio::time::timeout(READY_WAIT, sender.ready()).await {
-                Ok(Ok(())) => {}
-                _ => return,
-            }
-            let Some(pool) = pool.upgrade() else { return };
-            let devbox = slot.key().clone();
-            let idle = Idle {
-                sender,
-                since: Instant::now(),
-                slot,
-            };
-            // Whatever leaves the pool is dropped after the lock: a dropped slot and sender
-            // touch other locks.
-            let shelved = {
-                let mut shelf = pool.lock();
-                let shelved = shelf.insert(key, &devbox, idle);
-                pool.counted(&shelf);
-                shelved
-            };
-            if let Ok(Some(_oldest)) = shelved {
-                pool.evicted(Eviction::TotalCap, 1);
-            }
-        });
+        let devbox = slot.key().clone();
+        let idle = Idle {
+            conn,
+            since: Instant::now(),
+            slot,
+        };
+        // Whatever leaves the pool is dropped after the lock: a dropped slot and connection
+        // touch other locks.
+        let shelved = {
+            let mut shelf = self.lock();
+            let shelved = shelf.insert(key, &devbox, idle);
+            self.counted(&shelf);
+            shelved
+        };
+        if let Ok(Some(_oldest)) = shelved {
+            self.evicted(Eviction::TotalCap, 1);
+        }
     }
 
     /// Closes the oldest idle connection of `devbox` and hands over the place it held, for a
@@ -216,7 +196,7 @@ impl Pool {
     }
 
     fn expired_or_closed(&self, idle: &Idle) -> Eviction {
-        if idle.sender.is_closed() || idle.since.elapsed() < self.idle_timeout {
+        if idle.since.elapsed() < self.idle_timeout {
             Eviction::Closed
         } else {
             Eviction::Expired
@@ -234,7 +214,7 @@ async fn sweep(pool: Weak<Pool>, every: Duration) {
         let gone = {
             let mut shelf = pool.lock();
             let gone =
-                shelf.remove_if(|e| e.sender.is_closed() || e.since.elapsed() >= pool.idle_timeout);
+                shelf.remove_if(|e| e.since.elapsed() >= pool.idle_timeout || !e.conn.is_usable());
             pool.counted(&shelf);
             gone
         };
@@ -346,12 +326,11 @@ impl<T> Shelf<T> {
     }
 
     /// Takes out every entry `gone` says so of.
-    fn remove_if(&mut self, mut gone: impl FnMut(&T) -> bool) -> Vec<T> {
+    fn remove_if(&mut self, mut gone: impl FnMut(&mut T) -> bool) -> Vec<T> {
         let numbers: Vec<u64> = self
             .entries
-            .iter()
-            .filter(|(_, e)| gone(&e.item))
-            .map(|(n, _)| *n)
+            .iter_mut()
+            .filter_map(|(n, e)| gone(&mut e.item).then_some(*n))
             .collect();
         numbers.into_iter().filter_map(|n| self.remove(n)).collect()
     }
@@ -375,77 +354,6 @@ where
         if set.is_empty() {
             map.remove(k);
         }
-    }
-}
-
-/// A response body that gives its connection back to the pool when it is done with (read to
-/// the end, or dropped by a client that went away: then the connection closes and is not
-/// pooled).
-pub struct Returning<B> {
-    inner: B,
-    back: Option<Back>,
-}
-
-/// Where a connection goes back to, and what it keeps there.
-#[derive(Debug)]
-pub struct Back {
-    /// The pool.
-    pub pool: Arc<Pool>,
-    /// The agent connection and port it is for.
-    pub key: Key,
-    /// The connection.
-    pub sender: Sender,
-    /// The devbox's place its request held, which the idle connection keeps.
-    pub slot: Slot<String>,
-}
-
-impl<B> std::fmt::Debug for Returning<B> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Returning")
-            .field("pooled", &self.back.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
-impl<B> Returning<B> {
-    /// Wraps `inner`; `back` is where its connection goes when it is done (none: it goes
-    /// nowhere, a connection others share).
-    pub fn new(inner: B, back: Option<Back>) -> Self {
-        Returning { inner, back }
-    }
-}
-
-impl<B> Drop for Returning<B> {
-    fn drop(&mut self) {
-        if let Some(Back {
-            pool,
-            key,
-            sender,
-            slot,
-        }) = self.back.take()
-        {
-            pool.checkin(key, sender, slot);
-        }
-    }
-}
-
-impl<B: Body<Data = Bytes> + Unpin> Body for Returning<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 
@@ -551,7 +459,7 @@ mod tests {
         for (key, item) in [(A, 1), (B, 2), (A, 3), (C, 4)] {
             assert_eq!(shelf.insert(key, "d1", item), Ok(None));
         }
-        let gone = shelf.remove_if(|item| item % 2 == 1);
+        let gone = shelf.remove_if(|item| *item % 2 == 1);
         assert_eq!(gone, [1, 3]);
         assert_eq!(shelf.take_newest(A), None);
         assert_eq!(shelf.take_oldest_of("d1"), Some(2));

@@ -179,17 +179,6 @@ mod tests {
         );
     }
 
-    /// A connection to nowhere that hyper calls ready: the other end never speaks.
-    async fn idle_sender() -> (crate::pool::Sender, tokio::io::DuplexStream) {
-        let (ours, theirs) = tokio::io::duplex(1024);
-        let (sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(ours))
-                .await
-                .expect("handshake");
-        tokio::spawn(conn);
-        (sender, theirs)
-    }
-
     #[tokio::test]
     async fn an_idle_connection_keeps_its_place_until_a_request_needs_it() {
         let limits = Limits {
@@ -209,15 +198,9 @@ mod tests {
             0,
             "an idle one is not in flight"
         );
-        let (sender, _other_end) = idle_sender().await;
-        pool.checkin((1, 3000), sender, slot);
-        tokio::time::timeout(std::time::Duration::from_secs(5), async {
-            while pool.idle_count() == 0 {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("the connection is pooled");
+        let link = crate::h1::testing::Link::new().await;
+        pool.checkin((1, 3000), link.conn().await, slot);
+        assert_eq!(pool.idle_count(), 1, "the connection is pooled");
         assert!(throttle.admit(&routed("b", "d2")).is_ok(), "another devbox");
         let second = throttle
             .admit(&routed("a", "d1"))

@@ -47,7 +47,7 @@ impl Events {
             return r;
         };
         let chunks = futures_util::stream::unfold(Sse::new(subscription), Sse::next);
-        let frames = chunks.map(|chunk| Ok::<_, hyper::Error>(Frame::data(chunk)));
+        let frames = chunks.map(|chunk| Ok::<_, crate::body::BoxError>(Frame::data(chunk)));
         let mut r = Response::new(BodyExt::boxed(StreamBody::new(frames)));
         let headers = r.headers_mut();
         headers.insert(

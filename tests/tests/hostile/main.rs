@@ -22,6 +22,7 @@ mod floods;
 mod handshakes;
 mod heads;
 mod hosts;
+mod kept;
 mod raw;
 mod shared;
 mod tokens;
