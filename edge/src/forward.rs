@@ -22,7 +22,7 @@ use crate::dial::{Dialer, Opened, Refusal};
 use crate::h1::{self, Failed};
 use crate::headers;
 use crate::http2::{self, Claim, Connecting, Http2Conns};
-use crate::metrics::{CountedBody, GaugeGuard, Metrics};
+use crate::metrics::{CountedBody, Direction, GaugeGuard, Metrics};
 use crate::outbound::{for_http2, outbound_request};
 use crate::pages::{self, Answer, Form};
 use crate::pool::Pool;
@@ -142,7 +142,7 @@ impl Forward {
         let activity = routed.route.activity.clone();
         let mut outbound = outbound.map(|body| {
             self.metrics
-                .count_body(Either::Left(body), "from_client", (), activity)
+                .count_body(Either::Left(body), Direction::FromClient, (), activity)
         });
         let grpc = routed.form == Form::Grpc { web: false };
         if upgrade {
@@ -220,7 +220,7 @@ impl Forward {
         response.map(|body| {
             let guards = (guard, counted, slot);
             self.metrics
-                .count_body(body, "to_client", guards, activity)
+                .count_body(body, Direction::ToClient, guards, activity)
                 .boxed()
         })
     }
@@ -307,7 +307,7 @@ impl Forward {
         };
         match sent {
             Ok(response) => {
-                self.metrics.pooled.with_label_values(&["reused"]).inc();
+                self.metrics.pooled(true);
                 Ok(Ok(Answered {
                     response,
                     conn_id: via.conn_id,
@@ -389,7 +389,7 @@ impl Forward {
             Want::Http1 | Want::Upgrade => StreamKind::Http,
         };
         let opened = self.open(routed, kind).await?;
-        self.metrics.pooled.with_label_values(&["opened"]).inc();
+        self.metrics.pooled(false);
         let conn = opened.conn.clone();
         let conn_id = opened.conn_id;
         let http2_only = opened.http2_only;
@@ -520,7 +520,7 @@ impl Replay {
 
     /// The request again, with an empty body counted in `metrics` like any other.
     fn request(self, metrics: &Metrics) -> Outbound {
-        let body = metrics.count_body(Either::Right(Empty::new()), "from_client", (), None);
+        let body = metrics.count_body(Either::Right(Empty::new()), Direction::FromClient, (), None);
         let mut req = Request::new(body);
         *req.method_mut() = self.method;
         *req.uri_mut() = self.uri;
