@@ -49,6 +49,9 @@ pub enum Failed {
     Invalid(Invalid),
 }
 
+/// How many of QUIC's received chunks one read of a body takes.
+const READ_CHUNKS: usize = 32;
+
 /// Where a connection goes once its answer has been read to the end.
 pub type Back = Box<dyn FnOnce(Conn) + Send + Sync>;
 
@@ -256,33 +259,55 @@ impl Reply {
     }
 
     /// Reads more of the body into the buffer, or a piece of it straight from the stream.
+    ///
+    /// Whatever QUIC has received goes in one read (one lock of the connection): the chunks
+    /// are a packet's payload each, about 1.2 KiB, and a body passed on chunk by chunk paid
+    /// the lock, a frame and hyper's write queue for each of them.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, BoxError>> {
         let Some(io) = self.io.as_mut() else {
             return Poll::Ready(Ok(None));
         };
         let raw = io.buf.is_empty().then(|| self.framing.raw_data()).flatten();
-        let max = raw.map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
-        let read = io.recv.read_chunk(max, true);
-        match std::pin::pin!(read).poll(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e.into())),
-            Poll::Ready(Ok(None)) if self.framing == Framing::UntilClose => {
+        let mut chunks: [Bytes; READ_CHUNKS] = Default::default();
+        let read = io.recv.read_chunks(&mut chunks);
+        let count = match std::task::ready!(std::pin::pin!(read).poll(cx)) {
+            Err(e) => return Poll::Ready(Err(e.into())),
+            Ok(None) if self.framing == Framing::UntilClose => {
                 self.keep_alive = false;
-                Poll::Ready(Ok(None))
+                return Poll::Ready(Ok(None));
             }
-            Poll::Ready(Ok(None)) => Poll::Ready(Err(Invalid(
-                "the service closed the connection before the end of its answer".into(),
-            )
-            .into())),
-            Poll::Ready(Ok(Some(chunk))) if raw.is_some() => {
-                self.framing.consumed(chunk.bytes.len() as u64);
-                Poll::Ready(Ok(Some(chunk.bytes)))
+            Ok(None) => {
+                let e = "the service closed the connection before the end of its answer";
+                return Poll::Ready(Err(Invalid(e.into()).into()));
             }
-            Poll::Ready(Ok(Some(chunk))) => {
-                io.buf.extend_from_slice(&chunk.bytes);
-                Poll::Ready(Ok(Some(Bytes::new())))
+            Ok(Some(count)) => count,
+        };
+        let chunks = &mut chunks[..count];
+        let Some(max) = raw else {
+            for chunk in chunks.iter() {
+                io.buf.extend_from_slice(chunk);
+            }
+            return Poll::Ready(Ok(Some(Bytes::new())));
+        };
+        let mut data = match chunks {
+            [one] => std::mem::take(one),
+            more => {
+                let mut all = BytesMut::with_capacity(more.iter().map(Bytes::len).sum());
+                for chunk in more.iter() {
+                    all.extend_from_slice(chunk);
+                }
+                all.freeze()
+            }
+        };
+        if let Ok(max) = usize::try_from(max) {
+            if data.len() > max {
+                // Past the body's end: what follows is parsed (and keeps the connection from
+                // being reused, as nothing should follow).
+                io.buf.extend_from_slice(&data.split_off(max));
             }
         }
+        self.framing.consumed(data.len() as u64);
+        Poll::Ready(Ok(Some(data)))
     }
 }
 
