@@ -59,6 +59,7 @@ pub async fn start(env: &Env, dir: &Path) -> Result<Running> {
             addr: ([127, 0, 0, 1], http).into(),
             host: String::new(),
         },
+        h2: None,
         server: Some(edge),
         client: None,
         server_start: Duration::ZERO,
@@ -76,6 +77,8 @@ pub async fn start(env: &Env, dir: &Path) -> Result<Running> {
         Err(e) => return Err(failed(running, e).await),
     };
     running.target.host = format!("{}-{key}.{DOMAIN}", env.origin.port());
+    // The edge's plain HTTP listener takes h2c with prior knowledge too.
+    running.h2 = Some(running.target.clone());
 
     let t = Instant::now();
     let agent = Proc::spawn(

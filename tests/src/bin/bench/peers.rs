@@ -5,10 +5,27 @@ use std::path::Path;
 
 use crate::procs;
 
-/// nginx as a one-hop reverse proxy to the origin on `listen`.
-pub fn nginx_conf(dir: &Path, listen: u16, origin: u16) -> String {
+/// nginx as a one-hop reverse proxy to the origin on `listen` (HTTP/1.1) and on `h2` (h2c with
+/// prior knowledge, as h2load speaks it; `http2_on`: this nginx takes `http2 on;`). Both
+/// proxy to the origin over kept-alive HTTP/1.1, as burrow's edge does.
+pub fn nginx_conf(dir: &Path, listen: u16, h2: u16, origin: u16, http2_on: bool) -> String {
     let d = dir.display();
     let user = if procs::is_root() { "user root;\n" } else { "" };
+    let (listen_http2, http2) = if http2_on {
+        ("", "    http2 on;\n")
+    } else {
+        (" http2", "")
+    };
+    let location = "    location / {\n\
+               proxy_pass http://origin;\n      proxy_http_version 1.1;\n\
+               proxy_set_header Host $host;\n\
+               proxy_set_header Upgrade $http_upgrade;\n\
+               proxy_set_header Connection $connection_upgrade;\n\
+               proxy_buffering off;\n      proxy_request_buffering off;\n\
+               proxy_buffer_size 64k;\n      proxy_buffers 4 64k;\n\
+               client_body_buffer_size 64k;\n\
+               client_max_body_size 0;\n\
+               proxy_read_timeout 1h;\n      proxy_send_timeout 1h;\n    }\n";
     format!(
         "daemon off;\nmaster_process on;\nworker_processes 2;\nworker_rlimit_nofile 20000;\n\
          pid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n{user}\
@@ -19,17 +36,28 @@ pub fn nginx_conf(dir: &Path, listen: u16, origin: u16) -> String {
            fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
            map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}\n\
            upstream origin {{ server 127.0.0.1:{origin}; keepalive 256; keepalive_requests 1000000; }}\n\
-           server {{\n    listen 127.0.0.1:{listen} backlog=4096;\n    location / {{\n\
-               proxy_pass http://origin;\n      proxy_http_version 1.1;\n\
-               proxy_set_header Host $host;\n\
-               proxy_set_header Upgrade $http_upgrade;\n\
-               proxy_set_header Connection $connection_upgrade;\n\
-               proxy_buffering off;\n      proxy_request_buffering off;\n\
-               proxy_buffer_size 64k;\n      proxy_buffers 4 64k;\n\
-               client_body_buffer_size 64k;\n\
-               client_max_body_size 0;\n\
-               proxy_read_timeout 1h;\n      proxy_send_timeout 1h;\n    }}\n  }}\n}}\n"
+           server {{\n    listen 127.0.0.1:{listen} backlog=4096;\n{location}  }}\n\
+           server {{\n    listen 127.0.0.1:{h2} backlog=4096{listen_http2};\n{http2}{location}  }}\n}}\n"
     )
+}
+
+/// `true` if this nginx takes `http2 on;` (1.25.1 and later); older ones take `listen ...
+/// http2`.
+pub fn http2_directive(nginx: &Path) -> bool {
+    let Some(version) = version_of(nginx, "-v") else {
+        return false;
+    };
+    // `nginx version: nginx/1.22.1`
+    let numbers: Vec<u32> = version
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    numbers
+        .get(..3)
+        .is_some_and(|v| (v[0], v[1], v[2]) >= (1, 25, 1))
 }
 
 /// rathole's server and client files: TCP transport, or Noise with `noise` = (private, public).

@@ -39,9 +39,9 @@ pub struct Ctx<'a> {
 /// Whether `scenario` runs against `system` at all.
 pub fn applies(scenario: Scenario, system: System, ctx: &Ctx<'_>) -> bool {
     match scenario {
-        // h2load speaks HTTP/2 to burrow's edge; the origin (h2c) is the baseline.
+        // h2load speaks HTTP/2 (h2c) to burrow's edge and to nginx; the origin is the baseline.
         Scenario::H2 => {
-            matches!(system, System::Direct | System::Burrow)
+            matches!(system, System::Direct | System::Nginx | System::Burrow)
                 && !ctx.plan.in_process
                 && ctx.tools.h2load.is_some()
         }
@@ -76,7 +76,8 @@ pub async fn run(
             let h2load = ctx.tools.h2load.as_ref().context("h2load")?;
             let before = running.usage();
             // 8 connections x 8 streams: the same 64 requests in flight as wrk's 64 connections.
-            let s = tools::h2load(h2load, target, 8, 8, plan.rps_time, ctx.scratch).await?;
+            let h2 = running.h2.as_ref().context("the system takes no HTTP/2")?;
+            let s = tools::h2load(h2load, h2, 8, 8, plan.rps_time, ctx.scratch).await?;
             Ok(with_cpu(&s, running, before, running.usage()))
         }
         Scenario::Latency => {

@@ -157,6 +157,8 @@ pub struct Running {
     pub system: System,
     /// Where clients send requests.
     pub target: Target,
+    /// Where HTTP/2 clients (h2c with prior knowledge) send them, for a system that takes them.
+    pub h2: Option<Target>,
     /// The public side (edge, nginx, rathole or bore server).
     pub server: Option<Proc>,
     /// The devbox side (agent, rathole or bore client).
@@ -240,6 +242,11 @@ pub async fn start_in(system: System, env: &Env, dir: &Path) -> Result<Running> 
                 addr: env.origin,
                 host: env.origin.to_string(),
             },
+            // The origin serves h2c on the same port.
+            h2: Some(Target {
+                addr: env.origin,
+                host: env.origin.to_string(),
+            }),
             server: None,
             client: None,
             server_start: Duration::ZERO,
@@ -256,10 +263,14 @@ pub async fn start_in(system: System, env: &Env, dir: &Path) -> Result<Running> 
 
 /// nginx as a one-hop reverse proxy to the origin, up once it answers a first 200.
 async fn start_nginx(env: &Env, dir: &Path) -> Result<Running> {
-    let listen = reserved_port()?;
-    let conf = dir.join("nginx.conf");
-    std::fs::write(&conf, nginx_conf(dir, listen, env.origin.port()))?;
+    let (listen, h2) = (reserved_port()?, reserved_port()?);
     let bin = env.nginx.as_deref().context("nginx")?;
+    let conf = dir.join("nginx.conf");
+    let http2_on = crate::peers::http2_directive(bin);
+    std::fs::write(
+        &conf,
+        nginx_conf(dir, listen, h2, env.origin.port(), http2_on),
+    )?;
     let t = Instant::now();
     let server = Proc::spawn(
         "nginx",
@@ -277,6 +288,7 @@ async fn start_nginx(env: &Env, dir: &Path) -> Result<Running> {
     let mut running = Running {
         system: System::Nginx,
         target: target.clone(),
+        h2: Some(loopback(h2)),
         server: Some(server),
         client: None,
         server_start: Duration::ZERO,
@@ -368,6 +380,7 @@ async fn two_sided(
     let mut running = Running {
         system,
         target,
+        h2: None,
         server: Some(server),
         client: None,
         server_start: Duration::ZERO,

@@ -82,6 +82,7 @@ pub async fn system(
                 addr: echo,
                 host: echo.to_string(),
             },
+            h2: None,
             server: None,
             client: None,
             server_start: Duration::ZERO,
@@ -129,7 +130,7 @@ async fn answered(target: Target) -> Result<()> {
 async fn start_nginx(nginx: &Path, dir: &Path, echo: SocketAddr) -> Result<Running> {
     let listen = reserved_port()?;
     let conf = dir.join("nginx.conf");
-    let http2_on = http2_directive(nginx);
+    let http2_on = crate::peers::http2_directive(nginx);
     std::fs::write(&conf, nginx_conf(dir, listen, echo.port(), http2_on))?;
     let mut cmd = Command::new(nginx);
     cmd.arg("-p").arg(dir).arg("-c").arg(&conf);
@@ -141,30 +142,12 @@ async fn start_nginx(nginx: &Path, dir: &Path, echo: SocketAddr) -> Result<Runni
             addr: ([127, 0, 0, 1], listen).into(),
             host: format!("127.0.0.1:{listen}"),
         },
+        h2: None,
         server: Some(server),
         client: None,
         server_start: Duration::ZERO,
         client_start: Duration::ZERO,
     })
-}
-
-/// `true` if this nginx takes `http2 on;` (1.25.1 and later); older ones take `listen ...
-/// http2`.
-pub fn http2_directive(nginx: &Path) -> bool {
-    let Some(version) = crate::peers::version_of(nginx, "-v") else {
-        return false;
-    };
-    // `nginx version: nginx/1.22.1`
-    let numbers: Vec<u32> = version
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|n| n.parse().ok())
-        .collect();
-    numbers
-        .get(..3)
-        .is_some_and(|v| (v[0], v[1], v[2]) >= (1, 25, 1))
 }
 
 /// nginx as one gRPC hop: h2c with prior knowledge on a plain listener, `grpc_pass` to a
@@ -210,6 +193,7 @@ async fn start_burrow(bin_dir: &Path, dir: &Path, echo: SocketAddr) -> Result<Ru
             addr: ([127, 0, 0, 1], http).into(),
             host: String::new(),
         },
+        h2: None,
         server: Some(edge),
         client: None,
         server_start: Duration::ZERO,
