@@ -87,8 +87,8 @@ impl Conn {
         let (parts, body) = req.into_parts();
         let framing = request_framing(&parts, &body);
         let head = codec::encode_request(&parts, framing);
-        let lost = |e: &dyn std::fmt::Display| Failed::NoAnswer(e.to_string());
-        self.send.write_chunk(head).await.map_err(|e| lost(&e))?;
+        let sent = self.send.write_chunk(head).await;
+        sent.map_err(|e| Failed::NoAnswer(e.to_string()))?;
         let sending = if body.is_end_stream() {
             Sending::Idle(self.send)
         } else {
@@ -100,16 +100,12 @@ impl Conn {
             buf: self.buf,
             sending,
         };
-        let head = loop {
-            if let Some(head) =
-                codec::parse_response(&mut io.buf, head_request).map_err(Failed::Invalid)?
-            {
-                break head;
-            }
-            match io.recv.read_chunk(usize::MAX, true).await {
-                Ok(Some(chunk)) => io.buf.extend_from_slice(&chunk.bytes),
-                Ok(None) => return Err(lost(&"the service closed the connection")),
-                Err(e) => return Err(lost(&e)),
+        let head = match read_head(&mut io, head_request).await {
+            Ok(head) => head,
+            Err(e) => {
+                // No answer to pass on: a request body still being copied stops too.
+                io.close();
+                return Err(e);
             }
         };
         let mut response = Response::new(Reply {
@@ -122,6 +118,22 @@ impl Conn {
         *response.version_mut() = Version::HTTP_11;
         *response.headers_mut() = head.headers;
         Ok(response)
+    }
+}
+
+/// Reads the response head (interim 1xx answers skipped) into `io`'s buffer and parses it.
+async fn read_head(io: &mut Io, head_request: bool) -> Result<codec::Head, Failed> {
+    loop {
+        if let Some(head) =
+            codec::parse_response(&mut io.buf, head_request).map_err(Failed::Invalid)?
+        {
+            return Ok(head);
+        }
+        match io.recv.read_chunk(usize::MAX, true).await {
+            Ok(Some(chunk)) => io.buf.extend_from_slice(&chunk.bytes),
+            Ok(None) => return Err(Failed::NoAnswer("the service closed the connection".into())),
+            Err(e) => return Err(Failed::NoAnswer(e.to_string())),
+        }
     }
 }
 
