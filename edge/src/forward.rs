@@ -418,6 +418,7 @@ impl Forward {
             drop(claim);
             let sent = sender.send_request(for_http2(outbound)).await;
             sent.map(|response| response.map(Either::Left))
+                .map_err(|e| e.to_string())
         } else if want == Want::Upgrade {
             // A WebSocket handshake goes through hyper's client, whose upgrade hands the
             // stream over once the service switched protocols.
@@ -433,6 +434,7 @@ impl Forward {
             });
             let sent = sender.send_request(outbound).await;
             sent.map(|response| response.map(Either::Left))
+                .map_err(|e| e.to_string())
         } else {
             let sent = h1::Conn::new(opened.send, opened.recv)
                 .exchange(outbound)
@@ -440,10 +442,7 @@ impl Forward {
             match sent {
                 Ok(response) => Ok(response.map(Either::Right)),
                 Err(Failed::Invalid(e)) => return Err(invalid_answer(port, &e, routed.form)),
-                Err(Failed::NoAnswer(e)) => {
-                    debug!(error = %e, %port, "service did not answer");
-                    return Ok(Err(conn.close_reason().is_some()));
-                }
+                Err(Failed::NoAnswer(e)) => Err(e),
             }
         };
         match sent {

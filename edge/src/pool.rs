@@ -3,8 +3,9 @@
 //! saves the stream's open-and-answer round trip, the agent's dial and the service's accept.
 //!
 //! A connection enters the pool when its answer has been read to its end and it can take
-//! another request ([`Reply::on_done`](crate::h1::Reply::on_done)); it is keyed by the agent connection and the port, so
-//! a reconnected agent never gets a request on its old connection. Idle connections expire.
+//! another request ([`Reply::on_done`](crate::h1::Reply::on_done)); it is keyed by the agent
+//! connection and the port, so a reconnected agent never gets a request on its old
+//! connection. Idle connections expire.
 //!
 //! An idle connection still holds what a request holds: one of the agent's streams
 //! (`forward.max_streams`) and one of its devbox's places (`limits.streams_per_devbox`, the
